@@ -1,0 +1,19 @@
+"""User-facing errors.
+
+Contract: every problem caused by user input (a path, a file, a number, a model id) raises
+`HyperdiffError` with a one-line message that names the input, says what was wrong and what was
+expected, in the style of peft (`"`rank` must be a positive integer, got 0"`). The CLI turns a
+`HyperdiffError` into that line on stderr and exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class HyperdiffError(ValueError):
+    """Bad input: the message is one line meant for the user."""
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise `HyperdiffError(message)` unless `condition` holds."""
+    if not condition:
+        raise HyperdiffError(message)

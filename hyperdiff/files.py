@@ -1,0 +1,99 @@
+"""Safe file I/O: safetensors only, atomic writes, one-line errors.
+
+Contract:
+- `write_safetensors(path, tensors, metadata)` writes to a temporary file in the destination folder, then
+  renames it over `path` (`os.replace`), so a reader never sees a half-written file and a failure leaves none.
+- `read_safetensors(path, what)` returns `(tensors, metadata)` or raises `HyperdiffError` naming the file when it
+  is missing, is not a safetensors file, or holds non-finite or non-floating tensors. Nothing is unpickled.
+- `atomic_path(path)` is the same temp-then-rename discipline for writers that take a path (PIL, diffusers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from hyperdiff.errors import HyperdiffError
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_writable(path: Path, what: str) -> None:
+    if path.is_dir():
+        raise HyperdiffError(f"{what} '{path}' is a folder, expected a file path")
+    parent = path.parent
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise HyperdiffError(f"{what} folder '{parent}' cannot be created: {e.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise HyperdiffError(f"{what} '{path}' is not writable: no write permission on '{parent}'")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, what: str = "output") -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it to `path`, on failure remove it."""
+    path = Path(path)
+    check_writable(path, what)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
+    """Atomically write `tensors` (made contiguous, on CPU) with string `metadata` to `path`."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_path(path, "adapter file") as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+    return Path(path)
+
+
+def read_header(path: str | os.PathLike, what: str = "adapter file") -> dict:
+    """The raw safetensors JSON header (tensor entries and `__metadata__`), without loading any tensor."""
+    path = Path(path)
+    if not path.exists():
+        raise HyperdiffError(f"{what} '{path}' does not exist")
+    if not path.is_file():
+        raise HyperdiffError(f"{what} '{path}' is not a file")
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(100_000_000, path.stat().st_size - 8):
+                raise ValueError
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError
+    except (ValueError, struct.error, UnicodeDecodeError):
+        raise HyperdiffError(f"{what} '{path}' is not a safetensors file (its header cannot be read)") from None
+    return header
+
+
+def read_safetensors(path: str | os.PathLike, what: str = "adapter file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load every tensor of a safetensors file (CPU) and its string metadata, validating each tensor."""
+    header = read_header(path, what)
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise HyperdiffError(f"{what} '{path}' is not a valid safetensors file ({str(e).splitlines()[0]})") from None
+    for key, t in tensors.items():
+        if t.dtype not in FLOAT_DTYPES:
+            raise HyperdiffError(f"{what} '{path}': tensor '{key}' has dtype {t.dtype}, expected a floating dtype")
+        if not torch.isfinite(t).all():
+            raise HyperdiffError(f"{what} '{path}': tensor '{key}' contains NaN or Inf values")
+    return tensors, dict(header.get("__metadata__") or {})

@@ -1,0 +1,222 @@
+"""Adapter files: hyperdiff's native format and the LoRA formats other tools load.
+
+Contract (DESIGN.md, "Files"; REFERENCES.md, "File formats"):
+- Native `.safetensors`: tensors `"<layer>.down"`/`".up"` (kind `lora`) or `"<layer>.A_train"`/`".B_train"`
+  (kind `lidb`); string metadata `hyperdiff.format_version`, `.kind`, `.rank`, `.alpha`, `.aux_seed`,
+  `.base_fingerprint`, `.base_model`, `.token`, `.source`, `.targets` (JSON), `.layers` (JSON
+  `{attention module: {projection: [in, out]}}`, the dims a LiDB file needs to regenerate its aux bases) and
+  `modelspec.*`. The same adapter gives the same tensors and metadata (safetensors orders the header itself).
+- `diffusers`: exactly what `StableDiffusionPipeline.save_lora_weights` writes (diffusers itself writes it):
+  `unet.<layer>.lora.down.weight`/`.lora.up.weight` and `lora_adapter_metadata` (the PEFT `LoraConfig`, so
+  `lora_alpha` survives `load_lora_weights`), plus hyperdiff's and `modelspec.*` metadata.
+- `kohya`: `lora_unet_<layer with . → _>.lora_down.weight`/`.lora_up.weight`/`.alpha` (scalar), `ss_*` and
+  `modelspec.*` metadata; loaded by A1111, ComfyUI and diffusers' non-diffusers LoRA conversion.
+- All writes are atomic (temp file + rename); all reads are safetensors; a bad file is a one-line
+  `HyperdiffError` that names the file and the problem.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from hyperdiff.errors import HyperdiffError
+from hyperdiff.files import check_writable, read_safetensors, write_safetensors
+from hyperdiff.layers import TargetConfig
+from hyperdiff.lidb import LiDBConfig
+
+FORMAT_VERSION = "1"
+EXPORT_FORMATS = ("diffusers", "kohya")
+_SUFFIXES = {"lora": ("down", "up"), "lidb": ("A_train", "B_train")}
+_KOHYA_VERSION = {"stable-diffusion-v1": "sd_v1", "stable-diffusion-v2": "sd_v2"}
+
+
+def _modelspec(adapter, title: str) -> dict[str, str]:
+    info = adapter.info
+    spec = {
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": f"{info.architecture}/lora",
+        "modelspec.implementation": "hyperdiff",
+        "modelspec.title": title,
+        "modelspec.prediction_type": info.prediction_type,
+    }
+    if info.resolution:
+        spec["modelspec.resolution"] = info.resolution
+    if info.token:
+        spec["modelspec.trigger_phrase"] = info.token
+    return spec
+
+
+def _hyperdiff_metadata(adapter) -> dict[str, str]:
+    return {
+        "hyperdiff.format_version": FORMAT_VERSION,
+        "hyperdiff.kind": adapter.kind,
+        "hyperdiff.rank": str(adapter.rank),
+        "hyperdiff.alpha": repr(adapter.alpha),
+        "hyperdiff.aux_seed": str(adapter.lidb.aux_seed) if adapter.lidb else "",
+        "hyperdiff.base_fingerprint": adapter.fingerprint,
+        "hyperdiff.base_model": adapter.info.base_model,
+        "hyperdiff.token": adapter.info.token,
+        "hyperdiff.source": adapter.info.source,
+        "hyperdiff.architecture": adapter.info.architecture,
+        "hyperdiff.targets": json.dumps(adapter.targets.to_dict(), separators=(",", ":")),
+        "hyperdiff.layers": json.dumps(_nest_dims(adapter.dims), separators=(",", ":")),
+    }
+
+
+def _nest_dims(dims) -> dict:
+    """`{"<attn>.to_q": (i, o)}` → `{"<attn>": {"to_q": [i, o]}}`: the same names, a third of the header bytes."""
+    nested: dict[str, dict[str, list[int]]] = {}
+    for name, (n_in, n_out) in dims.items():
+        attention, projection = name.split(".to_", 1)
+        nested.setdefault(attention, {})["to_" + projection] = [n_in, n_out]
+    return nested
+
+
+def _flat_dims(nested: dict) -> dict[str, tuple[int, int]]:
+    return {f"{attn}.{proj}": (int(i), int(o)) for attn, projs in nested.items() for proj, (i, o) in projs.items()}
+
+
+# -- native ------------------------------------------------------------------------------------------------
+def save_native(adapter, path: str | Path) -> Path:
+    first, second = _SUFFIXES[adapter.kind]
+    tensors = {}
+    for name, (a, b) in adapter.factors.items():
+        tensors[f"{name}.{first}"] = a
+        tensors[f"{name}.{second}"] = b
+    title = f"hyperdiff adapter ({adapter.info.token})" if adapter.info.token else "hyperdiff adapter"
+    return write_safetensors(path, tensors, _hyperdiff_metadata(adapter) | _modelspec(adapter, title))
+
+
+def _meta(meta: dict, key: str, path: Path, parse=str, expected: str = "a value"):
+    value = meta.get(f"hyperdiff.{key}")
+    if value is None:
+        raise HyperdiffError(f"adapter file '{path}' has no 'hyperdiff.{key}' metadata")
+    try:
+        return parse(value)
+    except (ValueError, TypeError, HyperdiffError):
+        raise HyperdiffError(f"adapter file '{path}' has 'hyperdiff.{key}' = {value!r}, expected {expected}") from None
+
+
+def load_native(path: str | Path):
+    from hyperdiff.adapter import Adapter, AdapterInfo
+
+    path = Path(path)
+    tensors, meta = read_safetensors(path)
+    if "hyperdiff.format_version" not in meta:
+        hint = " (it looks like a LoRA file: hyperdiff reads only its own adapter files)" if tensors else ""
+        raise HyperdiffError(f"adapter file '{path}' is not a hyperdiff adapter: no 'hyperdiff.format_version' metadata{hint}")
+    version = meta["hyperdiff.format_version"]
+    if version != FORMAT_VERSION:
+        raise HyperdiffError(f"adapter file '{path}' has format version {version!r}, this hyperdiff reads {FORMAT_VERSION!r}")
+    kind = _meta(meta, "kind", path)
+    if kind not in _SUFFIXES:
+        raise HyperdiffError(f"adapter file '{path}' has kind {kind!r}, expected one of {list(_SUFFIXES)}")
+    rank = _meta(meta, "rank", path, int, "an integer")
+    alpha = _meta(meta, "alpha", path, float, "a number")
+    dims = _meta(meta, "layers", path, lambda v: _flat_dims(json.loads(v)), "a JSON object of layer dims")
+    targets = _meta(meta, "targets", path, lambda v: TargetConfig(**json.loads(v)), "a JSON target config")
+    first, second = _SUFFIXES[kind]
+    expected = {f"{n}.{s}" for n in dims for s in (first, second)}
+    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing:
+        raise HyperdiffError(f"adapter file '{path}' is missing {len(missing)} tensors, e.g. '{missing[0]}'")
+    if extra:
+        raise HyperdiffError(f"adapter file '{path}' has {len(extra)} unexpected tensors, e.g. '{extra[0]}'")
+    factors = {n: (tensors[f"{n}.{first}"], tensors[f"{n}.{second}"]) for n in dims}
+    lidb = None
+    if kind == "lidb":
+        a_train, b_train = next(iter(factors.values()))
+        aux_seed = _meta(meta, "aux_seed", path, int, "an integer")
+        try:
+            lidb = LiDBConfig(rank=rank, a=a_train.shape[0], b=b_train.shape[-1], aux_seed=aux_seed)
+        except (HyperdiffError, IndexError) as e:
+            raise HyperdiffError(f"adapter file '{path}': {e}") from None
+    info = AdapterInfo(
+        base_model=meta.get("hyperdiff.base_model", ""),
+        token=meta.get("hyperdiff.token", ""),
+        source=meta.get("hyperdiff.source", ""),
+        architecture=meta.get("hyperdiff.architecture", "hyperdiff-custom"),
+        resolution=meta.get("modelspec.resolution", ""),
+        prediction_type=meta.get("modelspec.prediction_type", "epsilon"),
+    )
+    try:
+        adapter = Adapter(
+            kind=kind,
+            factors=factors,
+            dims=dims,
+            alpha=alpha,
+            fingerprint=_meta(meta, "base_fingerprint", path),
+            targets=targets,
+            lidb=lidb,
+            info=info,
+        )
+    except HyperdiffError as e:
+        raise HyperdiffError(f"adapter file '{path}': {e}") from None
+    if adapter.rank != rank:
+        raise HyperdiffError(f"adapter file '{path}' says rank {rank} but its tensors have rank {adapter.rank}")
+    return adapter
+
+
+# -- exports -----------------------------------------------------------------------------------------------
+def export(adapter, path: str | Path, format: str) -> Path:
+    if format not in EXPORT_FORMATS:
+        raise HyperdiffError(f"`format` must be one of {list(EXPORT_FORMATS)}, got {format!r}")
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise HyperdiffError(f"export path '{path}' must end with .safetensors")
+    return (export_diffusers if format == "diffusers" else export_kohya)(adapter, path)
+
+
+def peft_config(adapter) -> dict:
+    """The PEFT `LoraConfig` (as a dict) under which diffusers rebuilds this adapter's scale alpha / rank."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, target_modules=sorted(adapter.factors))
+    return json.loads(json.dumps(config.to_dict(), default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+
+
+def export_diffusers(adapter, path: Path) -> Path:
+    from diffusers import StableDiffusionPipeline
+
+    layers = {}
+    for name, (down, up) in adapter.lora_factors().items():
+        layers[f"{name}.lora.down.weight"] = down.contiguous()  # (r, in)
+        layers[f"{name}.lora.up.weight"] = up.contiguous()  # (out, r)
+    check_writable(path, "export file")
+    workdir = Path(tempfile.mkdtemp(prefix=".hyperdiff-export-", dir=path.parent))
+    try:  # diffusers writes its own format; hyperdiff adds metadata and moves it into place atomically
+        StableDiffusionPipeline.save_lora_weights(
+            workdir, unet_lora_layers=layers, unet_lora_adapter_metadata=peft_config(adapter), weight_name=path.name
+        )
+        tensors, meta = read_safetensors(workdir / path.name, "diffusers LoRA file")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return write_safetensors(path, tensors, meta | _hyperdiff_metadata(adapter) | _modelspec(adapter, path.stem))
+
+
+def export_kohya(adapter, path: Path) -> Path:
+    tensors = {}
+    for name, (down, up) in adapter.lora_factors().items():
+        key = "lora_unet_" + name.replace(".", "_")
+        tensors[f"{key}.lora_down.weight"] = down  # (r, in)
+        tensors[f"{key}.lora_up.weight"] = up  # (out, r)
+        tensors[f"{key}.alpha"] = torch.tensor(adapter.alpha, dtype=torch.float32)  # scale = alpha / rank
+    info = adapter.info
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(adapter.rank),
+        "ss_network_alpha": repr(adapter.alpha),
+        "ss_base_model_version": _KOHYA_VERSION.get(info.architecture, info.architecture),
+        "ss_v2": str(info.architecture == "stable-diffusion-v2"),
+        "ss_output_name": path.stem,
+        "ss_sd_model_name": info.base_model,
+        "ss_training_comment": f"exported by hyperdiff from a {adapter.kind} adapter; {info.source}".rstrip("; "),
+        "modelspec.date": _dt.date.today().isoformat(),
+    } | _modelspec(adapter, path.stem)
+    return write_safetensors(path, tensors, meta)

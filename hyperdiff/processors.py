@@ -1,0 +1,242 @@
+"""Attention processors that add low-rank deltas to a UNet's q/k/v/out projections.
+
+Contract (DESIGN.md, "Processors"):
+- One class, `HyperLoRAAttnProcessor`, installed on every targeted diffusers `Attention` module. It computes
+  exactly what diffusers' `AttnProcessor2_0` computes and, for each projection `p` of the module named `name`,
+  adds `strength · scale · up (down x)` for every `LowRankDelta` keyed `f"{name}.{p}"`.
+- Deltas come from two places, and all of them are applied (summed):
+  * installed with the processor (`install`, `hyper_lora_processors`, `Adapter.applied`): used by every forward
+    with no extra argument;
+  * per call, through `cross_attention_kwargs={"hyper_lora": HyperLoRA | sequence of HyperLoRA}` — a key the
+    processor declares, so diffusers passes it on (it drops undeclared keys and consumes `scale`).
+- Shapes: `down` is (r, in) (shared by the batch) or (B, r, in) (one per sample); `up` is (out, r) or
+  (B, out, r). Per-sample deltas must match the UNet batch exactly: classifier-free guidance runs
+  `[uncond; cond]`, so use `HyperLoRA.repeat_for(num_images_per_prompt, guidance=True)`.
+- With no deltas the processor's output equals `AttnProcessor2_0`'s bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hyperdiff.errors import HyperdiffError
+from hyperdiff.layers import LayerTable
+
+logger = logging.getLogger(__name__)
+
+CROSS_ATTENTION_KWARG = "hyper_lora"
+
+
+@dataclass(frozen=True)
+class LowRankDelta:
+    """ΔW = scale · up · down for one Linear; `down` (r, in) | (B, r, in), `up` (out, r) | (B, out, r)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        d, u = self.down, self.up
+        if d.dim() not in (2, 3) or u.dim() != d.dim():
+            raise HyperdiffError(f"`down`/`up` must both be 2-D or both 3-D, got {tuple(d.shape)} and {tuple(u.shape)}")
+        if d.shape[-2] != u.shape[-1] or (d.dim() == 3 and d.shape[0] != u.shape[0]):
+            raise HyperdiffError(f"`down` {tuple(d.shape)} and `up` {tuple(u.shape)} do not share a rank/batch")
+
+    @property
+    def batch(self) -> int | None:
+        """Number of samples for per-sample deltas, None when shared by the whole batch."""
+        return self.down.shape[0] if self.down.dim() == 3 else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, in) → scale · (x downᵀ) upᵀ: (B, N, out)."""
+        down = self.down.to(device=x.device, dtype=x.dtype)
+        up = self.up.to(device=x.device, dtype=x.dtype)
+        h = x @ down.transpose(-1, -2)  # (B, N, r)
+        return (h @ up.transpose(-1, -2)) * self.scale  # (B, N, out)
+
+    def repeat_for(self, num_images_per_prompt: int, guidance: bool) -> "LowRankDelta":
+        if self.batch is None:
+            return self
+
+        def rep(t: torch.Tensor) -> torch.Tensor:
+            t = t.repeat_interleave(num_images_per_prompt, dim=0)  # like diffusers' prompt_embeds repeat
+            return torch.cat([t, t]) if guidance else t  # [uncond; cond]
+
+        return LowRankDelta(rep(self.down), rep(self.up), self.scale)
+
+
+@dataclass(frozen=True)
+class HyperLoRA:
+    """Deltas for one forward: `{layer name: LowRankDelta}` times a global `strength`."""
+
+    layers: Mapping[str, LowRankDelta]
+    strength: float = 1.0
+    batch: int | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        batches = {d.batch for d in self.layers.values()} - {None}
+        if len(batches) > 1:
+            raise HyperdiffError(f"`hyper_lora` layers have different per-sample batch sizes {sorted(batches)}")
+        object.__setattr__(self, "batch", batches.pop() if batches else None)
+
+    def repeat_for(self, num_images_per_prompt: int = 1, guidance: bool = True) -> "HyperLoRA":
+        """Per-sample deltas laid out like the UNet batch of a diffusers pipeline call: each prompt's sample
+        repeated `num_images_per_prompt` times, then the whole batch twice as `[uncond; cond]` under guidance."""
+        if num_images_per_prompt < 1:
+            raise HyperdiffError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt}")
+        layers = {k: d.repeat_for(num_images_per_prompt, guidance) for k, d in self.layers.items()}
+        return HyperLoRA(layers, self.strength)
+
+    def scaled(self, strength: float) -> "HyperLoRA":
+        return HyperLoRA(self.layers, self.strength * strength)
+
+
+def _as_tuple(hyper_lora: HyperLoRA | Sequence[HyperLoRA] | None) -> tuple[HyperLoRA, ...]:
+    if hyper_lora is None:
+        return ()
+    if isinstance(hyper_lora, HyperLoRA):
+        return (hyper_lora,)
+    items = tuple(hyper_lora)
+    if not all(isinstance(h, HyperLoRA) for h in items):
+        raise HyperdiffError(f"`{CROSS_ATTENTION_KWARG}` must be a HyperLoRA or a sequence of them, got {type(hyper_lora)}")
+    return items
+
+
+class HyperLoRAAttnProcessor:
+    """`AttnProcessor2_0` with additive low-rank deltas on to_q, to_k, to_v and to_out.0."""
+
+    def __init__(self, name: str, installed: Sequence[HyperLoRA] = ()):
+        self.name = name  # dotted path of the Attention module this instance serves
+        self.installed = tuple(installed)
+
+    def _project(self, proj: str, linear: nn.Module, x: torch.Tensor, active: tuple[HyperLoRA, ...]) -> torch.Tensor:
+        y = linear(x)
+        key = f"{self.name}.{proj}"
+        for hl in active:
+            delta = hl.layers.get(key)
+            if delta is None:
+                continue
+            if delta.batch is not None and delta.batch != x.shape[0]:
+                raise HyperdiffError(
+                    f"`hyper_lora` deltas for '{key}' have batch {delta.batch} but the UNet batch is {x.shape[0]}: "
+                    "with classifier-free guidance or several images per prompt use HyperLoRA.repeat_for(...)"
+                )
+            y = y + delta(x) * hl.strength
+        return y
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        hyper_lora: HyperLoRA | Sequence[HyperLoRA] | None = None,
+    ) -> torch.Tensor:
+        active = self.installed + _as_tuple(hyper_lora)
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)  # (B, HW, C)
+
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = self._project("to_q", attn.to_q, hidden_states, active)  # (B, N, inner)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = self._project("to_k", attn.to_k, encoder_hidden_states, active)  # (B, M, inner)
+        value = self._project("to_v", attn.to_v, encoder_hidden_states, active)  # (B, M, inner)
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, h, N, d)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, h, M, d)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, h, M, d)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        hidden_states = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        )  # (B, h, N, d)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)  # (B, N, inner)
+
+        hidden_states = self._project("to_out.0", attn.to_out[0], hidden_states, active)
+        hidden_states = attn.to_out[1](hidden_states)  # dropout
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def _check_layers(table: LayerTable, hyper_loras: Sequence[HyperLoRA]) -> None:
+    for hl in hyper_loras:
+        unknown = [k for k in hl.layers if k not in table]
+        if unknown:
+            raise HyperdiffError(f"`hyper_lora` names {len(unknown)} layers this UNet does not target, e.g. '{unknown[0]}'")
+        for name, d in hl.layers.items():
+            row = table[name]
+            if d.down.shape[-1] != row.in_features or d.up.shape[-2] != row.out_features:
+                raise HyperdiffError(
+                    f"`hyper_lora` delta for '{name}' maps {d.down.shape[-1]} → {d.up.shape[-2]} features, "
+                    f"expected {row.in_features} → {row.out_features}"
+                )
+
+
+def install(unet: nn.Module, table: LayerTable, hyper_loras: Sequence[HyperLoRA] = ()) -> dict[str, object]:
+    """Put a `HyperLoRAAttnProcessor` on every attention module of `table`, keeping deltas already installed
+    by an enclosing `install` and adding `hyper_loras`. Returns the previous processors by module path."""
+    _check_layers(table, hyper_loras)
+    previous: dict[str, object] = {}
+    for path in table.attention_modules:
+        attn = unet.get_submodule(path)
+        prev = attn.processor
+        previous[path] = prev
+        inherited = prev.installed if isinstance(prev, HyperLoRAAttnProcessor) else ()
+        if not isinstance(prev, HyperLoRAAttnProcessor) and type(prev).__name__ not in ("AttnProcessor2_0", "AttnProcessor"):
+            logger.warning("replacing %s on '%s' with HyperLoRAAttnProcessor", type(prev).__name__, path)
+        attn.set_processor(HyperLoRAAttnProcessor(path, inherited + tuple(hyper_loras)))
+    return previous
+
+
+def restore(unet: nn.Module, previous: Mapping[str, object]) -> None:
+    """Put back the processors `install` returned."""
+    for path, proc in previous.items():
+        unet.get_submodule(path).set_processor(proc)
+
+
+@contextmanager
+def hyper_lora_processors(unet: nn.Module, table: LayerTable | None = None, *hyper_loras: HyperLoRA) -> Iterator[None]:
+    """Within the block, every forward of `unet` uses `hyper_loras` (and accepts more per call); the previous
+    processors come back on exit, also on an exception."""
+    table = table or LayerTable.from_unet(unet)
+    previous = install(unet, table, hyper_loras)
+    try:
+        yield
+    finally:
+        restore(unet, previous)
