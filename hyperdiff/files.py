@@ -42,24 +42,35 @@ def check_writable(path: Path, what: str) -> None:
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, what: str = "output") -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it to `path`, on failure remove it."""
+    """Yield a temporary path beside `path`; on success rename it to `path`, on failure remove it.
+
+    An `OSError` (no permission, disk full, read-only file system) becomes a one-line `HyperdiffError`.
+    """
     path = Path(path)
     check_writable(path, what)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise HyperdiffError(f"{what} '{path}' is not writable: {e.strerror}") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as e:
+        tmp_path.unlink(missing_ok=True)
+        raise HyperdiffError(f"{what} '{path}' could not be written: {e.strerror or e}") from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
+def write_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], what: str = "adapter file"
+) -> Path:
     """Atomically write `tensors` (made contiguous, on CPU) with string `metadata` to `path`."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    with atomic_path(path, "adapter file") as tmp:
+    with atomic_path(path, what) as tmp:
         save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
     return Path(path)
 

@@ -8,9 +8,10 @@ Contract (DESIGN.md, "Files"; REFERENCES.md, "File formats"):
   `modelspec.*`. The same adapter gives the same tensors and metadata (safetensors orders the header itself).
 - `diffusers`: exactly what `StableDiffusionPipeline.save_lora_weights` writes (diffusers itself writes it):
   `unet.<layer>.lora.down.weight`/`.lora.up.weight` and `lora_adapter_metadata` (the PEFT `LoraConfig`, so
-  `lora_alpha` survives `load_lora_weights`), plus hyperdiff's and `modelspec.*` metadata.
+  `lora_alpha` survives `load_lora_weights`), plus `modelspec.*` and `hyperdiff.*` provenance metadata.
 - `kohya`: `lora_unet_<layer with . → _>.lora_down.weight`/`.lora_up.weight`/`.alpha` (scalar), `ss_*` and
-  `modelspec.*` metadata; loaded by A1111, ComfyUI and diffusers' non-diffusers LoRA conversion.
+  `modelspec.*` metadata (and `hyperdiff.*` provenance); loaded by A1111, ComfyUI and diffusers' non-diffusers
+  LoRA conversion.
 - All writes are atomic (temp file + rename); all reads are safetensors; a bad file is a one-line
   `HyperdiffError` that names the file and the problem.
 """
@@ -50,6 +51,13 @@ def _modelspec(adapter, title: str) -> dict[str, str]:
     if info.token:
         spec["modelspec.trigger_phrase"] = info.token
     return spec
+
+
+def _provenance(adapter, exported_as: str) -> dict[str, str]:
+    """What an export says of where it came from (no format version: it is not a native adapter)."""
+    keys = ("kind", "rank", "alpha", "base_fingerprint", "base_model", "token", "source")
+    native = _hyperdiff_metadata(adapter)
+    return {f"hyperdiff.{k}": native[f"hyperdiff.{k}"] for k in keys} | {"hyperdiff.exported_as": exported_as}
 
 
 def _hyperdiff_metadata(adapter) -> dict[str, str]:
@@ -109,7 +117,8 @@ def load_native(path: str | Path):
     path = Path(path)
     tensors, meta = read_safetensors(path)
     if "hyperdiff.format_version" not in meta:
-        hint = " (it looks like a LoRA file: hyperdiff reads only its own adapter files)" if tensors else ""
+        exported = meta.get("hyperdiff.exported_as")
+        hint = f" (it is a {exported} LoRA export; load the native adapter it was exported from)" if exported else ""
         raise HyperdiffError(f"adapter file '{path}' is not a hyperdiff adapter: no 'hyperdiff.format_version' metadata{hint}")
     version = meta["hyperdiff.format_version"]
     if version != FORMAT_VERSION:
@@ -168,6 +177,7 @@ def export(adapter, path: str | Path, format: str) -> Path:
     if format not in EXPORT_FORMATS:
         raise HyperdiffError(f"`format` must be one of {list(EXPORT_FORMATS)}, got {format!r}")
     path = Path(path)
+    check_writable(path, "export file")
     if path.suffix != ".safetensors":
         raise HyperdiffError(f"export path '{path}' must end with .safetensors")
     return (export_diffusers if format == "diffusers" else export_kohya)(adapter, path)
@@ -188,7 +198,6 @@ def export_diffusers(adapter, path: Path) -> Path:
     for name, (down, up) in adapter.lora_factors().items():
         layers[f"{name}.lora.down.weight"] = down.contiguous()  # (r, in)
         layers[f"{name}.lora.up.weight"] = up.contiguous()  # (out, r)
-    check_writable(path, "export file")
     workdir = Path(tempfile.mkdtemp(prefix=".hyperdiff-export-", dir=path.parent))
     try:  # diffusers writes its own format; hyperdiff adds metadata and moves it into place atomically
         StableDiffusionPipeline.save_lora_weights(
@@ -197,7 +206,7 @@ def export_diffusers(adapter, path: Path) -> Path:
         tensors, meta = read_safetensors(workdir / path.name, "diffusers LoRA file")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return write_safetensors(path, tensors, meta | _hyperdiff_metadata(adapter) | _modelspec(adapter, path.stem))
+    return write_safetensors(path, tensors, meta | _provenance(adapter, "diffusers") | _modelspec(adapter, path.stem), "export file")
 
 
 def export_kohya(adapter, path: Path) -> Path:
@@ -218,5 +227,5 @@ def export_kohya(adapter, path: Path) -> Path:
         "ss_sd_model_name": info.base_model,
         "ss_training_comment": f"exported by hyperdiff from a {adapter.kind} adapter; {info.source}".rstrip("; "),
         "modelspec.date": _dt.date.today().isoformat(),
-    } | _modelspec(adapter, path.stem)
-    return write_safetensors(path, tensors, meta)
+    } | _provenance(adapter, "kohya") | _modelspec(adapter, path.stem)
+    return write_safetensors(path, tensors, meta, "export file")

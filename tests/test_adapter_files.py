@@ -135,7 +135,7 @@ def test_failed_write_leaves_no_file(table, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(files, "save_file", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(HyperdiffError, match="could not be written: disk full"):
         random_lora(table, seed=4).save(tmp_path / "a.safetensors")
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(HyperdiffError, match="is a folder, expected a file path"):
