@@ -1,8 +1,8 @@
 """Fusing low-rank deltas into Linear weights, and exact unfusing.
 
 Contract:
-- `fuse(unet, key, deltas)` adds `ΔW = up · down` (computed in float32, then cast to the weight's dtype) to the
-  weight of each named Linear. `key` is the object that owns the deltas (an Adapter); it must not be fused twice
+- `fuse(unet, key, deltas)` adds `ΔW = up · down` to the weight of each named Linear (in place for float32
+  weights; accumulated in float32 and rounded once for half-precision weights). `key` is the object that owns the deltas (an Adapter); it must not be fused twice
   into the same UNet.
 - `unfuse(unet, key)` removes one fused entry, in any order, and leaves the weights *bit for bit* as if only the
   remaining entries had been fused: the first fuse into a UNet keeps a copy of the original weights of the
@@ -58,8 +58,11 @@ def _stamp(weight: torch.Tensor) -> tuple[int, int]:
 def _add(unet: nn.Module, record: _FuseRecord, deltas: Deltas) -> None:
     for name, (down, up) in deltas.items():
         weight = _linear(unet, name).weight  # (out, in)
-        delta = up.to(device=weight.device, dtype=torch.float32) @ down.to(device=weight.device, dtype=torch.float32)
-        weight.copy_((weight.float() + delta).to(weight.dtype))
+        if weight.dtype == torch.float32:  # one in-place GEMM pass over W: W += up @ down
+            weight.addmm_(up.to(weight), down.to(weight))
+        else:  # half precision: accumulate in float32, round once
+            delta = up.to(weight.device, torch.float32) @ down.to(weight.device, torch.float32)
+            weight.copy_((weight.float() + delta).to(weight.dtype))
         record.stamps[name] = _stamp(weight)
 
 

@@ -1,0 +1,139 @@
+"""Core benchmark: injection overhead and adapter swap cost on the SD1.5 UNet shape (random init, fp32).
+
+Measures, side by side in one run (interleaved repeats, medians):
+- one UNet step (batch 2 = one CFG step) for the base UNet, the injected (processor) path and the fused path;
+- swapping an identity in and out: hyperdiff's fuse+unfuse and applied() enter+exit, against diffusers'
+  load_lora_weights + fuse_lora + unfuse_lora + unload_lora_weights of the same adapter exported to diffusers format;
+- file sizes of the native LiDB adapter and its exports.
+Prints a table with ratios and writes JSON. Usage: python scripts/bench_core.py --out bench/core.json [--latent 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # before diffusers is imported
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+from hyperdiff import LayerTable  # noqa: E402
+from hyperdiff.models import tiny_pipeline  # noqa: E402
+from hyperdiff.models.configs import build_unet  # noqa: E402
+from hyperdiff.random_adapters import random_lidb  # noqa: E402
+
+
+def _time(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/core.json", help="JSON output path")
+    parser.add_argument("--latent", type=int, default=32, help="latent side (64 = 512 px images)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per measurement")
+    parser.add_argument("--swaps", type=int, default=3, help="repeats of each swap path")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    print("building SD1.5-shaped UNet (random init, fp32)...", flush=True)
+    unet = build_unet("sd15", device="cpu", seed=0).eval()
+    table = LayerTable.from_unet(unet)
+    adapter = random_lidb(table, seed=1)
+    adapter.lora_factors()  # compose LiDB once (aux bases are cached), as a loaded adapter would before use
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, args.latent, args.latent, generator=gen)
+    t = torch.tensor([500, 500])
+    text = torch.randn(2, 77, 768, generator=gen)
+
+    def step():
+        with torch.no_grad():
+            unet(x, t, text)
+
+    step()  # warm-up
+    times = {"base": [], "injected": [], "fused": []}
+    for _ in range(args.repeats):  # interleaved so drift hits every path alike
+        times["base"] += _time(step, 1)
+        with adapter.applied(unet):
+            times["injected"] += _time(step, 1)
+        adapter.fuse(unet)
+        times["fused"] += _time(step, 1)
+        adapter.unfuse(unet)
+    step_s = {k: statistics.median(v) for k, v in times.items()}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        native = adapter.save(Path(tmp) / "id.safetensors")
+        diffusers_file = adapter.export(Path(tmp) / "id.diffusers.safetensors", "diffusers")
+        kohya_file = adapter.export(Path(tmp) / "id.kohya.safetensors", "kohya")
+        sizes = {k: p.stat().st_size for k, p in (("native", native), ("diffusers", diffusers_file), ("kohya", kohya_file))}
+
+        def ours_fuse():
+            adapter.fuse(unet)
+            adapter.unfuse(unet)
+
+        def ours_processors():
+            with adapter.applied(unet):
+                pass
+
+        pipe = tiny_pipeline(seed=0)
+        pipe.unet = unet  # diffusers' loader path on the same SD1.5-shaped UNet
+
+        def diffusers_swap():
+            pipe.load_lora_weights(str(diffusers_file), adapter_name="identity")
+            pipe.fuse_lora()
+            pipe.unfuse_lora()
+            pipe.unload_lora_weights()
+
+        ours_fuse()  # the first fuse copies the base weights once; later swaps reuse the copy
+        swap_s = {
+            "hyperdiff_fuse_unfuse": statistics.median(_time(ours_fuse, args.swaps)),
+            "hyperdiff_applied_enter_exit": statistics.median(_time(ours_processors, args.swaps)),
+            "diffusers_load_fuse_unfuse_unload": statistics.median(_time(diffusers_swap, args.swaps)),
+        }
+
+    result = {
+        "device": "cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "shape": "sd15 UNet, fp32, random init",
+        "latent": args.latent,
+        "batch": 2,
+        "layers": len(table),
+        "adapter_values": adapter.num_values,
+        "unet_step_s": step_s,
+        "injected_over_base": step_s["injected"] / step_s["base"],
+        "fused_over_base": step_s["fused"] / step_s["base"],
+        "swap_s": swap_s,
+        "fuse_swap_over_diffusers": swap_s["hyperdiff_fuse_unfuse"] / swap_s["diffusers_load_fuse_unfuse_unload"],
+        "applied_swap_over_diffusers": swap_s["hyperdiff_applied_enter_exit"] / swap_s["diffusers_load_fuse_unfuse_unload"],
+        "file_bytes": sizes,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+
+    print(f"\nSD1.5 UNet step (batch 2, latent {args.latent}x{args.latent}, {result['threads']} threads, median of {args.repeats}):")
+    for k, v in step_s.items():
+        print(f"  {k:<9} {v * 1000:9.1f} ms   {v / step_s['base']:.3f}x base")
+    print("swap one identity in and out (median):")
+    for k, v in swap_s.items():
+        print(f"  {k:<36} {v * 1000:9.1f} ms   {v / swap_s['diffusers_load_fuse_unfuse_unload']:.3f}x diffusers")
+    print(f"files: native LiDB {sizes['native']:,} B, diffusers {sizes['diffusers']:,} B, kohya {sizes['kohya']:,} B")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
