@@ -1,0 +1,41 @@
+"""Data: the SynthFaces procedural world (see `hyperdiff.data.synthfaces` for its contract)."""
+
+from hyperdiff.data.synthfaces import (
+    BACKGROUND_THRESHOLD,
+    BACKGROUNDS,
+    EVAL_SEED_START,
+    EXPRESSIONS,
+    PALETTE,
+    SCENE_WORDS,
+    TRAIN_SEEDS,
+    VAL_SEEDS,
+    Identity,
+    Scene,
+    all_scenes,
+    background_of,
+    caption,
+    eval_seeds,
+    render,
+    sample,
+    scene_from_caption,
+)
+
+__all__ = [
+    "BACKGROUNDS",
+    "BACKGROUND_THRESHOLD",
+    "EVAL_SEED_START",
+    "EXPRESSIONS",
+    "PALETTE",
+    "SCENE_WORDS",
+    "TRAIN_SEEDS",
+    "VAL_SEEDS",
+    "Identity",
+    "Scene",
+    "all_scenes",
+    "background_of",
+    "caption",
+    "eval_seeds",
+    "render",
+    "sample",
+    "scene_from_caption",
+]
