@@ -8,7 +8,7 @@ CLIP tokenizer) and `load_base` (embedded default, folder, .safetensors checkpoi
 
 from hyperdiff.models.base import EMBEDDED_BASE, load_base
 from hyperdiff.models.configs import build_unet, unet_config
-from hyperdiff.models.tiny import TinyPipelineConfig, tiny_pipeline
+from hyperdiff.models.tiny import TinyPipelineConfig, tiny_components, tiny_pipeline
 from hyperdiff.models.tokenizer import DEFAULT_WORDS, build_tokenizer
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "build_tokenizer",
     "build_unet",
     "load_base",
+    "tiny_components",
     "tiny_pipeline",
     "unet_config",
 ]

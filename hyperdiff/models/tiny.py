@@ -196,17 +196,11 @@ def _scheduler(cfg: TinyPipelineConfig) -> DDIMScheduler | DPMSolverMultistepSch
                                        algorithm_type="dpmsolver++", solver_order=2, steps_offset=1)
 
 
-def tiny_pipeline(
-    seed: int = 0,
-    config: TinyPipelineConfig | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> StableDiffusionPipeline:
-    """Build the offline tiny SD pipeline for `(seed, config)`; weights are bit-identical for equal arguments."""
+def tiny_components(seed: int = 0, config: TinyPipelineConfig | None = None) -> dict[str, Any]:
+    """Freshly initialised, seeded pipeline parts: `vae`, `text_encoder`, `tokenizer`, `unet`, `scheduler`
+    (keyword arguments of `StableDiffusionPipeline`, less the safety checker). Training starts from these."""
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise HyperdiffError(f"`seed` must be a non-negative integer, got {seed!r}")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise HyperdiffError(f"`dtype` must be a floating torch.dtype, got {dtype!r}")
     cfg = config if config is not None else TinyPipelineConfig()
     if not isinstance(cfg, TinyPipelineConfig):
         raise HyperdiffError(f"`config` must be a TinyPipelineConfig, got {type(cfg).__name__}")
@@ -223,15 +217,26 @@ def tiny_pipeline(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    return {
+        "vae": _seeded(seed, "vae", lambda: _vae(cfg)),
+        "text_encoder": _seeded(seed, "text_encoder", lambda: CLIPTextModel(text_config)),
+        "tokenizer": tokenizer,
+        "unet": _seeded(seed, "unet", lambda: _unet(cfg)),
+        "scheduler": _scheduler(cfg),
+    }
+
+
+def tiny_pipeline(
+    seed: int = 0,
+    config: TinyPipelineConfig | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> StableDiffusionPipeline:
+    """Build the offline tiny SD pipeline for `(seed, config)`; weights are bit-identical for equal arguments."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise HyperdiffError(f"`dtype` must be a floating torch.dtype, got {dtype!r}")
     pipe = StableDiffusionPipeline(
-        vae=_seeded(seed, "vae", lambda: _vae(cfg)),
-        text_encoder=_seeded(seed, "text_encoder", lambda: CLIPTextModel(text_config)),
-        tokenizer=tokenizer,
-        unet=_seeded(seed, "unet", lambda: _unet(cfg)),
-        scheduler=_scheduler(cfg),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **tiny_components(seed, config), safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
     if dtype != torch.float32:

@@ -1,0 +1,1 @@
+"""Training loops (called by the accelerate-launchable scripts in `scripts/`)."""

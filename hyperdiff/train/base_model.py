@@ -1,0 +1,396 @@
+"""Training the SynthFaces base model from scratch: the VAE, then the text encoder and UNet together.
+
+Contract:
+- `BaseTrainConfig` (YAML `configs/synthfaces_base.yaml` + CLI overrides) fixes everything; the same config and seed
+  give the same weights on CPU.
+- Data: `render_cache` renders `data.images` (identity, scene) pairs from `TRAIN_SEEDS` once (a safetensors cache of
+  uint8 images and scene indices under `data.cache_dir`); evaluation seeds (≥ 1,000,000) are never used. Captions are
+  `synthfaces.caption(scene)` with each clause dropped with probability `data.clause_dropout` (so partial prompts
+  work) and the whole caption emptied with probability `data.caption_dropout` (classifier-free guidance).
+- Stage 1 `train_vae`: AutoencoderKL, MSE + `kl_weight`·KL; then every image is encoded once (posterior means) and
+  `scaling_factor` is set to 1 / std of the latents.
+- Stage 2 `train_unet`: epsilon prediction with the SD noise schedule, min-SNR-γ loss weights, AdamW with warm-up and
+  cosine decay, EMA weights (what is exported).
+- Both stages checkpoint with `accelerator.save_state` every `checkpointing_steps` into `output_dir/<stage>/checkpoint-N`
+  and resume from the latest one; a finished stage is skipped. Batches are drawn from a generator seeded by
+  `(seed, step)`, so a resumed run sees the batches an uninterrupted run would.
+- `export_pipeline` writes a standard diffusers folder (fp16 weights, DPM-Solver++ scheduler) that
+  `StableDiffusionPipeline.from_pretrained(path, local_files_only=True)` loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from hyperdiff.config import to_dict
+from hyperdiff.data import synthfaces
+from hyperdiff.errors import HyperdiffError
+from hyperdiff.files import write_safetensors
+from hyperdiff.models.tiny import SD_SCHEDULE, TinyPipelineConfig, tiny_components
+
+logger = logging.getLogger(__name__)
+
+
+def _positive(name: str, value, kind=int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
+        raise HyperdiffError(f"`{name}` must be a positive {'number' if kind is float else 'integer'}, got {value!r}")
+
+
+def _probability(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise HyperdiffError(f"`{name}` must be a probability in [0, 1), got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    images: int = 60_000  # cached renders, each a fresh training identity in a random scene
+    seed: int = 0
+    clause_dropout: float = 0.15
+    caption_dropout: float = 0.1
+    cache_dir: str = "cache/synthfaces"
+
+    def __post_init__(self) -> None:
+        _positive("data.images", self.images)
+        _probability("data.clause_dropout", self.clause_dropout)
+        _probability("data.caption_dropout", self.caption_dropout)
+
+
+@dataclass
+class StageConfig:
+    steps: int = 1000
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive("steps", self.steps)
+        _positive("batch_size", self.batch_size)
+        _positive("learning_rate", self.learning_rate, float)
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise HyperdiffError(f"`warmup_steps` must be a non-negative integer, got {self.warmup_steps!r}")
+
+
+@dataclass
+class VAEStageConfig(StageConfig):
+    kl_weight: float = 1e-6
+    crop: int = 32  # train on random crops (the VAE is convolutional): 4x cheaper than whole 64 px images
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive("vae.crop", self.crop)
+
+
+@dataclass
+class UNetStageConfig(StageConfig):
+    steps: int = 12_000
+    learning_rate: float = 5e-4
+    warmup_steps: int = 500
+    weight_decay: float = 1e-2
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+
+
+def _default_model() -> TinyPipelineConfig:
+    return TinyPipelineConfig(
+        image_size=64,
+        unet_block_out_channels=(32, 64, 128),
+        layers_per_block=1,
+        norm_num_groups=16,
+        cross_attention_dim=128,
+        attention_head_dim=4,
+        text_hidden_size=128,
+        text_layers=3,
+        text_heads=4,
+        vae_block_out_channels=(32, 64, 64),
+        scheduler="dpm",
+    )
+
+
+@dataclass
+class BaseTrainConfig:
+    model: TinyPipelineConfig = field(default_factory=_default_model)
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAEStageConfig = field(default_factory=lambda: VAEStageConfig(steps=1500, batch_size=32))
+    unet: UNetStageConfig = field(default_factory=UNetStageConfig)
+    output_dir: str = "runs/synthfaces_base"
+    export_dir: str = "hyperdiff/assets/synthfaces/base"
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int = 2
+    seed: int = 0
+    report_to: str = "tensorboard"
+
+    def __post_init__(self) -> None:
+        _positive("checkpointing_steps", self.checkpointing_steps)
+        _positive("checkpoints_total_limit", self.checkpoints_total_limit)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+# -- data --------------------------------------------------------------------------------------------------------
+SCENE_AXES = ("background", "hat", "expression")
+
+
+def _scene_index(scene: synthfaces.Scene) -> list[int]:
+    return [
+        synthfaces.BACKGROUNDS.index(scene.background),
+        int(scene.hat),
+        synthfaces.EXPRESSIONS.index(scene.expression),
+    ]
+
+
+def _scene_of(index: list[int]) -> synthfaces.Scene:
+    return synthfaces.Scene(synthfaces.BACKGROUNDS[index[0]], bool(index[1]), synthfaces.EXPRESSIONS[index[2]])
+
+
+def render_cache(data: DataConfig, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images uint8 (N, 3, size, size), scenes int64 (N, 3)), rendered once and cached as safetensors."""
+    path = Path(data.cache_dir) / f"renders-n{data.images}-s{data.seed}-{size}px.safetensors"
+    if path.exists():
+        tensors = load_file(str(path))
+        return tensors["images"], tensors["scenes"]
+    pairs = synthfaces.sample(synthfaces.TRAIN_SEEDS, data.images, rng_seed=data.seed)
+    images = torch.empty(len(pairs), 3, size, size, dtype=torch.uint8)
+    scenes = torch.empty(len(pairs), 3, dtype=torch.int64)
+    for i, (identity, scene) in enumerate(tqdm(pairs, desc="render SynthFaces", mininterval=2)):
+        pixels = torch.frombuffer(bytearray(synthfaces.render(identity, scene, size).tobytes()), dtype=torch.uint8)
+        images[i] = pixels.view(size, size, 3).permute(2, 0, 1)
+        scenes[i] = torch.tensor(_scene_index(scene))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_safetensors(path, {"images": images, "scenes": scenes}, {"data": str(to_dict(data))}, "render cache")
+    return images, scenes
+
+
+def training_caption(scene: synthfaces.Scene, gen: torch.Generator, data: DataConfig) -> str:
+    """The canonical caption with clauses dropped at random, or "" (unconditional) for CFG."""
+    if torch.rand((), generator=gen) < data.caption_dropout:
+        return ""
+    keep = (torch.rand(3, generator=gen) >= data.clause_dropout).tolist()
+    parts = ["a face"]
+    if keep[0]:
+        parts.append(scene.expression)
+    if scene.hat and keep[1]:
+        parts.append("wearing a hat")
+    if keep[2]:
+        parts.append(f"on a {scene.background} background")
+    return ", ".join(parts)
+
+
+def _batch_generator(seed: int, stage: str, step: int) -> torch.Generator:
+    from hyperdiff.lidb import stable_seed
+
+    return torch.Generator().manual_seed(stable_seed("train_base", seed, stage, step))
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------------
+def latest_checkpoint(folder: Path) -> tuple[Path | None, int]:
+    found = [(int(m.group(1)), p) for p in folder.glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
+    if not found:
+        return None, 0
+    step, path = max(found)
+    return path, step
+
+
+def _save_checkpoint(accelerator, folder: Path, step: int, keep: int) -> None:
+    accelerator.save_state(str(folder / f"checkpoint-{step}"))
+    if accelerator.is_main_process:
+        old = sorted((int(p.name.split("-")[1]), p) for p in folder.glob("checkpoint-*"))
+        for _, p in old[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _cosine(optimizer, warmup: int, total: int):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+
+# -- stage 1: VAE ------------------------------------------------------------------------------------------------
+def train_vae(cfg: BaseTrainConfig, accelerator, images: torch.Tensor, resume: bool):
+    from diffusers import AutoencoderKL
+
+    stage_dir = Path(cfg.output_dir) / "vae"
+    final = stage_dir / "final"
+    if (final / "config.json").exists():
+        return AutoencoderKL.from_pretrained(final)
+    vae = tiny_components(cfg.seed, cfg.model)["vae"]
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae.learning_rate, weight_decay=cfg.vae.weight_decay)
+    sched = _cosine(opt, cfg.vae.warmup_steps, cfg.vae.steps)
+    vae, opt, sched = accelerator.prepare(vae, opt, sched)
+    start = 0
+    if resume:
+        path, start = latest_checkpoint(stage_dir)
+        if path is not None:
+            accelerator.load_state(str(path))
+    bar = tqdm(range(start, cfg.vae.steps), desc="vae", disable=not accelerator.is_main_process, mininterval=5)
+    for step in bar:
+        gen = _batch_generator(cfg.seed, "vae", step)
+        idx = torch.randint(len(images), (cfg.vae.batch_size,), generator=gen)
+        crop = min(cfg.vae.crop, images.shape[-1])
+        ys, xs = torch.randint(0, images.shape[-1] - crop + 1, (2, len(idx)), generator=gen).tolist()
+        x = torch.stack([images[i, :, y : y + crop, x0 : x0 + crop] for i, y, x0 in zip(idx.tolist(), ys, xs)])
+        x = x.float().div(127.5).sub(1).to(accelerator.device)  # (B, 3, crop, crop) in [-1, 1]
+        posterior = accelerator.unwrap_model(vae).encode(x).latent_dist
+        recon = accelerator.unwrap_model(vae).decode(posterior.sample(generator=None)).sample
+        mse = F.mse_loss(recon, x)
+        loss = mse + cfg.vae.kl_weight * posterior.kl().mean()
+        accelerator.backward(loss)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0:
+            accelerator.log({"vae/mse": mse.item(), "vae/lr": sched.get_last_lr()[0]}, step=step)
+            bar.set_postfix(mse=f"{mse.item():.4f}")
+        if (step + 1) % cfg.checkpointing_steps == 0 and step + 1 < cfg.vae.steps:
+            _save_checkpoint(accelerator, stage_dir, step + 1, cfg.checkpoints_total_limit)
+    vae = accelerator.unwrap_model(vae)
+    if accelerator.is_main_process:
+        vae.save_pretrained(final)
+    accelerator.wait_for_everyone()
+    return vae
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, cache: Path, batch: int = 256) -> torch.Tensor:
+    """Posterior means (N, C, h, w) of every image, cached; sets `vae.config.scaling_factor` = 1 / std."""
+    if cache.exists():
+        latents = load_file(str(cache))["latents"]
+    else:
+        vae.eval()
+        chunks = [
+            vae.encode(images[i : i + batch].float().div(127.5).sub(1)).latent_dist.mean
+            for i in tqdm(range(0, len(images), batch), desc="encode latents", mininterval=5)
+        ]
+        latents = torch.cat(chunks)
+        write_safetensors(cache, {"latents": latents}, {}, "latent cache")
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return latents
+
+
+# -- stage 2: text encoder + UNet ----------------------------------------------------------------------------------
+def train_unet(
+    cfg: BaseTrainConfig, accelerator, latents: torch.Tensor, scenes: torch.Tensor, scaling: float, resume: bool,
+    export_only: bool = False,
+):
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel, compute_snr
+
+    parts = tiny_components(cfg.seed, cfg.model)
+    unet, text_encoder, tokenizer = parts["unet"], parts["text_encoder"], parts["tokenizer"]
+    noise_scheduler = DDPMScheduler(**SD_SCHEDULE, prediction_type=cfg.model.prediction_type)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = EMAModel(params, decay=cfg.unet.ema_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.unet.learning_rate, weight_decay=cfg.unet.weight_decay)
+    sched = _cosine(opt, cfg.unet.warmup_steps, cfg.unet.steps)
+    unet, text_encoder, opt, sched = accelerator.prepare(unet, text_encoder, opt, sched)
+    accelerator.register_for_checkpointing(ema)
+    stage_dir = Path(cfg.output_dir) / "unet"
+    start = 0
+    if resume:
+        path, start = latest_checkpoint(stage_dir)
+        if path is not None:
+            accelerator.load_state(str(path))
+    device = accelerator.device
+    bar = tqdm(range(start, start if export_only else cfg.unet.steps), desc="unet", disable=not accelerator.is_main_process, mininterval=5)
+    for step in bar:
+        gen = _batch_generator(cfg.seed, "unet", step)
+        idx = torch.randint(len(latents), (cfg.unet.batch_size,), generator=gen)
+        x0 = latents[idx].float().to(device) * scaling  # (B, C, h, w)
+        captions = [training_caption(_scene_of(scenes[i].tolist()), gen, cfg.data) for i in idx]
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen).to(device)
+        noisy = noise_scheduler.add_noise(x0, noise, t)
+        text = text_encoder(ids)[0]  # (B, 77, d)
+        pred = unet(noisy, t, text).sample
+        target = noise if cfg.model.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
+        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+        snr = compute_snr(noise_scheduler, t)
+        weight = torch.clamp(snr, max=cfg.unet.min_snr_gamma) / (snr if cfg.model.prediction_type == "epsilon" else snr + 1)
+        loss = (weight * per_sample).mean()
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        ema.step(params)
+        if step % 50 == 0:
+            accelerator.log({"unet/loss": loss.item(), "unet/lr": sched.get_last_lr()[0]}, step=step)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % cfg.checkpointing_steps == 0 and step + 1 < cfg.unet.steps:
+            _save_checkpoint(accelerator, stage_dir, step + 1, cfg.checkpoints_total_limit)
+    unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+    ema.copy_to(list(unet.parameters()) + list(text_encoder.parameters()))
+    return unet, text_encoder, tokenizer
+
+
+def export_pipeline(cfg: BaseTrainConfig, vae, unet, text_encoder, tokenizer, export_dir: Path) -> Path:
+    """A standard diffusers folder, fp16 weights, DPM-Solver++ scheduler; replaced atomically (temp folder + rename)."""
+    from diffusers import StableDiffusionPipeline
+
+    scheduler = tiny_components(cfg.seed, cfg.model)["scheduler"]
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        torch.nn.Module.to(module, dtype=torch.float16)
+    export_dir = Path(export_dir)
+    tmp = export_dir.with_name(export_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if export_dir.exists():
+        shutil.rmtree(export_dir)
+    tmp.rename(export_dir)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        torch.nn.Module.to(module, dtype=torch.float32)
+    return export_dir
+
+
+def _accelerator(cfg: BaseTrainConfig, stage: str):
+    """One Accelerator per stage: a checkpoint then holds exactly that stage's models and optimizer."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    out = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    if cfg.report_to != "none":
+        accelerator.init_trackers(f"synthfaces_base_{stage}", config={"config": str(cfg.to_dict())})
+    return accelerator
+
+
+def train(cfg: BaseTrainConfig, resume: bool = True, export_only: bool = False) -> Path:
+    """Both stages and the export; returns the exported folder. `export_only` exports the EMA weights of the
+    latest UNet checkpoint without training further (to evaluate a run in progress)."""
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)
+    images, scenes = render_cache(cfg.data, cfg.model.image_size)
+    accelerator = _accelerator(cfg, "vae")
+    vae = train_vae(cfg, accelerator, images, resume)
+    accelerator.end_training()
+    latents = encode_latents(vae, images, Path(cfg.output_dir) / "latents.safetensors")
+    scaling = vae.config.scaling_factor
+    logger.info("latent scaling factor %.4f", scaling)
+    accelerator = _accelerator(cfg, "unet")
+    unet, text_encoder, tokenizer = train_unet(cfg, accelerator, latents, scenes, scaling, resume, export_only)
+    path = Path(cfg.export_dir)
+    if accelerator.is_main_process:
+        export_pipeline(cfg, vae, unet, text_encoder, tokenizer, path)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return path
