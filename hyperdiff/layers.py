@@ -146,6 +146,21 @@ class LayerTable:
                 f"{self.fingerprint}: load it onto the base it was trained for"
             )
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "LayerTable":
+        """Inverse of `to_dict` (what a hypernet's config.json stores); no UNet needed."""
+        targets = TargetConfig(**data["targets"])
+        rows = []
+        for name, (n_in, n_out) in data["layers"].items():
+            proj = next((p for p in targets.projections if name.endswith("." + p)), None)
+            if proj is None:
+                raise HyperdiffError(f"layer '{name}' does not end with one of the projections {list(targets.projections)}")
+            rows.append(LayerRow(name, name[: -len(proj) - 1], proj, int(n_in), int(n_out)))
+        table = cls(tuple(rows), targets)
+        if "fingerprint" in data:
+            table.check_fingerprint(data["fingerprint"], "this layer table")
+        return table
+
     def to_dict(self) -> dict:
         return {
             "targets": self.targets.to_dict(),

@@ -6,7 +6,7 @@ Contract: everything here builds or loads Stable Diffusion parts with no downloa
 CLIP tokenizer) and `load_base` (embedded default, folder, .safetensors checkpoint or hub id).
 """
 
-from hyperdiff.models.base import EMBEDDED_BASE, load_base
+from hyperdiff.models.base import EMBEDDED_BASE, TINY_BASE, load_base
 from hyperdiff.models.configs import build_unet, unet_config
 from hyperdiff.models.tiny import TinyPipelineConfig, tiny_components, tiny_pipeline
 from hyperdiff.models.tokenizer import DEFAULT_WORDS, build_tokenizer
@@ -14,6 +14,7 @@ from hyperdiff.models.tokenizer import DEFAULT_WORDS, build_tokenizer
 __all__ = [
     "DEFAULT_WORDS",
     "EMBEDDED_BASE",
+    "TINY_BASE",
     "TinyPipelineConfig",
     "build_tokenizer",
     "build_unet",

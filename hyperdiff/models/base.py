@@ -3,6 +3,7 @@
 Contract: `load_base(source)` returns a `diffusers.StableDiffusionPipeline` with `safety_checker=None`, its progress bar
 off, on `device` (in `dtype` when given). `source` is one of:
   * None — the embedded SynthFaces base (`EMBEDDED_BASE`; until it ships, a `HyperdiffError` asks for a base);
+  * "hyperdiff:tiny" — `tiny_pipeline(seed=0)`, the random-init offline test base;
   * a local diffusers pipeline folder (has `model_index.json`), loaded with `local_files_only=True`;
   * a single-file checkpoint `*.safetensors` (`StableDiffusionPipeline.from_single_file`);
   * a Hugging Face hub id such as "runwayml/stable-diffusion-v1-5" (from the cache when offline).
@@ -26,6 +27,9 @@ from hyperdiff.errors import HyperdiffError
 # `load_base()` with no source loads this diffusers folder once it is shipped inside the package.
 EMBEDDED_BASE: Path = Path(__file__).resolve().parent.parent / "assets" / "synthfaces" / "base"
 # ---------------------------------------------------------------------------------------------------------------------
+
+# The built-in offline test base: `tiny_pipeline(seed=0)`, random-init (tests, CI and smoke runs of the scripts).
+TINY_BASE = "hyperdiff:tiny"
 
 PICKLE_SUFFIXES: frozenset[str] = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
 _FILE_SUFFIXES = PICKLE_SUFFIXES | {".safetensors"}
@@ -184,7 +188,13 @@ def load_base(
     _dtype_kwargs(dtype)  # validate before any I/O
     if local_files_only is None:
         local_files_only = _offline()
+    if source == TINY_BASE:
+        from hyperdiff.models.tiny import tiny_pipeline
+
+        return tiny_pipeline(seed=0, dtype=dtype or torch.float32, device=device)
     if source is None:
+        if dtype is None and torch.device(device).type == "cpu":
+            dtype = torch.float32  # shipped in fp16 to stay small; CPUs compute fp32 much faster
         if not EMBEDDED_BASE.is_dir():
             raise HyperdiffError(
                 "the embedded SynthFaces base is not shipped yet: pass a base (a diffusers folder, a .safetensors "

@@ -1,0 +1,250 @@
+"""Hypernet training (stage 2) and stage-1 LiDB targets, for any number of accelerate processes.
+
+Contract:
+- `HypernetTrainConfig` (YAML + CLI flags named like diffusers' training scripts) fixes a run.
+- Each step draws a *global* batch of `train_batch_size × num_processes` identities, reference/target pairs, noise
+  and timesteps from a generator seeded by `(seed, step)`; process r takes slice r. So N processes with batch B do
+  exactly what 1 process with batch N·B does (DDP averages equal-sized shards), and a resumed run continues the
+  same sequence.
+- Loss = `diffusion_weight` · diffusion loss of the target image under its own caption, with the predicted weights
+  injected through the per-sample processors, + `weight_weight` · MSE between predicted and stage-1 LiDB factors
+  when `targets_dir` holds a target for the identity.
+- `save_state` every `checkpointing_steps` into `output_dir/checkpoint-N` (newest `checkpoints_total_limit` kept);
+  `resume_from_checkpoint="latest"` continues; the final hypernet is `save_pretrained` into `output_dir` itself.
+- `precompute_targets` (stage 1): DreamBooth-LiDB per identity, many identities per batch, sharded across processes
+  (identity i goes to process i mod N), restartable (identities with a file are skipped), one native adapter file
+  per identity in `targets_dir/<key>.safetensors`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from hyperdiff.adapter import Adapter
+from hyperdiff.config import to_dict
+from hyperdiff.data.identities import FolderIdentities, SynthFacesIdentities
+from hyperdiff.errors import HyperdiffError
+from hyperdiff.finetune import FinetuneConfig, diffusion_loss, encode_images, finetune, make_prior
+from hyperdiff.hypernet import HyperNetConfig, HyperNetwork
+from hyperdiff.layers import LayerTable
+from hyperdiff.lidb import stable_seed
+from hyperdiff.processors import hyper_lora_processors
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataSourceConfig:
+    kind: str = "synthfaces"  # "synthfaces" | "folder"
+    path: str = ""  # folder kind
+    seed_start: int = 0  # synthfaces kind: identity seeds [seed_start, seed_stop) — training seeds only
+    seed_stop: int = 900_000
+    image_size: int = 64
+    token: str = "sks"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("synthfaces", "folder"):
+            raise HyperdiffError(f"`data.kind` must be 'synthfaces' or 'folder', got {self.kind!r}")
+        if self.kind == "folder" and not self.path:
+            raise HyperdiffError("`data.path` must name the dataset folder for kind 'folder'")
+
+    def build(self):
+        if self.kind == "folder":
+            return FolderIdentities(self.path, self.token, self.image_size)
+        return SynthFacesIdentities(range(self.seed_start, self.seed_stop), self.image_size, self.token)
+
+
+@dataclass
+class HypernetTrainConfig:
+    hypernet: HyperNetConfig = field(default_factory=HyperNetConfig)
+    data: DataSourceConfig = field(default_factory=DataSourceConfig)
+    base: str = ""  # "" = embedded SynthFaces base; a folder, .safetensors, hub id, or "hyperdiff:tiny"
+    output_dir: str = "runs/hypernet"
+    max_train_steps: int = 1000
+    train_batch_size: int = 8
+    learning_rate: float = 3e-4
+    warmup_steps: int = 100
+    diffusion_weight: float = 1.0
+    weight_weight: float = 0.02
+    targets_dir: str = ""  # stage-1 targets; "" = none
+    checkpointing_steps: int = 250
+    checkpoints_total_limit: int = 2
+    validation_steps: int = 0  # 0 = no validation images
+    seed: int = 0
+    report_to: str = "tensorboard"
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(kind="lidb", steps=200, learning_rate=1e-2, prior_weight=0.0))
+    precompute_identities: int = 64  # stage 1: how many identities (the first N keys)
+    precompute_batch: int = 16  # stage 1: identities fine-tuned together
+
+    def __post_init__(self) -> None:
+        for name in ("max_train_steps", "train_batch_size", "checkpointing_steps", "checkpoints_total_limit",
+                     "precompute_identities", "precompute_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise HyperdiffError(f"`{name}` must be a positive integer, got {value!r}")
+        if not self.learning_rate > 0:
+            raise HyperdiffError(f"`learning_rate` must be a positive number, got {self.learning_rate!r}")
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+def _latest(folder: Path) -> tuple[Path | None, int]:
+    found = [(int(m.group(1)), p) for p in folder.glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
+    return (max(found)[1], max(found)[0]) if found else (None, 0)
+
+
+def _load_base(spec: str):
+    from hyperdiff.models import load_base
+
+    pipe = load_base(spec or None)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _pixels(images) -> torch.Tensor:
+    return torch.stack([torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.height, im.width, 3) for im in images]).permute(0, 3, 1, 2).float() / 255
+
+
+def train_hypernet(cfg: HypernetTrainConfig, resume: bool = True) -> Path:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    out = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    if cfg.report_to != "none":
+        accelerator.init_trackers("hypernet", config={"config": str(cfg.to_dict())})
+    pipe = _load_base(cfg.base).to(accelerator.device)
+    table = LayerTable.from_unet(pipe.unet)
+    source = cfg.data.build()
+    targets = _targets(cfg, table)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(stable_seed("hypernet-init", cfg.seed))
+        info = {"base_model": cfg.base or "synthfaces", "name": out.name, "training": cfg.to_dict()}
+        model = HyperNetwork(cfg.hypernet, table, info)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    lr_sched = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=cfg.warmup_steps,
+                             num_training_steps=cfg.max_train_steps)
+    model, optimizer, lr_sched = accelerator.prepare(model, optimizer, lr_sched)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    start = 0
+    if resume:
+        path, start = _latest(out)
+        if path is not None:
+            accelerator.load_state(str(path))
+    hp = accelerator.unwrap_model(model)
+    world, rank, per = accelerator.num_processes, accelerator.process_index, cfg.train_batch_size
+    with hyper_lora_processors(pipe.unet, table):  # per-call deltas reach every attention module
+        _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_scheduler, source, targets, table, start)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        hp.save_pretrained(out)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out
+
+
+def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_scheduler, source, targets, table, start):
+    out = Path(cfg.output_dir)
+    world, rank, per = accelerator.num_processes, accelerator.process_index, cfg.train_batch_size
+    bar = tqdm(range(start, cfg.max_train_steps), desc="hypernet", disable=not accelerator.is_main_process, mininterval=5)
+    for step in bar:
+        gen = torch.Generator().manual_seed(stable_seed("hypernet-batch", cfg.seed, step))
+        keys = [source.keys[int(i)] for i in torch.randint(len(source.keys), (per * world,), generator=gen)]
+        pairs = [source.pair(k, gen) for k in keys]
+        noise_gen_seed = int(torch.randint(2**62, (), generator=gen))
+        mine = slice(rank * per, (rank + 1) * per)
+        refs = torch.cat([hp.encoder.preprocess([p[0]]) for p in pairs[mine]]).to(accelerator.device)
+        with torch.no_grad():
+            latents = encode_images(pipe, [p[1] for p in pairs[mine]])
+            ids = pipe.tokenizer([p[2] for p in pairs[mine]], padding="max_length", truncation=True,
+                                 max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+            text = pipe.text_encoder(ids.to(accelerator.device))[0]
+        a_train, b_train = model(refs)  # (B, L, a, r), (B, L, r, b)
+        noise_gen = torch.Generator().manual_seed(stable_seed(noise_gen_seed, rank))
+        loss = cfg.diffusion_weight * diffusion_loss(pipe, noise_scheduler, latents, text, [hp.hyper_lora(a_train, b_train)], noise_gen)
+        weight_loss = _weight_loss(keys[mine], a_train, b_train, targets, table)
+        if weight_loss is not None:
+            loss = loss + cfg.weight_weight * weight_loss
+        accelerator.backward(loss)
+        optimizer.step()
+        lr_sched.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 10 == 0:
+            accelerator.log({"train/loss": loss.item(), "train/lr": lr_sched.get_last_lr()[0]}, step=step)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % cfg.checkpointing_steps == 0 and step + 1 < cfg.max_train_steps:
+            accelerator.save_state(str(out / f"checkpoint-{step + 1}"))
+            if accelerator.is_main_process:
+                for p in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-cfg.checkpoints_total_limit]:
+                    shutil.rmtree(p, ignore_errors=True)
+
+
+def _targets(cfg: HypernetTrainConfig, table: LayerTable) -> dict[str, Adapter]:
+    if not cfg.targets_dir:
+        return {}
+    folder = Path(cfg.targets_dir)
+    if not folder.is_dir():
+        raise HyperdiffError(f"`targets_dir` '{folder}' does not exist")
+    targets = {p.stem: Adapter.load(p, table) for p in sorted(folder.glob("*.safetensors"))}
+    for ad in targets.values():
+        if ad.kind != "lidb" or ad.lidb != cfg.hypernet.lidb:
+            raise HyperdiffError(f"stage-1 targets in '{folder}' must be LiDB adapters with {cfg.hypernet.lidb}")
+    return targets
+
+
+def _weight_loss(keys, a_train, b_train, targets, table) -> torch.Tensor | None:
+    have = [i for i, k in enumerate(keys) if str(k) in targets]
+    if not have:
+        return None
+    losses = []
+    for i in have:
+        ad = targets[str(keys[i])]
+        ta = torch.stack([ad.factors[r.name][0] for r in table]).to(a_train)  # (L, a, r)
+        tb = torch.stack([ad.factors[r.name][1] for r in table]).to(b_train)  # (L, r, b)
+        losses.append(F.mse_loss(a_train[i], ta) + F.mse_loss(b_train[i], tb))
+    return torch.stack(losses).mean()
+
+
+def precompute_targets(cfg: HypernetTrainConfig) -> Path:
+    """Stage 1: one DreamBooth-LiDB adapter per identity, `precompute_batch` identities per fine-tune call."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if cfg.finetune.kind != "lidb" or cfg.finetune.lidb != cfg.hypernet.lidb:
+        raise HyperdiffError("`finetune` must train LiDB factors with the hypernet's `lidb` config for stage-1 targets")
+    folder = Path(cfg.targets_dir or Path(cfg.output_dir) / "targets")
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe = _load_base(cfg.base).to(state.device)
+    source = cfg.data.build()
+    keys = source.keys[: cfg.precompute_identities][state.process_index :: state.num_processes]
+    todo = [k for k in keys if not (folder / f"{k}.safetensors").exists()]
+    prior = make_prior(pipe, cfg.finetune) if cfg.finetune.prior_weight > 0 else None
+    for i in tqdm(range(0, len(todo), cfg.precompute_batch), desc=f"stage-1 targets (rank {state.process_index})"):
+        chunk = todo[i : i + cfg.precompute_batch]
+        refs, prompts = [], []
+        for key in chunk:
+            gen = torch.Generator().manual_seed(stable_seed("stage1", cfg.seed, key))
+            pairs = [source.pair(key, gen) for _ in range(3)]  # three images of the identity, with their captions
+            refs.append([target for _, target, _ in pairs])
+            prompts.append([text for _, _, text in pairs])
+        adapters = finetune(pipe, refs, cfg.finetune, prompts=prompts, prior=prior, progress=False)
+        for key, ad in zip(chunk, adapters):
+            ad.save(folder / f"{key}.safetensors")
+    state.wait_for_everyone()
+    return folder

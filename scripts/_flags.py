@@ -1,0 +1,39 @@
+"""Flags shared by the hypernet scripts: diffusers' training-script names, each overriding the --config file."""
+
+from __future__ import annotations
+
+import argparse
+
+OVERRIDES = {  # flag → dotted field of HypernetTrainConfig
+    "output_dir": "output_dir",
+    "base": "base",
+    "max_train_steps": "max_train_steps",
+    "train_batch_size": "train_batch_size",
+    "learning_rate": "learning_rate",
+    "checkpointing_steps": "checkpointing_steps",
+    "seed": "seed",
+    "report_to": "report_to",
+    "targets_dir": "targets_dir",
+    "identities": "precompute_identities",
+}
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", help="YAML file filling HypernetTrainConfig (every flag below overrides it)")
+    p.add_argument("--output_dir", help="checkpoints (checkpoint-N) and the final hypernet folder")
+    p.add_argument("--base", help="base model: folder, .safetensors, hub id, 'hyperdiff:tiny' (default: embedded)")
+    p.add_argument("--max_train_steps", type=int)
+    p.add_argument("--train_batch_size", type=int, help="identities per process per step")
+    p.add_argument("--learning_rate", type=float)
+    p.add_argument("--checkpointing_steps", type=int)
+    p.add_argument("--resume_from_checkpoint", choices=["latest", "none"], default="latest")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--report_to", choices=["tensorboard", "none"])
+    p.add_argument("--targets_dir", help="stage-1 LiDB targets (precompute_lidb.py output)")
+    p.add_argument("--identities", type=int, help="stage 1: number of identities to precompute")
+    return p
+
+
+def overrides(args: argparse.Namespace) -> dict:
+    return {field: getattr(args, flag) for flag, field in OVERRIDES.items()}
