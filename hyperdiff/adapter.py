@@ -314,6 +314,24 @@ class Adapter:
             raise HyperdiffError("`weights` must not all be zero")
         return kept[0] if len(kept) == 1 else Adapter.concat(kept)
 
+    @staticmethod
+    def stack(adapters: Sequence["Adapter"], table: LayerTable, strength: float = 1.0) -> HyperLoRA:
+        """Per-sample deltas, sample i = adapters[i]: down (B, r, in), up (B, out, r), ranks padded with zero
+        rows, each adapter's scale folded into its `up`; a layer an adapter lacks is zero for that sample."""
+        if not adapters:
+            raise HyperdiffError("`adapters` must hold at least one adapter, got none")
+        rank = max(ad.rank for ad in adapters)
+        layers = {}
+        for row in table:
+            downs, ups = [], []
+            for ad in adapters:
+                down, up = ad._lora.get(row.name, (torch.zeros(ad.rank, row.in_features), torch.zeros(row.out_features, ad.rank)))
+                pad = rank - down.shape[0]
+                downs.append(torch.nn.functional.pad(down.float(), (0, 0, 0, pad)))  # (rank, in)
+                ups.append(torch.nn.functional.pad(up.float() * ad.scale, (0, pad)))  # (out, rank)
+            layers[row.name] = LowRankDelta(torch.stack(downs), torch.stack(ups))
+        return HyperLoRA(layers, strength)
+
     # -- files --------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Native `.safetensors` (see DESIGN.md "Files"), written atomically."""

@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from hyperdiff.errors import HyperdiffError
 
@@ -47,6 +50,51 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
         print(f"{key:>17}: {value}")
 
 
+def _cmd_personalize(args: argparse.Namespace) -> None:
+    from hyperdiff.files import check_writable
+    from hyperdiff.pipeline import HyperDreamBoothPipeline, load_images
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise HyperdiffError(f"`--out` '{out}' must end with .safetensors")
+    check_writable(out, "`--out`")
+    images = load_images(args.image)  # fail on a bad image before loading any model
+    start = time.perf_counter()
+    hdb = HyperDreamBoothPipeline.from_pretrained(args.base, args.hypernet)
+    loaded = time.perf_counter()
+    bar = tqdm(total=args.finetune_steps, desc="fast fine-tune", disable=not args.finetune_steps, leave=False)
+    adapter = hdb.personalize(images, token=args.token, finetune_steps=args.finetune_steps, seed=args.seed,
+                              callback=lambda step, loss: bar.update(1))
+    bar.close()
+    done = time.perf_counter()
+    adapter.save(out)
+    print(f"personalized {len(images)} reference image(s) in {done - loaded:.2f} s (models loaded in {loaded - start:.1f} s): "
+          f"{adapter.kind} adapter, rank {adapter.rank}, {adapter.num_values:,} values -> {out}")
+    print(f'use it: hyperdiff generate --adapter {out} --prompt "a {args.token} face ..." --out DIR')
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from hyperdiff.adapter import Adapter
+    from hyperdiff.pipeline import HyperDreamBoothPipeline
+    from hyperdiff.sheet import save_png
+
+    adapter = Adapter.load(args.adapter)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise HyperdiffError(f"`--out` '{out}' is a file, expected a folder for the PNG images")
+    hdb = HyperDreamBoothPipeline.from_pretrained(args.base, load_hypernet=False)
+    adapter.check_table(hdb.table)
+    start = time.perf_counter()
+    images = hdb.generate(args.prompt, adapter, negative_prompt=args.negative_prompt, num_images=args.num_images,
+                          steps=args.steps, guidance=args.guidance, seed=args.seed, strength=args.strength)
+    seconds = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [save_png(im, out / f"{Path(args.adapter).stem}_seed{args.seed + i}.png") for i, im in enumerate(images)]
+    print(f"generated {len(paths)} image(s) in {seconds:.2f} s:")
+    for p in paths:
+        print(f"  {p}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from hyperdiff.demo import run_demo
 
@@ -60,6 +108,31 @@ def build_parser() -> argparse.ArgumentParser:
         "injection, and LoRA files that diffusers, A1111 and ComfyUI load.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("personalize", help="predict an adapter from reference image(s), optionally fast fine-tune it")
+    p.add_argument("--image", action="append", required=True, metavar="REF.png",
+                   help="reference image of the identity (repeat for several; their features are averaged)")
+    p.add_argument("--out", required=True, help="native adapter file to write (.safetensors, written atomically)")
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help="rank-relaxed fast fine-tune steps on top of the prediction (0 = zero-shot; paper: 40)")
+    p.add_argument("--token", default="sks", help="identifier word to use in prompts (default: %(default)s)")
+    p.add_argument("--base", help="base model: diffusers folder, .safetensors file or hub id (default: embedded SynthFaces)")
+    p.add_argument("--hypernet", help="hypernet folder made by save_pretrained (default: embedded SynthFaces)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fine-tune (default: %(default)s)")
+    p.set_defaults(func=_cmd_personalize)
+
+    p = sub.add_parser("generate", help="generate PNG images with an adapter")
+    p.add_argument("--adapter", required=True, help="native hyperdiff adapter (.safetensors)")
+    p.add_argument("--prompt", required=True, help='prompt naming the token, e.g. "a sks face, smiling, on a blue background"')
+    p.add_argument("--out", required=True, help="folder for the PNG files (created if missing)")
+    p.add_argument("--negative-prompt", default=None, help="what to steer away from (default: none)")
+    p.add_argument("--num-images", type=int, default=1, help="images to generate; image i uses seed S+i (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default: %(default)s)")
+    p.add_argument("--strength", type=float, default=1.0, help="multiplier of the adapter's weight delta (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image (default: %(default)s)")
+    p.add_argument("--base", help="base model the adapter was made for (default: embedded SynthFaces)")
+    p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("export", help="convert a native adapter into a LoRA file other tools load")
     p.add_argument("adapter", help="native hyperdiff adapter (.safetensors)")

@@ -1,0 +1,186 @@
+"""HyperDreamBoothPipeline: one photo in, a personalized adapter out in seconds, then images.
+
+Contract:
+- `from_pretrained(base=None, hypernet=None, device=None, dtype=None)`: with no arguments, the embedded SynthFaces
+  pair; otherwise any base `load_base` accepts and a hypernet folder made by `save_pretrained` for that base (the
+  layer fingerprints must match). Device: cuda, then mps, then cpu; dtype: fp16 on cuda/mps, fp32 on cpu; both
+  overridable.
+- `personalize(images, token, finetune_steps, seed)` → Adapter: the hypernet's zero-shot LiDB prediction, then, with
+  `finetune_steps > 0`, the rank-relaxed fast fine-tune (a rank-r' LoRA trained on top, returned as the exact
+  concatenation).
+- `generate(prompt, adapter, ...)` → list of PIL images. One adapter is fused for the call (zero overhead) and unfused
+  after, also on an error; a list of adapters (one per image) runs as one batch through the per-sample processors.
+  Image i uses the generator seeded `seed + i`, so any image can be reproduced alone.
+- `sample_adapters(image, n, prompt)` → (images of n sampled adapters, per-pixel spread map of the image's size).
+- `mix(adapters, weights)` → `Adapter.mix`.
+The pipeline holds no state between calls besides the loaded models: adapters are passed explicitly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hyperdiff.adapter import Adapter
+from hyperdiff.errors import HyperdiffError
+from hyperdiff.finetune import FinetuneConfig, finetune
+from hyperdiff.hypernet import HyperNetwork
+from hyperdiff.layers import LayerTable
+from hyperdiff.processors import hyper_lora_processors
+
+EMBEDDED_HYPERNET = Path(__file__).resolve().parent / "assets" / "synthfaces" / "hypernet"
+MAX_IMAGES, MAX_STEPS = 64, 500
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _check_int(name: str, value, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise HyperdiffError(f"`{name}` must be an integer in [{lo}, {hi}], got {value!r}")
+
+
+def load_images(images: Sequence[Image.Image | str | Path] | Image.Image | str | Path) -> list[Image.Image]:
+    """PIL images or paths → RGB PIL images; an absent or unreadable file is a one-line error naming it."""
+    if isinstance(images, (Image.Image, str, Path)):
+        images = [images]
+    out = []
+    for item in images:
+        if isinstance(item, Image.Image):
+            out.append(item.convert("RGB"))
+            continue
+        path = Path(item)
+        if not path.is_file():
+            raise HyperdiffError(f"image '{path}' does not exist")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                out.append(im.convert("RGB"))
+        except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+            raise HyperdiffError(f"image '{path}' cannot be read as an image ({str(e).splitlines()[0]})") from None
+    if not out:
+        raise HyperdiffError("`images` must hold at least one reference image")
+    return out
+
+
+class HyperDreamBoothPipeline:
+    def __init__(self, pipe, hypernet: HyperNetwork | None, base_name: str = "", hypernet_name: str = ""):
+        """`hypernet=None` makes a generation-only pipeline (adapters from files)."""
+        self.pipe, self.hypernet = pipe, hypernet
+        self.table = LayerTable.from_unet(pipe.unet)
+        if hypernet is not None:
+            self.table.check_fingerprint(hypernet.fingerprint, "the hypernet")
+        self.base_name, self.hypernet_name = base_name, hypernet_name
+        pipe.set_progress_bar_config(disable=True)
+
+    @classmethod
+    def from_pretrained(
+        cls, base: str | None = None, hypernet: str | Path | None = None, device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None, load_hypernet: bool = True,
+    ) -> "HyperDreamBoothPipeline":
+        from hyperdiff.models import load_base
+
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
+        pipe = load_base(base, dtype=dtype, device=device)
+        if not load_hypernet:
+            return cls(pipe, None, base_name=base or "synthfaces (embedded)")
+        path = Path(hypernet) if hypernet is not None else EMBEDDED_HYPERNET
+        if hypernet is None and not path.is_dir():
+            raise HyperdiffError("the embedded SynthFaces hypernet is not shipped yet: pass --hypernet PATH")
+        hp = HyperNetwork.from_pretrained(path, LayerTable.from_unet(pipe.unet)).to(device)
+        return cls(pipe, hp, base_name=base or "synthfaces (embedded)", hypernet_name=str(hypernet or "synthfaces (embedded)"))
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    def describe(self) -> dict:
+        """What is loaded: names, fingerprint, device and dtype."""
+        return {"base": self.base_name, "hypernet": self.hypernet_name or "-", "fingerprint": self.table.fingerprint,
+                "layers": len(self.table), "device": str(self.device), "dtype": str(self.pipe.unet.dtype).replace("torch.", "")}
+
+    # -- personalization -----------------------------------------------------------------------------------------
+    def personalize(
+        self, images, token: str = "sks", finetune_steps: int = 0, seed: int = 0,
+        finetune_config: FinetuneConfig | None = None, callback: Callable[[int, float], None] | None = None,
+    ) -> Adapter:
+        if self.hypernet is None:
+            raise HyperdiffError("this pipeline was loaded without a hypernet: pass one to personalize")
+        refs = load_images(images)
+        _check_int("finetune_steps", finetune_steps, 0, 10_000)
+        if not token or not token.isalnum():
+            raise HyperdiffError(f"`token` must be one word of letters or digits, like 'sks', got {token!r}")
+        with torch.random.fork_rng(devices=[]):
+            adapter = self.hypernet.predict(refs, token=token)
+        if finetune_steps:
+            cfg = finetune_config or FinetuneConfig(kind="lora", rank=4, learning_rate=1e-3, prior_weight=1.0, prior_images=4)
+            cfg = FinetuneConfig(**{**cfg.__dict__, "steps": finetune_steps, "token": token, "seed": seed})
+            adapter = finetune(self.pipe, [refs], cfg, start=[adapter], progress=False, callback=callback)[0]
+        from dataclasses import replace
+
+        adapter.info = replace(adapter.info, base_model=self.base_name, token=token,
+                               source=f"hypernet {self.hypernet_name}; finetune_steps={finetune_steps}")
+        return adapter
+
+    def mix(self, adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
+        return Adapter.mix(adapters, weights)
+
+    # -- generation ----------------------------------------------------------------------------------------------
+    def generate(
+        self, prompt: str, adapter: Adapter | Sequence[Adapter] | None = None, negative_prompt: str | None = None,
+        num_images: int = 1, steps: int = 25, guidance: float = 4.0, seed: int = 0, strength: float = 1.0,
+    ) -> list[Image.Image]:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise HyperdiffError("`prompt` must be a non-empty string")
+        _check_int("num_images", num_images, 1, MAX_IMAGES)
+        _check_int("steps", steps, 1, MAX_STEPS)
+        if not isinstance(guidance, (int, float)) or not 0 <= guidance <= 50:
+            raise HyperdiffError(f"`guidance` must be a number in [0, 50], got {guidance!r}")
+        if isinstance(adapter, Sequence) and not isinstance(adapter, Adapter):
+            adapters = list(adapter)
+            if len(adapters) != num_images:
+                num_images = len(adapters)
+        else:
+            adapters = None
+        gens = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
+        kwargs = dict(prompt=[prompt] * num_images, negative_prompt=[negative_prompt] * num_images if negative_prompt else None,
+                      num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pil")
+        if adapters is not None:  # one adapter per image: per-sample deltas, laid out like the CFG batch
+            for ad in adapters:
+                ad.check_table(self.table)
+            deltas = Adapter.stack(adapters, self.table, strength).repeat_for(1, guidance=guidance > 1)
+            with hyper_lora_processors(self.pipe.unet, self.table):
+                return self.pipe(**kwargs, cross_attention_kwargs={"hyper_lora": deltas}).images
+        if adapter is None:
+            return self.pipe(**kwargs).images
+        adapter.fuse(self.pipe.unet, strength=strength)
+        try:
+            return self.pipe(**kwargs).images
+        finally:
+            adapter.unfuse(self.pipe.unet)
+
+    def sample_adapters(
+        self, image, n: int = 4, prompt: str = "a sks face", seed: int = 0, steps: int = 25, guidance: float = 4.0,
+    ) -> tuple[list[Image.Image], Image.Image]:
+        """Images of n adapters sampled for one reference, and their per-pixel spread (std over the n images,
+        mean over colour channels, scaled to 0..255) as a grayscale image of the same size."""
+        _check_int("n", n, 2, MAX_IMAGES)
+        adapters = self.hypernet.sample(load_images(image), n, seed=seed)
+        images = []
+        for ad in adapters:  # the same noise for every adapter, so the spread is the adapters' alone
+            images += self.generate(prompt, ad, num_images=1, steps=steps, guidance=guidance, seed=seed)
+        stack = np.stack([np.asarray(im, dtype=np.float32) for im in images])  # (n, H, W, 3)
+        spread = stack.std(axis=0).mean(axis=-1)  # (H, W)
+        scaled = (spread / max(float(spread.max()), 1e-6) * 255).round().astype(np.uint8)
+        return images, Image.fromarray(scaled, mode="L")
+
