@@ -138,25 +138,15 @@ def _deltas(table: LayerTable, factors, config: FinetuneConfig, scale: float) ->
     return out
 
 
-def _stack(adapters: Sequence[Adapter], table: LayerTable) -> HyperLoRA:
-    """Fixed per-sample deltas of several adapters (ranks padded with zeros), scales folded into `up`."""
-    rank = max(ad.rank for ad in adapters)
-    layers = {}
-    for row in table:
-        downs, ups = [], []
-        for ad in adapters:
-            d, u = ad.lora_factors().get(row.name, (torch.zeros(ad.rank, row.in_features), torch.zeros(row.out_features, ad.rank)))
-            pad = rank - d.shape[0]
-            downs.append(F.pad(d.float(), (0, 0, 0, pad)))
-            ups.append(F.pad(u.float() * ad.scale, (0, pad)))
-        layers[row.name] = LowRankDelta(torch.stack(downs), torch.stack(ups))
-    return HyperLoRA(layers)
-
-
-def diffusion_loss(pipe, noise_scheduler, latents, text, hyper_loras, gen: torch.Generator, reduce: bool = True):
-    """Per-sample MSE of the UNet's prediction with the given per-call deltas: latents (N, C, h, w), text (N, T, d)."""
-    noise = torch.randn(latents.shape, generator=gen).to(latents)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(latents.device)
+def diffusion_loss(pipe, noise_scheduler, latents, text, hyper_loras, gen: torch.Generator | None = None,
+                   reduce: bool = True, noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None):
+    """Per-sample MSE of the UNet's prediction with the given per-call deltas: latents (N, C, h, w), text (N, T, d).
+    Noise and timesteps are drawn from `gen` (noise first) unless given."""
+    if noise is None:
+        noise = torch.randn(latents.shape, generator=gen).to(latents)
+    t = timesteps
+    if t is None:
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, t)
     pred = pipe.unet(noisy, t, text, cross_attention_kwargs={"hyper_lora": hyper_loras}).sample
     target = noise if noise_scheduler.config.prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
@@ -200,7 +190,7 @@ def finetune(
     alpha = float(config.alpha if config.alpha is not None else rank)
     params = [t for pair in factors.values() for t in pair]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    fixed = _stack(start, table) if start is not None else None
+    fixed = Adapter.stack(start, table) if start is not None else None
     unet_grad = [p.requires_grad for p in pipe.unet.parameters()]
     pipe.unet.requires_grad_(False)
     try:
@@ -219,7 +209,7 @@ def finetune(
                 loss.backward()
                 optimizer.step()
                 if callback is not None:
-                    callback(step, float(loss))
+                    callback(step, loss.item())
     finally:
         for p, g in zip(pipe.unet.parameters(), unet_grad):
             p.requires_grad_(g)

@@ -15,6 +15,8 @@ OVERRIDES = {  # flag → dotted field of HypernetTrainConfig
     "report_to": "report_to",
     "targets_dir": "targets_dir",
     "identities": "precompute_identities",
+    "cpu": "cpu",
+    "validation_steps": "validation_steps",
 }
 
 
@@ -32,6 +34,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--report_to", choices=["tensorboard", "none"])
     p.add_argument("--targets_dir", help="stage-1 LiDB targets (precompute_lidb.py output)")
     p.add_argument("--identities", type=int, help="stage 1: number of identities to precompute")
+    p.add_argument("--validation_steps", type=int, help="write validation images every N steps (0 = never)")
+    p.add_argument("--cpu", action="store_true", default=None,
+                   help="train on CPU processes (automatic without CUDA when accelerate launches several)")
     return p
 
 

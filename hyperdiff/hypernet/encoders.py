@@ -135,9 +135,9 @@ class ClipImageEncoder(nn.Module):
     def preprocess(self, images) -> torch.Tensor:
         x = _to_tensor(images)
         h, w = x.shape[-2:]
-        scale = self.resize / min(h, w)
-        x = F.interpolate(x, size=(max(self.resize, round(h * scale)), max(self.resize, round(w * scale))),
-                          mode="bicubic", antialias=True, align_corners=False)
+        # short side → `resize`, long side truncated as transformers' `get_resize_output_image_size` does
+        size = (self.resize, int(self.resize * w / h)) if h <= w else (int(self.resize * h / w), self.resize)
+        x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
         top, left = (x.shape[-2] - self.crop) // 2, (x.shape[-1] - self.crop) // 2
         x = x[..., top : top + self.crop, left : left + self.crop].clamp(0, 1)
         return (x - self.mean) / self.std  # (B, 3, crop, crop)

@@ -240,19 +240,30 @@ class HyperNetwork(nn.Module):
             payload = json.loads((path / CONFIG_NAME).read_text())
         except json.JSONDecodeError as e:
             raise HyperdiffError(f"hypernet '{path}/{CONFIG_NAME}' is not valid JSON ({e.msg})") from None
-        if payload.get("format") != "hyperdiff.hypernet/1":
-            raise HyperdiffError(f"hypernet '{path}' has format {payload.get('format')!r}, expected 'hyperdiff.hypernet/1'")
-        config = from_dict(HyperNetConfig, payload["config"], "hypernet config")
-        saved = LayerTable.from_dict(payload["layer_table"])
-        saved.check_fingerprint(payload["base_fingerprint"], f"hypernet '{path}'")
+        if not isinstance(payload, dict) or payload.get("format") != "hyperdiff.hypernet/1":
+            found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+            raise HyperdiffError(f"hypernet '{path}' has format {found!r}, expected 'hyperdiff.hypernet/1'")
+        try:
+            config = from_dict(HyperNetConfig, payload["config"], "hypernet config")
+            saved = LayerTable.from_dict(payload["layer_table"])
+            fingerprint = str(payload["base_fingerprint"])
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            if isinstance(e, HyperdiffError):
+                raise HyperdiffError(f"hypernet '{path}/{CONFIG_NAME}': {e}") from None
+            raise HyperdiffError(f"hypernet '{path}/{CONFIG_NAME}' is incomplete or malformed ({type(e).__name__}: {e})") from None
+        saved.check_fingerprint(fingerprint, f"hypernet '{path}'")
         if table is not None:
-            table.check_fingerprint(payload["base_fingerprint"], f"hypernet '{path}'")
+            table.check_fingerprint(fingerprint, f"hypernet '{path}'")
         table = table or saved
         model = cls(config, table, payload.get("info"))
         tensors, _ = read_safetensors(path / WEIGHTS_NAME, "hypernet weights")
         state = model.state_dict()
         missing, extra = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
-        if missing or extra:
-            raise HyperdiffError(f"hypernet '{path}' weights do not match its config (missing {missing[:1]}, unexpected {extra[:1]})")
+        wrong = sorted(k for k in set(state) & set(tensors) if tensors[k].shape != state[k].shape)
+        if missing or extra or wrong:
+            raise HyperdiffError(
+                f"hypernet '{path}' weights do not match its config (missing {missing[:1]}, unexpected {extra[:1]}, "
+                f"wrong shape {wrong[:1]})"
+            )
         model.load_state_dict({k: v.to(state[k].dtype) for k, v in tensors.items()})
         return model.eval()

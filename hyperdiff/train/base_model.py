@@ -11,8 +11,9 @@ Contract:
   `scaling_factor` is set to 1 / std of the latents.
 - Stage 2 `train_unet`: epsilon prediction with the SD noise schedule, min-SNR-γ loss weights, AdamW with warm-up and
   cosine decay, EMA weights (what is exported).
-- Both stages checkpoint with `accelerator.save_state` every `checkpointing_steps` into `output_dir/<stage>/checkpoint-N`
-  and resume from the latest one; a finished stage is skipped. Batches are drawn from a generator seeded by
+- Both stages checkpoint (`hyperdiff.train.checkpoints`; the EMA weights as safetensors beside accelerate's state)
+  every `checkpointing_steps` into `output_dir/<stage>/checkpoint-N` and resume from the latest one; a finished
+  stage is skipped. Batches are drawn from a generator seeded by
   `(seed, step)`, so a resumed run sees the batches an uninterrupted run would.
 - `export_pipeline` writes a standard diffusers folder (fp16 weights, DPM-Solver++ scheduler) that
   `StableDiffusionPipeline.from_pretrained(path, local_files_only=True)` loads.
@@ -21,7 +22,6 @@ Contract:
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +36,7 @@ from hyperdiff.data import synthfaces
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.files import write_safetensors
 from hyperdiff.models.tiny import SD_SCHEDULE, TinyPipelineConfig, tiny_components
+from hyperdiff.train import checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -193,20 +194,25 @@ def _batch_generator(seed: int, stage: str, step: int) -> torch.Generator:
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------------
-def latest_checkpoint(folder: Path) -> tuple[Path | None, int]:
-    found = [(int(m.group(1)), p) for p in folder.glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
-    if not found:
-        return None, 0
-    step, path = max(found)
-    return path, step
+def _ema_saver(ema, names: list[str]):
+    """Write the EMA weights into a checkpoint as safetensors (accelerate would pickle a custom object)."""
+
+    def save(path: Path) -> None:
+        meta = {"optimization_step": str(ema.optimization_step)}
+        write_safetensors(path / "ema.safetensors", dict(zip(names, ema.shadow_params)), meta, "EMA state")
+
+    return save
 
 
-def _save_checkpoint(accelerator, folder: Path, step: int, keep: int) -> None:
-    accelerator.save_state(str(folder / f"checkpoint-{step}"))
-    if accelerator.is_main_process:
-        old = sorted((int(p.name.split("-")[1]), p) for p in folder.glob("checkpoint-*"))
-        for _, p in old[:-keep]:
-            shutil.rmtree(p, ignore_errors=True)
+def _load_ema(ema, names: list[str], path: Path) -> None:
+    from safetensors import safe_open
+
+    tensors = load_file(str(path / "ema.safetensors"))
+    with safe_open(str(path / "ema.safetensors"), "pt") as f:
+        ema.optimization_step = int(f.metadata()["optimization_step"])
+    with torch.no_grad():
+        for name, shadow in zip(names, ema.shadow_params):
+            shadow.copy_(tensors[name])
 
 
 def _cosine(optimizer, warmup: int, total: int):
@@ -229,7 +235,7 @@ def train_vae(cfg: BaseTrainConfig, accelerator, images: torch.Tensor, resume: b
     vae, opt, sched = accelerator.prepare(vae, opt, sched)
     start = 0
     if resume:
-        path, start = latest_checkpoint(stage_dir)
+        path, start = checkpoints.latest(stage_dir)
         if path is not None:
             accelerator.load_state(str(path))
     bar = tqdm(range(start, cfg.vae.steps), desc="vae", disable=not accelerator.is_main_process, mininterval=5)
@@ -252,7 +258,7 @@ def train_vae(cfg: BaseTrainConfig, accelerator, images: torch.Tensor, resume: b
             accelerator.log({"vae/mse": mse.item(), "vae/lr": sched.get_last_lr()[0]}, step=step)
             bar.set_postfix(mse=f"{mse.item():.4f}")
         if (step + 1) % cfg.checkpointing_steps == 0 and step + 1 < cfg.vae.steps:
-            _save_checkpoint(accelerator, stage_dir, step + 1, cfg.checkpoints_total_limit)
+            checkpoints.save(accelerator, stage_dir, step + 1, cfg.checkpoints_total_limit)
     vae = accelerator.unwrap_model(vae)
     if accelerator.is_main_process:
         vae.save_pretrained(final)
@@ -289,17 +295,18 @@ def train_unet(
     unet, text_encoder, tokenizer = parts["unet"], parts["text_encoder"], parts["tokenizer"]
     noise_scheduler = DDPMScheduler(**SD_SCHEDULE, prediction_type=cfg.model.prediction_type)
     params = list(unet.parameters()) + list(text_encoder.parameters())
+    names = [f"unet.{n}" for n, _ in unet.named_parameters()] + [f"text_encoder.{n}" for n, _ in text_encoder.named_parameters()]
     ema = EMAModel(params, decay=cfg.unet.ema_decay)
     opt = torch.optim.AdamW(params, lr=cfg.unet.learning_rate, weight_decay=cfg.unet.weight_decay)
     sched = _cosine(opt, cfg.unet.warmup_steps, cfg.unet.steps)
     unet, text_encoder, opt, sched = accelerator.prepare(unet, text_encoder, opt, sched)
-    accelerator.register_for_checkpointing(ema)
     stage_dir = Path(cfg.output_dir) / "unet"
     start = 0
     if resume:
-        path, start = latest_checkpoint(stage_dir)
+        path, start = checkpoints.latest(stage_dir)
         if path is not None:
             accelerator.load_state(str(path))
+            _load_ema(ema, names, path)
     device = accelerator.device
     bar = tqdm(range(start, start if export_only else cfg.unet.steps), desc="unet", disable=not accelerator.is_main_process, mininterval=5)
     for step in bar:
@@ -329,7 +336,7 @@ def train_unet(
             accelerator.log({"unet/loss": loss.item(), "unet/lr": sched.get_last_lr()[0]}, step=step)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.checkpointing_steps == 0 and step + 1 < cfg.unet.steps:
-            _save_checkpoint(accelerator, stage_dir, step + 1, cfg.checkpoints_total_limit)
+            checkpoints.save(accelerator, stage_dir, step + 1, cfg.checkpoints_total_limit, _ema_saver(ema, names))
     unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
     ema.copy_to(list(unet.parameters()) + list(text_encoder.parameters()))
     return unet, text_encoder, tokenizer

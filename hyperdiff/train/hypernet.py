@@ -4,12 +4,17 @@ Contract:
 - `HypernetTrainConfig` (YAML + CLI flags named like diffusers' training scripts) fixes a run.
 - Each step draws a *global* batch of `train_batch_size × num_processes` identities, reference/target pairs, noise
   and timesteps from a generator seeded by `(seed, step)`; process r takes slice r. So N processes with batch B do
-  exactly what 1 process with batch N·B does (DDP averages equal-sized shards), and a resumed run continues the
-  same sequence.
+  what 1 process with batch N·B does (DDP averages equal-sized shards; every loss term is a mean over the local
+  batch; the LR schedule, which accelerate steps once per process, is laid out over `steps × N`), up to float
+  rounding, and a resumed run continues the same sequence.
+- On a machine without CUDA, several processes (`accelerate launch --multi_gpu --num_processes N`) only form one
+  gloo process group when accelerate is told `cpu=True` (otherwise every process runs alone as rank 0 of 1): that
+  happens automatically when the launcher says WORLD_SIZE > 1, or always with `cpu: true`.
 - Loss = `diffusion_weight` · diffusion loss of the target image under its own caption, with the predicted weights
   injected through the per-sample processors, + `weight_weight` · MSE between predicted and stage-1 LiDB factors
   when `targets_dir` holds a target for the identity.
-- `save_state` every `checkpointing_steps` into `output_dir/checkpoint-N` (newest `checkpoints_total_limit` kept);
+- `save_state` every `checkpointing_steps` into `output_dir/checkpoint-N` (newest `checkpoints_total_limit` kept),
+  written as `checkpoint-N.tmp` and renamed once complete, so a run killed mid-save never leaves a half checkpoint;
   `resume_from_checkpoint="latest"` continues; the final hypernet is `save_pretrained` into `output_dir` itself.
 - `precompute_targets` (stage 1): DreamBooth-LiDB per identity, many identities per batch, sharded across processes
   (identity i goes to process i mod N), restartable (identities with a file are skipped), one native adapter file
@@ -19,8 +24,7 @@ Contract:
 from __future__ import annotations
 
 import logging
-import re
-import shutil
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +41,7 @@ from hyperdiff.hypernet import HyperNetConfig, HyperNetwork
 from hyperdiff.layers import LayerTable
 from hyperdiff.lidb import stable_seed
 from hyperdiff.processors import hyper_lora_processors
+from hyperdiff.train import checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +88,7 @@ class HypernetTrainConfig:
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(kind="lidb", steps=200, learning_rate=1e-2, prior_weight=0.0))
     precompute_identities: int = 64  # stage 1: how many identities (the first N keys)
     precompute_batch: int = 16  # stage 1: identities fine-tuned together
+    cpu: bool = False  # force CPU processes (automatic without CUDA when several processes are launched)
 
     def __post_init__(self) -> None:
         for name in ("max_train_steps", "train_batch_size", "checkpointing_steps", "checkpoints_total_limit",
@@ -97,9 +103,9 @@ class HypernetTrainConfig:
         return to_dict(self)
 
 
-def _latest(folder: Path) -> tuple[Path | None, int]:
-    found = [(int(m.group(1)), p) for p in folder.glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
-    return (max(found)[1], max(found)[0]) if found else (None, 0)
+def _use_cpu(cfg: HypernetTrainConfig) -> bool:
+    """accelerate builds a CPU (gloo) process group only with cpu=True; without CUDA, launched processes need it."""
+    return cfg.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
 
 
 def _load_base(spec: str):
@@ -124,6 +130,7 @@ def train_hypernet(cfg: HypernetTrainConfig, resume: bool = True) -> Path:
 
     out = Path(cfg.output_dir)
     accelerator = Accelerator(
+        cpu=_use_cpu(cfg),
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
@@ -135,20 +142,22 @@ def train_hypernet(cfg: HypernetTrainConfig, resume: bool = True) -> Path:
     targets = _targets(cfg, table)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(stable_seed("hypernet-init", cfg.seed))
-        info = {"base_model": cfg.base or "synthfaces", "name": out.name, "training": cfg.to_dict()}
+        info = {"base_model": cfg.base or "synthfaces", "name": out.name, "training": cfg.to_dict(),
+                "num_processes": accelerator.num_processes}
         model = HyperNetwork(cfg.hypernet, table, info)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
-    lr_sched = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=cfg.warmup_steps,
-                             num_training_steps=cfg.max_train_steps)
+    # accelerate steps a prepared scheduler once per process at every optimizer step: lay it out over steps × N
+    world = accelerator.num_processes
+    lr_sched = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=cfg.warmup_steps * world,
+                             num_training_steps=cfg.max_train_steps * world)
     model, optimizer, lr_sched = accelerator.prepare(model, optimizer, lr_sched)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     start = 0
     if resume:
-        path, start = _latest(out)
+        path, start = checkpoints.latest(out)
         if path is not None:
             accelerator.load_state(str(path))
     hp = accelerator.unwrap_model(model)
-    world, rank, per = accelerator.num_processes, accelerator.process_index, cfg.train_batch_size
     with hyper_lora_processors(pipe.unet, table):  # per-call deltas reach every attention module
         _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_scheduler, source, targets, table, start)
     accelerator.wait_for_everyone()
@@ -167,7 +176,6 @@ def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_sc
         gen = torch.Generator().manual_seed(stable_seed("hypernet-batch", cfg.seed, step))
         keys = [source.keys[int(i)] for i in torch.randint(len(source.keys), (per * world,), generator=gen)]
         pairs = [source.pair(k, gen) for k in keys]
-        noise_gen_seed = int(torch.randint(2**62, (), generator=gen))
         mine = slice(rank * per, (rank + 1) * per)
         refs = torch.cat([hp.encoder.preprocess([p[0]]) for p in pairs[mine]]).to(accelerator.device)
         with torch.no_grad():
@@ -175,9 +183,12 @@ def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_sc
             ids = pipe.tokenizer([p[2] for p in pairs[mine]], padding="max_length", truncation=True,
                                  max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
             text = pipe.text_encoder(ids.to(accelerator.device))[0]
+        # noise and timesteps of the whole global batch, so each sample's draw does not depend on the process count
+        noise = torch.randn((per * world, *latents.shape[1:]), generator=gen)[mine].to(latents)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (per * world,), generator=gen)[mine]
         a_train, b_train = model(refs)  # (B, L, a, r), (B, L, r, b)
-        noise_gen = torch.Generator().manual_seed(stable_seed(noise_gen_seed, rank))
-        loss = cfg.diffusion_weight * diffusion_loss(pipe, noise_scheduler, latents, text, [hp.hyper_lora(a_train, b_train)], noise_gen)
+        loss = cfg.diffusion_weight * diffusion_loss(pipe, noise_scheduler, latents, text, [hp.hyper_lora(a_train, b_train)],
+                                                     noise=noise, timesteps=t.to(latents.device))
         weight_loss = _weight_loss(keys[mine], a_train, b_train, targets, table)
         if weight_loss is not None:
             loss = loss + cfg.weight_weight * weight_loss
@@ -189,10 +200,37 @@ def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_sc
             accelerator.log({"train/loss": loss.item(), "train/lr": lr_sched.get_last_lr()[0]}, step=step)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.checkpointing_steps == 0 and step + 1 < cfg.max_train_steps:
-            accelerator.save_state(str(out / f"checkpoint-{step + 1}"))
-            if accelerator.is_main_process:
-                for p in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-cfg.checkpoints_total_limit]:
-                    shutil.rmtree(p, ignore_errors=True)
+            checkpoints.save(accelerator, out, step + 1, cfg.checkpoints_total_limit)
+        if cfg.validation_steps and (step + 1) % cfg.validation_steps == 0 and accelerator.is_main_process:
+            validate(cfg, pipe, hp, source, table, step + 1)
+
+
+VALIDATION_PROMPT = "a {token} face, smiling, wearing a hat, on a purple background"
+
+
+@torch.no_grad()
+def validate(cfg: HypernetTrainConfig, pipe, hp, source, table, step: int, n: int = 4) -> Path:
+    """Predict adapters for `n` fixed identities and generate one image each in a scene their references lack;
+    writes `output_dir/validation/step-<step>.png` (reference | generated per row). Called on the main process with
+    the per-sample processors installed."""
+    from hyperdiff.sheet import contact_sheet, save_png
+
+    was = hp.training
+    hp.eval()
+    try:
+        gen = torch.Generator().manual_seed(stable_seed("validation", cfg.seed))
+        keys = source.keys[-n:]  # the same identities every time
+        refs = [source.pair(k, gen)[0] for k in keys]
+        adapters = [hp.predict([ref], token=cfg.data.token) for ref in refs]
+        deltas = Adapter.stack(adapters, table).repeat_for(1, guidance=True)
+        prompt = VALIDATION_PROMPT.format(token=cfg.data.token)
+        images = pipe([prompt] * n, num_inference_steps=20, guidance_scale=4.0, output_type="pil",
+                      generator=[torch.Generator().manual_seed(i) for i in range(n)],
+                      cross_attention_kwargs={"hyper_lora": deltas}).images
+    finally:
+        hp.train(was)
+    return save_png(contact_sheet([[r, im] for r, im in zip(refs, images)], ["reference", prompt[:18] + "…"]),
+                    Path(cfg.output_dir) / "validation" / f"step-{step}.png")
 
 
 def _targets(cfg: HypernetTrainConfig, table: LayerTable) -> dict[str, Adapter]:
@@ -218,14 +256,16 @@ def _weight_loss(keys, a_train, b_train, targets, table) -> torch.Tensor | None:
         ta = torch.stack([ad.factors[r.name][0] for r in table]).to(a_train)  # (L, a, r)
         tb = torch.stack([ad.factors[r.name][1] for r in table]).to(b_train)  # (L, r, b)
         losses.append(F.mse_loss(a_train[i], ta) + F.mse_loss(b_train[i], tb))
-    return torch.stack(losses).mean()
+    # a mean over the whole local batch (identities without a target count 0), like the diffusion term: equal shards
+    # averaged by DDP then give the global batch's mean whatever the number of processes
+    return torch.stack(losses).sum() / len(keys)
 
 
 def precompute_targets(cfg: HypernetTrainConfig) -> Path:
     """Stage 1: one DreamBooth-LiDB adapter per identity, `precompute_batch` identities per fine-tune call."""
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=_use_cpu(cfg))
     if cfg.finetune.kind != "lidb" or cfg.finetune.lidb != cfg.hypernet.lidb:
         raise HyperdiffError("`finetune` must train LiDB factors with the hypernet's `lidb` config for stage-1 targets")
     folder = Path(cfg.targets_dir or Path(cfg.output_dir) / "targets")

@@ -1,0 +1,412 @@
+"""Training scripts on the tiny config: 2 gloo CPU processes vs 1 process, kill + resume, restartable stage-1 targets and
+their use in training, identity datasets and the YAML configs.
+
+The 2-process run uses `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU: `train_hypernet` asks accelerate
+for cpu=True when WORLD_SIZE > 1 and there is no CUDA; `--cpu --num_processes 2` would silently run one process).
+A driver wraps the script's training loop so each rank writes its own final weights as `rank<r>-of-<n>.safetensors`:
+that proves both ranks ran in one process group and lets the test compare them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from hyperdiff import Adapter, HyperdiffError, LayerTable
+from hyperdiff.config import load_config
+from hyperdiff.data import synthfaces as sf
+from hyperdiff.data.identities import FolderIdentities, SynthFacesIdentities
+from hyperdiff.hypernet import HyperNetwork
+from hyperdiff.train import checkpoints
+from hyperdiff.train import hypernet as trainer
+from hyperdiff.train.hypernet import HypernetTrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+TINY = str(ROOT / "configs" / "tiny.yaml")
+PYTHON = sys.executable
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+
+
+def _script(name: str):
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))  # the scripts import their sibling `_flags`
+    spec = importlib.util.spec_from_file_location(f"script_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def train_script():
+    return _script("train_hypernet")
+
+
+@pytest.fixture(scope="module")
+def precompute_script():
+    return _script("precompute_lidb")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate():
+    """In-process runs share accelerate's singletons: start and leave every test with fresh ones."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+DRIVER = """
+import sys
+sys.path.insert(0, {scripts!r})
+from accelerate import PartialState
+from safetensors.torch import save_file
+import hyperdiff.train.hypernet as trainer
+import precompute_lidb
+import train_hypernet as script
+
+inner_finetune = trainer.finetune
+
+def finetune(pipe, refs, *args, **kwargs):
+    state = PartialState()
+    print(f"[rank {{state.process_index}} of {{state.num_processes}}] stage-1 fine-tune of {{len(refs)}}", flush=True)
+    return inner_finetune(pipe, refs, *args, **kwargs)
+
+trainer.finetune = finetune
+inner = trainer._train_loop
+
+def loop(cfg, accelerator, pipe, model, hp, *rest):
+    inner(cfg, accelerator, pipe, model, hp, *rest)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    print(f"[rank {{rank}} of {{world}}] trained", flush=True)
+    save_file({{k: v.detach().contiguous() for k, v in hp.state_dict().items()}},
+              f"{{cfg.output_dir}}/rank{{rank}}-of-{{world}}.safetensors")
+
+trainer._train_loop = loop
+stage1 = sys.argv.index("--stage1")
+if precompute_lidb.main(sys.argv[stage1 + 1 :]) != 0:
+    sys.exit(1)
+sys.exit(script.main(sys.argv[1:stage1]))
+"""
+
+
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path, train_script):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(scripts=str(SCRIPTS)))
+    port = _free_port()
+    acc_cfg = tmp_path / "accelerate.yaml"
+    acc_cfg.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\nnum_processes: 2\n"
+        f"machine_rank: 0\nmain_process_ip: 127.0.0.1\nmain_process_port: {port}\nmixed_precision: 'no'\n"
+        "use_cpu: false\nrdzv_backend: static\nsame_network: true\n"
+    )
+    two = tmp_path / "two"
+    cmd = [ACCELERATE, "launch", "--config_file", str(acc_cfg), "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(port), str(driver),
+           "--config", TINY, "--output_dir", str(two), "--train_batch_size", "1", "--max_train_steps", "4",
+           "--stage1", "--config", TINY, "--targets_dir", str(tmp_path / "targets"), "--identities", "4"]
+    proc = subprocess.run(cmd, env=_env(), cwd=str(ROOT), capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # stage 1 first: 4 identities sharded over the 2 ranks (precompute_batch 2: one fine-tune call of 2 per rank)
+    assert sorted(p.name for p in (tmp_path / "targets").iterdir()) == [f"{i}.safetensors" for i in range(4)]
+    for rank in (0, 1):
+        assert proc.stdout.count(f"[rank {rank} of 2] stage-1 fine-tune of 2") == 1, proc.stdout
+    assert "[rank 0 of 2] trained" in proc.stdout and "[rank 1 of 2] trained" in proc.stdout, proc.stdout
+    rank0, rank1 = _weights(two / "rank0-of-2.safetensors"), _weights(two / "rank1-of-2.safetensors")
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # DDP kept the ranks bit-identical
+    assert json.loads((two / "config.json").read_text())["info"]["num_processes"] == 2
+    assert (two / "checkpoint-2").is_dir()
+
+    # 1 process, global batch 2 (in-process: the same code path, also through the script's main)
+    one = tmp_path / "one"
+    assert train_script.main(["--config", TINY, "--output_dir", str(one), "--train_batch_size", "2",
+                              "--max_train_steps", "4"]) == 0
+    final_one, final_two = _weights(one / "model.safetensors"), _weights(two / "model.safetensors")
+    assert _max_diff(final_two, rank0) == 0
+    diff = _max_diff(final_one, final_two)
+    # measured 1.8e-5 on this machine (float rounding of batch-2 vs 2 x batch-1 kernels and the gloo average, amplified
+    # where Adam divides tiny gradients by their tiny second moment); any error in the data, noise, loss or LR schedule
+    # sharding gives ≥ 1e-3 (the head that starts at 0 reaches ~2.5e-3 in these 4 steps)
+    assert diff <= 1e-4, diff
+    assert final_one["head_b.weight"].abs().max() > 1e-3
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_bit_identical(tmp_path, train_script):
+    """A real SIGKILL: start the script, wait until checkpoint-2 is complete (checkpoints are written as .tmp and renamed),
+    kill -9 it, then `--resume_from_checkpoint latest`."""
+    args = ["--config", TINY, "--max_train_steps", "8", "--checkpointing_steps", "2"]
+    reference = tmp_path / "reference"
+    assert train_script.main(args + ["--output_dir", str(reference)]) == 0
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([PYTHON, str(SCRIPTS / "train_hypernet.py"), *args, "--output_dir", str(run)], env=_env(),
+                            cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoint-2").is_dir():
+            assert proc.poll() is None, f"training ended before its first checkpoint: {proc.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "no checkpoint-2 within 120 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run / "model.safetensors").exists(), "the run finished before the kill: nothing was resumed"
+    path, step = checkpoints.latest(run)
+    assert path is not None and step in (2, 4, 6)
+
+    assert train_script.main(args + ["--output_dir", str(run), "--resume_from_checkpoint", "latest"]) == 0
+    resumed, uninterrupted = _weights(run / "model.safetensors"), _weights(reference / "model.safetensors")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), _max_diff(resumed, uninterrupted)
+    assert [p.name for _, p in checkpoints.checkpoints(run)] == ["checkpoint-4", "checkpoint-6"]  # newest 2 kept
+
+
+def test_checkpoints_are_found_by_number_and_half_written_ones_are_ignored(tmp_path):
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.tmp", "checkpoint-x", "logs"):
+        (tmp_path / name).mkdir()
+    assert checkpoints.latest(tmp_path) == (tmp_path / "checkpoint-10", 10)
+    assert checkpoints.latest(tmp_path / "logs") == (None, 0)
+
+
+def test_cpu_processes_form_a_group_only_when_accelerate_is_told_cpu(monkeypatch):
+    cfg = HypernetTrainConfig()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert trainer._use_cpu(cfg) is False  # one plain process: accelerate picks the device itself
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert trainer._use_cpu(cfg) is True  # launched processes without CUDA: gloo
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert trainer._use_cpu(cfg) is False
+    assert trainer._use_cpu(HypernetTrainConfig(cpu=True)) is True
+
+
+def test_precompute_is_restartable_and_training_uses_its_targets(tmp_path, train_script, precompute_script):
+    config = tmp_path / "tiny3.yaml"  # the tiny config with 3 identities, so every training batch has targets
+    config.write_text(Path(TINY).read_text().replace("seed_stop: 1000", "seed_stop: 3"))
+    assert load_config(HypernetTrainConfig, config).data.seed_stop == 3
+    targets = tmp_path / "targets"
+    common = ["--config", str(config), "--output_dir", str(tmp_path / "stage1"), "--targets_dir", str(targets)]
+    assert precompute_script.main(common + ["--identities", "2"]) == 0
+    first = {p.name: p.stat().st_mtime_ns for p in targets.glob("*.safetensors")}
+    assert sorted(first) == ["0.safetensors", "1.safetensors"]
+    content = (targets / "0.safetensors").read_bytes()
+    time.sleep(0.01)
+    assert precompute_script.main(common + ["--identities", "3"]) == 0  # restart with one more identity
+    second = {p.name: p.stat().st_mtime_ns for p in targets.glob("*.safetensors")}
+    assert sorted(second) == ["0.safetensors", "1.safetensors", "2.safetensors"]
+    assert all(second[k] == v for k, v in first.items()) and (targets / "0.safetensors").read_bytes() == content
+
+    from hyperdiff.models import tiny_pipeline
+
+    table = LayerTable.from_unet(tiny_pipeline(seed=0).unet)
+    loaded = {k: Adapter.load(targets / f"{k}.safetensors", table) for k in range(3)}
+    assert all(ad.kind == "lidb" and max(ad.factors[n][1].abs().max() for n in table.names) > 0 for ad in loaded.values())
+
+    # the script passes --targets_dir on: the same run with and without targets ends with different weights
+    with_t, without = tmp_path / "with", tmp_path / "without"
+    assert train_script.main(["--config", str(config), "--output_dir", str(with_t), "--targets_dir", str(targets)]) == 0
+    assert train_script.main(["--config", str(config), "--output_dir", str(without)]) == 0
+    assert _max_diff(_weights(with_t / "model.safetensors"), _weights(without / "model.safetensors")) > 1e-5
+
+    # the weight term alone pulls the predictions towards the targets
+    cfg = load_config(HypernetTrainConfig, config, {
+        "output_dir": str(tmp_path / "weights_only"), "targets_dir": str(targets), "diffusion_weight": 0.0,
+        "weight_weight": 1.0, "max_train_steps": 6, "learning_rate": 0.01,
+    })
+    with torch.random.fork_rng(devices=[]):  # the trainer's own initialisation
+        torch.manual_seed(trainer.stable_seed("hypernet-init", cfg.seed))
+        initial = HyperNetwork(cfg.hypernet, table)
+    trained = HyperNetwork.from_pretrained(trainer.train_hypernet(cfg), table=table)
+
+    def distance(hp: HyperNetwork) -> float:
+        total = 0.0
+        for key, target in loaded.items():
+            ad = hp.predict([sf.render(sf.Identity.from_seed(key), sf.Scene(), 32)])
+            total += sum(((ad.factors[n][0] - target.factors[n][0]) ** 2).mean() + ((ad.factors[n][1] - target.factors[n][1]) ** 2).mean()
+                         for n in table.names).item()
+        return total
+
+    before, after = distance(initial), distance(trained)
+    assert after < 0.9 * before, (before, after)
+
+
+def test_weight_loss_is_a_mean_over_the_local_batch():
+    """Identities without a target count 0, so equal shards averaged by DDP give the global batch's mean."""
+    from hyperdiff.lidb import LiDBConfig
+    from hyperdiff.random_adapters import random_lidb
+
+    table = LayerTable.from_unet(_tiny_unet())
+    target = random_lidb(table, seed=0, config=LiDBConfig())
+    a = torch.zeros(2, len(table), 100, 1)
+    b = torch.zeros(2, len(table), 1, 50)
+    assert trainer._weight_loss([7, 8], a, b, {}, table) is None
+    only_first = trainer._weight_loss([7, 8], a, b, {"7": target}, table)
+    both = trainer._weight_loss([7, 7], a, b, {"7": target}, table)
+    torch.testing.assert_close(only_first, both / 2)
+    ta = torch.stack([target.factors[r.name][0] for r in table])
+    torch.testing.assert_close(trainer._weight_loss([7], ta[None], b[:1], {"7": target}, table),
+                               torch.stack([target.factors[r.name][1] for r in table]).pow(2).mean())
+
+
+def _tiny_unet():
+    from hyperdiff.models import tiny_components
+
+    return tiny_components(seed=0)["unet"]
+
+
+# -- datasets --------------------------------------------------------------------------------------------------------
+def _png(path: Path, color, size=(40, 48)) -> Path:
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def _corrupt(path: Path) -> Path:
+    good = path.with_suffix(".tmp.png")
+    _png(good, (1, 2, 3))
+    path.write_bytes(good.read_bytes()[:60])  # a truncated PNG
+    good.unlink()
+    return path
+
+
+def test_folder_identities_from_subfolders_with_captions_and_a_corrupt_image(tmp_path):
+    alice, bob = tmp_path / "alice", tmp_path / "bob"
+    alice.mkdir(), bob.mkdir()
+    _png(alice / "1.png", (255, 0, 0)), _png(alice / "2.jpg", (0, 255, 0))
+    (alice / "caption.txt").write_text("a photo of {token} person\n")
+    _png(bob / "1.png", (0, 0, 255))
+    _corrupt(bob / "2.png")
+    (bob / "notes.txt").write_text("not an image")
+    (tmp_path / "garbage.png").write_bytes(b"loose files at the root are ignored")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = FolderIdentities(tmp_path, token="zwx", image_size=32)
+    skipped = [str(w.message) for w in caught if "skipped" in str(w.message)]
+    assert len(skipped) == 1 and "skipped 1 unreadable image" in skipped[0]
+    assert data.keys == ["alice", "bob"]
+    assert [p.name for p, _ in data.images["alice"]] == ["1.png", "2.jpg"] and len(data.images["bob"]) == 1
+    gen = torch.Generator().manual_seed(0)
+    ref, target, caption = data.pair("alice", gen)
+    assert ref.size == target.size == (32, 32) and ref.mode == "RGB"
+    assert caption == "a photo of zwx person"
+    dominant = {max(range(3), key=im.getpixel((16, 16)).__getitem__) for im in (ref, target)}
+    assert dominant == {0, 1}  # the red PNG and the green JPEG: reference and target are different images
+    assert data.pair("bob", gen)[2] == "a zwx face"  # default caption
+    ref, target, _ = data.pair("bob", gen)  # one image: reference = target
+    assert ref.getpixel((0, 0)) == target.getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_folder_identities_from_metadata_jsonl(tmp_path):
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i, (ident, color) in enumerate([("p1", (10, 10, 10)), ("p1", (20, 20, 20)), ("p2", (30, 30, 30))]):
+        _png(tmp_path / "img" / f"{i}.png", color)
+        rows.append({"file_name": f"img/{i}.png", "identity": ident, "text": f"{{token}} number {i}"})
+    _corrupt(tmp_path / "img" / "bad.png")
+    rows += [{"file_name": "img/bad.png", "identity": "p2"}, {"file_name": "img/missing.png", "identity": "p3"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    with pytest.warns(UserWarning, match="skipped 2 unreadable"):
+        data = FolderIdentities(tmp_path, token="sks", image_size=16)
+    assert data.keys == ["p1", "p2"]
+    _, target, caption = data.pair("p2", torch.Generator().manual_seed(0))
+    assert caption == "sks number 2" and target.size == (16, 16)
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "img/0.png"}\n')
+    with pytest.raises(HyperdiffError, match="line 1"):
+        FolderIdentities(tmp_path)
+    with pytest.raises(HyperdiffError, match="does not exist"):
+        FolderIdentities(tmp_path / "nowhere")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(HyperdiffError, match="no readable images"):
+        FolderIdentities(empty)
+
+
+def test_synthfaces_identities_render_one_identity_in_two_scenes(tmp_path):
+    data = SynthFacesIdentities(range(10), image_size=32, token="sks")
+    ref, target, caption = data.pair(3, torch.Generator().manual_seed(4))
+    assert ref.size == target.size == (32, 32) and "sks" in caption
+    assert sf.scene_from_caption(caption) is not None
+    with pytest.raises(HyperdiffError, match="evaluation"):
+        SynthFacesIdentities(range(sf.EVAL_SEED_START - 1, sf.EVAL_SEED_START + 1))
+
+
+# -- configs ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, base, encoder, data_kind", [
+    ("sd15", "runwayml/stable-diffusion-v1-5", "clip", "folder"),
+    ("sd21", "stabilityai/stable-diffusion-2-1-base", "clip", "folder"),
+    ("synthfaces", "", "small", "synthfaces"),
+    ("tiny", "hyperdiff:tiny", "small", "synthfaces"),
+])
+def test_configs_load_into_the_training_dataclass(name, base, encoder, data_kind):
+    cfg = load_config(HypernetTrainConfig, ROOT / "configs" / f"{name}.yaml")
+    assert cfg.base == base and cfg.hypernet.encoder.kind == encoder and cfg.data.kind == data_kind
+    assert isinstance(cfg.learning_rate, float) and cfg.learning_rate > 0
+    assert cfg.finetune.kind == "lidb" and cfg.finetune.lidb == cfg.hypernet.lidb  # stage 1 fits the hypernet
+    if name != "tiny":
+        assert (cfg.hypernet.lidb.a, cfg.hypernet.lidb.b, cfg.hypernet.lidb.rank) == (100, 50, 1)
+        assert cfg.hypernet.layers == 2 and cfg.hypernet.refine_steps == 2
+    if encoder == "clip":
+        assert cfg.hypernet.encoder.pretrained == "laion/CLIP-ViT-H-14-laion2B-s32B-b79K" and cfg.hypernet.dim == 512
+    if name == "synthfaces":
+        assert cfg.targets_dir == "" and cfg.hypernet.encoder.image_size == 64 and cfg.data.image_size == 64
+        assert cfg.data.seed_stop <= sf.EVAL_SEED_START and cfg.data.build().keys[-1] < sf.VAL_SEEDS.start
+
+
+def test_script_flags_override_the_config_and_bad_input_is_one_line(tmp_path, train_script, capsys):
+    from _flags import overrides, parser
+
+    args = parser("x").parse_args(["--config", TINY, "--learning_rate", "0.5", "--cpu", "--train_batch_size", "3"])
+    cfg = load_config(HypernetTrainConfig, args.config, overrides(args))
+    assert (cfg.learning_rate, cfg.cpu, cfg.train_batch_size, cfg.max_train_steps) == (0.5, True, 3, 4)
+    assert load_config(HypernetTrainConfig, TINY, overrides(parser("x").parse_args([]))).cpu is False
+    assert train_script.main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.yaml" in err[0] and "does not exist" in err[0]
+
+
+def test_validation_images_are_written_periodically(tmp_path, train_script):
+    out = tmp_path / "run"
+    assert train_script.main(["--config", TINY, "--output_dir", str(out), "--validation_steps", "2", "--max_train_steps", "4"]) == 0
+    sheets = sorted(p.name for p in (out / "validation").iterdir())
+    assert sheets == ["step-2.png", "step-4.png"]
+    with Image.open(out / "validation" / "step-4.png") as im:
+        assert im.size[0] > 0 and im.getextrema() != ((255, 255),) * 3  # a real picture, not a blank sheet
