@@ -15,7 +15,7 @@ Contract:
   every `checkpointing_steps` into `output_dir/<stage>/checkpoint-N` and resume from the latest one; a finished
   stage is skipped. Batches are drawn from a generator seeded by
   `(seed, step)`, so a resumed run sees the batches an uninterrupted run would.
-- `export_pipeline` writes a standard diffusers folder (fp16 weights, DPM-Solver++ scheduler) that
+- `export_pipeline` writes a standard diffusers folder (fp16 UNet and VAE, DPM-Solver++ scheduler) that
   `StableDiffusionPipeline.from_pretrained(path, local_files_only=True)` loads.
 """
 
@@ -351,7 +351,9 @@ def export_pipeline(cfg: BaseTrainConfig, vae, unet, text_encoder, tokenizer, ex
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    # UNet and VAE in fp16 (diffusers loads them as fp32 unless asked otherwise); the small text encoder stays fp32,
+    # since transformers keeps a checkpoint's dtype and a plain from_pretrained would then mix fp16 and fp32.
+    for module in (pipe.unet, pipe.vae):
         torch.nn.Module.to(module, dtype=torch.float16)
     export_dir = Path(export_dir)
     tmp = export_dir.with_name(export_dir.name + ".tmp")
@@ -360,7 +362,7 @@ def export_pipeline(cfg: BaseTrainConfig, vae, unet, text_encoder, tokenizer, ex
     if export_dir.exists():
         shutil.rmtree(export_dir)
     tmp.rename(export_dir)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    for module in (pipe.unet, pipe.vae):
         torch.nn.Module.to(module, dtype=torch.float32)
     return export_dir
 
