@@ -40,6 +40,12 @@ def check_writable(path: Path, what: str) -> None:
         raise HyperdiffError(f"{what} '{path}' is not writable: no write permission on '{parent}'")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, what: str = "output") -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it to `path`, on failure remove it.
@@ -56,6 +62,7 @@ def atomic_path(path: str | os.PathLike, what: str = "output") -> Iterator[Path]
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp_path, path)
     except OSError as e:
         tmp_path.unlink(missing_ok=True)
