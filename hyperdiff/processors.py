@@ -54,12 +54,15 @@ class LowRankDelta:
         """Number of samples for per-sample deltas, None when shared by the whole batch."""
         return self.down.shape[0] if self.down.dim() == 3 else None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, N, in) → scale · (x downᵀ) upᵀ: (B, N, out)."""
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+        """y + strength · scale · (x downᵀ) upᵀ for x (B, N, in), y (B, N, out), in one pass over y: the scales
+        multiply the rank-r intermediate, and the up-projection accumulates into y (addmm / baddbmm)."""
         down = self.down.to(device=x.device, dtype=x.dtype)
         up = self.up.to(device=x.device, dtype=x.dtype)
-        h = x @ down.transpose(-1, -2)  # (B, N, r)
-        return (h @ up.transpose(-1, -2)) * self.scale  # (B, N, out)
+        h = (x @ down.transpose(-1, -2)) * (self.scale * strength)  # (B, N, r)
+        if up.dim() == 2:  # shared by the batch
+            return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), up.T).view(y.shape)
+        return torch.baddbmm(y, h, up.transpose(-1, -2))  # per sample: (B, N, r) @ (B, r, out)
 
     def repeat_for(self, num_images_per_prompt: int, guidance: bool) -> "LowRankDelta":
         if self.batch is None:
@@ -128,7 +131,7 @@ class HyperLoRAAttnProcessor:
                     f"`hyper_lora` deltas for '{key}' have batch {delta.batch} but the UNet batch is {x.shape[0]}: "
                     "with classifier-free guidance or several images per prompt use HyperLoRA.repeat_for(...)"
                 )
-            y = y + delta(x) * hl.strength
+            y = delta.add_to(y, x, hl.strength)
         return y
 
     def __call__(
