@@ -1,0 +1,129 @@
+"""Fidelity benchmark on held-out SynthFaces identities, paper-style (HyperDreamBooth's table).
+
+Contract: `run_fidelity(pipe, hypernets, config)` personalizes `config.identities` evaluation identities (seeds
+≥ 1,000,000, never trained on) from one reference render each, generates every `config.scenes` prompt with the
+identifier token, and reports per method:
+- `id_similarity`: mean identity-encoder cosine between each generation and its reference (the FaceRec column);
+- `scene_fidelity`: fraction of scene words obeyed (background, hat, expression) — editability;
+- `seconds`: wall time to personalize one identity (model loading excluded), and `adapter_values`/`adapter_bytes`.
+Methods: `base` (no personalization), `dreambooth_lidb` (LiDB fine-tuned from scratch; its ID similarity is also
+reported along `config.dreambooth_curve`, so convergence is visible), and for every hypernet given (name → model):
+`<name>` (zero-shot) and `<name>+ft` (the rank-relaxed fast fine-tune of `config.finetune_steps`).
+`write_fidelity(result, out)` writes JSON and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hyperdiff.adapter import Adapter
+from hyperdiff.config import to_dict
+from hyperdiff.data import synthfaces
+from hyperdiff.files import atomic_path
+from hyperdiff.finetune import FinetuneConfig, finetune
+from hyperdiff.metrics import default_encoder, scene_fidelity
+
+DEFAULT_SCENES = (
+    ("red", False, "smiling"), ("blue", True, "neutral"), ("green", False, "surprised"), ("yellow", True, "sad"),
+    ("purple", True, "smiling"), ("gray", False, "surprised"),
+)
+
+
+@dataclass
+class FidelityConfig:
+    identities: int = 16
+    reference_scene: tuple = ("gray", False, "neutral")
+    scenes: tuple = DEFAULT_SCENES
+    steps: int = 25
+    guidance: float = 4.0
+    token: str = "sks"
+    finetune_steps: int = 40
+    dreambooth_curve: tuple[int, ...] = (50, 100, 200, 400)
+    dreambooth: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(kind="lidb", learning_rate=1e-2, prior_weight=0.0))
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+def _scene(t) -> synthfaces.Scene:
+    return synthfaces.Scene(*t)
+
+
+def _score(pipe, adapters: list[Adapter | None], refs, cfg: FidelityConfig) -> dict[str, float]:
+    """Generate every scene for every identity; identity similarity to the reference and scene-word accuracy."""
+    from hyperdiff.pipeline import HyperDreamBoothPipeline
+
+    hdb = HyperDreamBoothPipeline(pipe, None)
+    enc = default_encoder()
+    sims, words = [], []
+    for i, (ad, ref) in enumerate(zip(adapters, refs)):
+        for k, t in enumerate(cfg.scenes):
+            scene = _scene(t)
+            prompt = synthfaces.caption(scene, cfg.token)
+            image = hdb.generate(prompt, ad, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed + 1000 * i + k)[0]
+            sims.append(float(enc.similarity([image], [ref])[0]))
+            fid = scene_fidelity(image, scene)
+            words += [fid["background"], fid["hat"], fid["expression"]]
+    return {"id_similarity": sum(sims) / len(sims), "scene_fidelity": sum(words) / len(words)}
+
+
+def _size(adapter: Adapter) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        return adapter.save(Path(tmp) / "a.safetensors").stat().st_size
+
+
+def run_fidelity(pipe, hypernets: dict, config: FidelityConfig = FidelityConfig()) -> dict:
+    seeds = list(synthfaces.eval_seeds(config.identities))
+    ref_scene = _scene(config.reference_scene)
+    refs = [synthfaces.render(synthfaces.Identity.from_seed(s), ref_scene, pipe.unet.config.sample_size * pipe.vae_scale_factor) for s in seeds]
+    rows: dict[str, dict] = {}
+    rows["base"] = {**_score(pipe, [None] * len(refs), refs, config), "seconds": 0.0, "adapter_values": 0, "adapter_bytes": 0}
+
+    curve = []
+    for steps in config.dreambooth_curve:  # DreamBooth-LiDB from scratch, all identities in one batch
+        ft = FinetuneConfig(**{**config.dreambooth.__dict__, "steps": steps, "token": config.token, "seed": config.seed})
+        start = time.perf_counter()
+        adapters = finetune(pipe, [[r] for r in refs], ft, progress=False)
+        seconds = (time.perf_counter() - start) / len(refs)
+        score = _score(pipe, adapters, refs, config)
+        curve.append({"steps": steps, **score, "seconds": seconds})
+    last = curve[-1]
+    rows["dreambooth_lidb"] = {**{k: last[k] for k in ("id_similarity", "scene_fidelity", "seconds")},
+                               "adapter_values": adapters[0].num_values, "adapter_bytes": _size(adapters[0]), "curve": curve}
+
+    from hyperdiff.pipeline import HyperDreamBoothPipeline
+
+    for name, hp in hypernets.items():
+        hdb = HyperDreamBoothPipeline(pipe, hp)
+        for label, ft_steps in ((name, 0), (f"{name}+ft", config.finetune_steps)):
+            start = time.perf_counter()
+            adapters = [hdb.personalize([r], token=config.token, finetune_steps=ft_steps, seed=config.seed) for r in refs]
+            seconds = (time.perf_counter() - start) / len(refs)
+            rows[label] = {**_score(pipe, adapters, refs, config), "seconds": seconds,
+                           "adapter_values": adapters[0].num_values, "adapter_bytes": _size(adapters[0])}
+    return {"config": config.to_dict(), "identities": seeds, "rows": rows}
+
+
+def write_fidelity(result: dict, out: Path, command: str = "") -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "fidelity.json", "markdown": out / "fidelity.md"}
+    with atomic_path(paths["json"], "report") as tmp:
+        tmp.write_text(json.dumps(result, indent=2))
+    lines = ["| method | ID similarity | scene fidelity | time to personalize | adapter |", "|---|---|---|---|---|"]
+    for name, row in result["rows"].items():
+        size = f"{row['adapter_values']:,} values, {row['adapter_bytes'] / 1000:.0f} KB" if row["adapter_values"] else "-"
+        lines.append(f"| {name} | {row['id_similarity']:.3f} | {row['scene_fidelity']:.1%} | {row['seconds']:.2f} s | {size} |")
+    curve = result["rows"]["dreambooth_lidb"]["curve"]
+    lines += ["", "DreamBooth-LiDB convergence: " + ", ".join(f"{c['steps']} steps → {c['id_similarity']:.3f}" for c in curve)]
+    if command:
+        lines += ["", f"Command: `{command}`"]
+    with atomic_path(paths["markdown"], "report") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return paths
