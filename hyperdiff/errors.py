@@ -17,3 +17,14 @@ def check(condition: bool, message: str) -> None:
     """Raise `HyperdiffError(message)` unless `condition` holds."""
     if not condition:
         raise HyperdiffError(message)
+
+
+def check_positive_int(name: str, value: object) -> None:
+    """`name` must be an int > 0 (bools are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise HyperdiffError(f"`{name}` must be a positive integer, got {value!r}")
+
+
+def check_positive_number(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise HyperdiffError(f"`{name}` must be a positive number, got {value!r}")

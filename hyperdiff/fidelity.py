@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from hyperdiff.adapter import Adapter
 from hyperdiff.config import to_dict

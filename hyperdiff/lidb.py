@@ -25,12 +25,9 @@ from functools import lru_cache
 
 import torch
 
-from hyperdiff.errors import HyperdiffError
+from hyperdiff.errors import HyperdiffError, check_positive_int
 
 
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise HyperdiffError(f"`{name}` must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -44,7 +41,7 @@ class LiDBConfig:
 
     def __post_init__(self) -> None:
         for name in ("rank", "a", "b"):
-            _positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if isinstance(self.aux_seed, bool) or not isinstance(self.aux_seed, int) or not 0 <= self.aux_seed < 2**63:
             raise HyperdiffError(f"`aux_seed` must be an integer in [0, 2**63), got {self.aux_seed!r}")
 
@@ -100,8 +97,8 @@ def aux_basis(rows: int, cols: int, seed: int) -> torch.Tensor:
 
     The returned tensor is shared (cached): never modify it in place.
     """
-    _positive_int("rows", rows)
-    _positive_int("cols", cols)
+    check_positive_int("rows", rows)
+    check_positive_int("cols", cols)
     return _aux_basis_cached(rows, cols, seed)
 
 

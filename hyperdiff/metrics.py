@@ -52,7 +52,7 @@ from PIL import Image
 
 from hyperdiff.config import from_dict, to_dict
 from hyperdiff.data.synthfaces import EXPRESSIONS, TRAIN_SEEDS, Scene, background_of, scene_from_caption
-from hyperdiff.errors import HyperdiffError
+from hyperdiff.errors import HyperdiffError, check_positive_int
 from hyperdiff.files import atomic_path, read_safetensors, write_safetensors
 
 DEFAULT_ENCODER_DIR: Path = Path(__file__).resolve().parent / "assets" / "synthfaces" / "identity_encoder"
@@ -68,9 +68,6 @@ _EMBED_BATCH = 256  # images per forward pass inside `embed`/`classify`
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise HyperdiffError(f"`{name}` must be a positive integer, got {value!r}")
 
 
 def _number(name: str, value: Any, lo: float, hi: float) -> None:
@@ -104,7 +101,7 @@ class IdentityEncoderConfig:
 
     def __post_init__(self) -> None:
         for name in ("image_size", "groups", "hidden_dim", "embed_dim"):
-            _positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if self.pool not in ("avg", "avgmax"):
             raise HyperdiffError(f"`pool` must be one of ['avg', 'avgmax'], got {self.pool!r}")
         for name in ("channels", "blocks", "expression_channels", "expression_strides", "expression_crop"):
@@ -112,7 +109,7 @@ class IdentityEncoderConfig:
             if not isinstance(value, tuple) or not value:
                 raise HyperdiffError(f"`{name}` must be a non-empty list of positive integers, got {value!r}")
             for v in value:
-                _positive_int(f"{name}[i]", v)
+                check_positive_int(f"{name}[i]", v)
         if len(self.blocks) != len(self.channels):
             raise HyperdiffError(f"`blocks` must be as long as `channels` ({len(self.channels)}), got {list(self.blocks)}")
         if len(self.expression_strides) != len(self.expression_channels):
@@ -196,8 +193,8 @@ class IdentityEncoderTrainingConfig:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise HyperdiffError(f"`seed` must be a non-negative integer, got {self.seed!r}")
         for name in ("steps", "identities_per_batch", "threads", "val_identities", "eval_identities"):
-            _positive_int(name, getattr(self, name))
-        _positive_int("scenes_per_identity", self.scenes_per_identity)
+            check_positive_int(name, getattr(self, name))
+        check_positive_int("scenes_per_identity", self.scenes_per_identity)
         if self.scenes_per_identity < 2:
             raise HyperdiffError(f"`scenes_per_identity` must be at least 2, got {self.scenes_per_identity}")
         for name in ("warmup_steps", "val_every"):
@@ -208,8 +205,8 @@ class IdentityEncoderTrainingConfig:
         _number("grad_clip", self.grad_clip, 0.0, 1e6)
         _number("temperature", self.temperature, 1e-3, 10.0)
         _number("hard_fraction", self.hard_fraction, 0.0, 0.5)
-        _positive_int("hard_pool", self.hard_pool)
-        _positive_int("eval_twin_pool", self.eval_twin_pool)
+        check_positive_int("hard_pool", self.hard_pool)
+        check_positive_int("eval_twin_pool", self.eval_twin_pool)
         if self.val_identities + self.eval_twin_pool > 100_000:
             raise HyperdiffError("`val_identities` + `eval_twin_pool` must be at most 100000 (the size of VAL_SEEDS)")
         if self.hard_pool > len(TRAIN_SEEDS):

@@ -26,7 +26,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from hyperdiff.errors import HyperdiffError
+from hyperdiff.errors import HyperdiffError, check_positive_int
 from hyperdiff.models.tokenizer import DEFAULT_WORDS, build_tokenizer, check_words
 
 SCHEDULERS: tuple[str, ...] = ("ddim", "dpm")
@@ -41,9 +41,6 @@ SD_SCHEDULE: dict[str, Any] = {
 }
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise HyperdiffError(f"`{name}` must be a positive integer, got {value!r}")
 
 
 def _channels(name: str, value: Any, groups: int) -> tuple[int, ...]:
@@ -82,8 +79,8 @@ class TinyPipelineConfig:
     def __post_init__(self) -> None:
         for name in ("image_size", "layers_per_block", "cross_attention_dim", "attention_head_dim", "norm_num_groups",
                      "text_hidden_size", "text_layers", "text_heads", "vae_layers_per_block", "latent_channels"):
-            _positive_int(name, getattr(self, name))
-        _positive_int("text_max_length", self.text_max_length)
+            check_positive_int(name, getattr(self, name))
+        check_positive_int("text_max_length", self.text_max_length)
         if self.text_max_length < 2:
             raise HyperdiffError(f"`text_max_length` must be at least 2, got {self.text_max_length}")
         self.unet_block_out_channels = _channels("unet_block_out_channels", self.unet_block_out_channels,

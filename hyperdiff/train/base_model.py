@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from hyperdiff.config import to_dict
 from hyperdiff.data import synthfaces
-from hyperdiff.errors import HyperdiffError
+from hyperdiff.errors import HyperdiffError, check_positive_int, check_positive_number
 from hyperdiff.files import write_safetensors
 from hyperdiff.models.tiny import SD_SCHEDULE, TinyPipelineConfig, tiny_components
 from hyperdiff.train import checkpoints
@@ -41,9 +41,6 @@ from hyperdiff.train import checkpoints
 logger = logging.getLogger(__name__)
 
 
-def _positive(name: str, value, kind=int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
-        raise HyperdiffError(f"`{name}` must be a positive {'number' if kind is float else 'integer'}, got {value!r}")
 
 
 def _probability(name: str, value) -> None:
@@ -60,7 +57,7 @@ class DataConfig:
     cache_dir: str = "cache/synthfaces"
 
     def __post_init__(self) -> None:
-        _positive("data.images", self.images)
+        check_positive_int("data.images", self.images)
         _probability("data.clause_dropout", self.clause_dropout)
         _probability("data.caption_dropout", self.caption_dropout)
 
@@ -74,9 +71,9 @@ class StageConfig:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        _positive("steps", self.steps)
-        _positive("batch_size", self.batch_size)
-        _positive("learning_rate", self.learning_rate, float)
+        check_positive_int("steps", self.steps)
+        check_positive_int("batch_size", self.batch_size)
+        check_positive_number("learning_rate", self.learning_rate)
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise HyperdiffError(f"`warmup_steps` must be a non-negative integer, got {self.warmup_steps!r}")
 
@@ -88,7 +85,7 @@ class VAEStageConfig(StageConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive("vae.crop", self.crop)
+        check_positive_int("vae.crop", self.crop)
 
 
 @dataclass
@@ -131,8 +128,8 @@ class BaseTrainConfig:
     report_to: str = "tensorboard"
 
     def __post_init__(self) -> None:
-        _positive("checkpointing_steps", self.checkpointing_steps)
-        _positive("checkpoints_total_limit", self.checkpoints_total_limit)
+        check_positive_int("checkpointing_steps", self.checkpointing_steps)
+        check_positive_int("checkpoints_total_limit", self.checkpoints_total_limit)
 
     def to_dict(self) -> dict:
         return to_dict(self)
