@@ -6,7 +6,6 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from hyperdiff.evaluation import evaluate_base, write_report
