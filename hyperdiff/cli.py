@@ -98,7 +98,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from hyperdiff.demo import run_demo
 
-    run_demo(Path(args.out))
+    run_demo(Path(args.out), base=args.base, hypernet=args.hypernet)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the main job on the embedded default, offline")
     p.add_argument("--out", default="outputs/demo", help="folder for the images, sheet and adapters (default: %(default)s)")
+    p.add_argument("--base", help="run the demo on another base (default: the embedded SynthFaces base)")
+    p.add_argument("--hypernet", help="hypernet for --base (default: the embedded one; none = fine-tuning)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -1,13 +1,16 @@
-"""`hyperdiff demo`: the main job on the embedded default, offline, with what it did and how long each step took.
+"""`hyperdiff demo`: the main job on the embedded default, offline, saying what it did and how long each step took.
 
-Contract: writes into `out` a contact sheet PNG, the generated PNGs and the adapter files, prints where they are
-and each step's time, and returns a summary dict. Deterministic for a given `seed`.
+Contract: personalizes a few held-out SynthFaces identities (evaluation seeds, never trained on) from one reference
+render each, generates them in new scenes, writes a contact sheet PNG (reference | personalized | + fast fine-tune |
+base model, one row per identity and scene), the native adapters and their diffusers/kohya exports, checks that
+vanilla diffusers' `load_lora_weights` of the export gives the image hyperdiff's own injection gives, and prints
+where everything is and each step's time. Returns a summary dict. Deterministic for a given seed.
 
-Until the embedded SynthFaces base model and hypernet ship (issues 3-5), the best main job available is the core
-machinery end to end on the offline tiny pipeline (untrained, so its images are texture, not faces): two seeded
-LiDB adapters stand in for hypernet predictions; each is injected through the processors, fused, saved natively,
-exported to diffusers and kohya LoRA files, and those files are loaded by vanilla diffusers' `load_lora_weights`
-to show that every path gives the same image.
+What runs depends on what is shipped, and the demo says which:
+- base + hypernet (the product): zero-shot hypernet prediction, then the 40-step rank-relaxed fine-tune;
+- base only: DreamBooth-LiDB fine-tuning from scratch on the embedded base (no zero-shot column);
+- neither: the same job on the offline random-init tiny base with an untrained hypernet — the machinery end to end,
+  whose pictures are texture, not faces.
 """
 
 from __future__ import annotations
@@ -20,81 +23,102 @@ from typing import Iterator
 import torch
 
 from hyperdiff.adapter import Adapter
-from hyperdiff.layers import LayerTable
-from hyperdiff.random_adapters import random_lidb
+from hyperdiff.data import synthfaces
+from hyperdiff.finetune import FinetuneConfig, finetune
 from hyperdiff.sheet import contact_sheet, save_png
 
-PROMPT = "a sks face, smiling, on a blue background"
+SCENES = (synthfaces.Scene("red", False, "smiling"), synthfaces.Scene("blue", True, "surprised"))
+REFERENCE_SCENE = synthfaces.Scene("gray", False, "neutral")
 
 
 @contextmanager
 def _step(timings: dict, name: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
-    timings[name] = time.perf_counter() - start
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
-def _generate(pipe, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    return pipe(PROMPT, num_inference_steps=8, guidance_scale=4.0, generator=gen, output_type="pt").images[0]
+def _load(base: str | None, hypernet: str | None):
+    """(pipeline, what is running) from the arguments, else the best of what is shipped."""
+    from hyperdiff.hypernet import HyperNetConfig, HyperNetwork, EncoderConfig
+    from hyperdiff.models import EMBEDDED_BASE, TINY_BASE
+    from hyperdiff.pipeline import EMBEDDED_HYPERNET, HyperDreamBoothPipeline
+
+    if base is None and hypernet is None:
+        if EMBEDDED_BASE.is_dir() and EMBEDDED_HYPERNET.is_dir():
+            return HyperDreamBoothPipeline.from_pretrained(), "embedded SynthFaces base + hypernet"
+        if EMBEDDED_BASE.is_dir():
+            return HyperDreamBoothPipeline.from_pretrained(load_hypernet=False), (
+                "embedded SynthFaces base; the hypernet is not shipped yet, so identities are fine-tuned (DreamBooth-LiDB)")
+        hdb = HyperDreamBoothPipeline.from_pretrained(TINY_BASE, load_hypernet=False)
+        size = hdb.pipe.unet.config.sample_size * hdb.pipe.vae_scale_factor
+        hp = HyperNetwork(HyperNetConfig(dim=32, layers=1, encoder=EncoderConfig(image_size=size, channels=(16, 32), dim=32)), hdb.table)
+        return HyperDreamBoothPipeline(hdb.pipe, hp, TINY_BASE, "untrained"), (
+            "the embedded SynthFaces models are not shipped yet: random-init tiny base and untrained hypernet "
+            "(the machinery end to end; pictures are texture, not faces)")
+    hdb = HyperDreamBoothPipeline.from_pretrained(base, hypernet, load_hypernet=hypernet is not None)
+    return hdb, f"base {base or 'embedded'}, hypernet {hypernet or 'none (DreamBooth-LiDB fine-tuning)'}"
 
 
-def _to_pil(image: torch.Tensor):
-    from diffusers.image_processor import VaeImageProcessor
-
-    return VaeImageProcessor.numpy_to_pil(image.permute(1, 2, 0)[None].numpy())[0]
-
-
-def run_demo(out: Path, seed: int = 0) -> dict:
-    from hyperdiff.models import tiny_pipeline
-
+def run_demo(out: Path, seed: int = 0, identities: int = 2, base: str | None = None, hypernet: str | None = None,
+             finetune_steps: int = 40, steps: int = 20) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    print("hyperdiff demo: the embedded SynthFaces base and hypernet are not shipped yet, so this runs the core")
-    print("machinery end to end on the offline tiny pipeline (untrained: its images are texture, not faces).")
-    with _step(timings, "build tiny pipeline"):
-        pipe = tiny_pipeline(seed=seed)
-        table = LayerTable.from_unet(pipe.unet)
-    with _step(timings, "make 2 LiDB adapters"):
-        adapters = [random_lidb(table, seed=seed + i, token="sks") for i in (1, 2)]
-    rows, diffs = [], {}
-    for i, ad in enumerate(adapters):
-        name = f"identity{i + 1}"
-        with _step(timings, f"{name}: base image"):
-            base = _generate(pipe, seed)
-        with _step(timings, f"{name}: injected (processors)"), ad.applied(pipe.unet):
-            injected = _generate(pipe, seed)
-        with _step(timings, f"{name}: fuse + generate + unfuse"):
-            ad.fuse(pipe.unet)
-            fused = _generate(pipe, seed)
-            ad.unfuse(pipe.unet)
-        with _step(timings, f"{name}: save native + export diffusers, kohya"):
-            native = ad.save(out / f"{name}.safetensors")
-            exports = {fmt: ad.export(out / f"{name}.{fmt}.safetensors", fmt) for fmt in ("diffusers", "kohya")}
-        loaded = {}
-        with _step(timings, f"{name}: vanilla diffusers load_lora_weights x2"):
-            for fmt, path in exports.items():
-                vanilla = tiny_pipeline(seed=seed)
-                vanilla.load_lora_weights(str(path))
-                loaded[fmt] = _generate(vanilla, seed)
-        assert Adapter.load(native, table).num_values == ad.num_values
-        diffs[name] = {
-            "fused_vs_injected": float((fused - injected).abs().max()),
-            "diffusers_file_vs_injected": float((loaded["diffusers"] - injected).abs().max()),
-            "kohya_file_vs_injected": float((loaded["kohya"] - injected).abs().max()),
-            "adapter_vs_base": float((injected - base).abs().max()),
-        }
-        rows.append([_to_pil(x) for x in (base, injected, fused, loaded["diffusers"], loaded["kohya"])])
-        for label, img in zip(("base", "injected", "fused"), rows[-1]):
-            save_png(img, out / f"{name}_{label}.png")
-    sheet = save_png(contact_sheet(rows, ["base", "injected", "fused", "diffusers file", "kohya file"]), out / "sheet.png")
+    with _step(timings, "load models"):
+        hdb, what = _load(base, hypernet)
+    print(f"hyperdiff demo: {what}")
+    size = hdb.pipe.unet.config.sample_size * hdb.pipe.vae_scale_factor
+    seeds = list(synthfaces.eval_seeds(identities))
+    refs = [synthfaces.render(synthfaces.Identity.from_seed(s), REFERENCE_SCENE, size) for s in seeds]
+    columns: dict[str, list[Adapter | None]] = {}
+    if hdb.hypernet is not None:
+        with _step(timings, f"personalize {identities} identities zero-shot (hypernet)"):
+            columns["zero-shot"] = [hdb.personalize([r], seed=seed) for r in refs]
+        with _step(timings, f"+ {finetune_steps}-step fast fine-tune each"):
+            columns[f"+{finetune_steps}-step ft"] = [hdb.personalize([r], finetune_steps=finetune_steps, seed=seed) for r in refs]
+    else:
+        cfg = FinetuneConfig(kind="lidb", steps=150, learning_rate=1e-2, prior_weight=1.0, prior_images=4, seed=seed)
+        with _step(timings, f"fine-tune {identities} identities together (DreamBooth-LiDB, {cfg.steps} steps)"):
+            columns["DreamBooth-LiDB"] = finetune(hdb.pipe, [[r] for r in refs], cfg, progress=False)
+    columns["base model"] = [None] * identities
 
-    print(f"\nwrote {sheet} (rows: 2 identities; columns: base | injected | fused | diffusers file | kohya file)")
-    print(f"adapters: {out}/identity*.safetensors (native LiDB, {adapters[0].num_values:,} values) + .diffusers/.kohya exports")
-    for name, d in diffs.items():
-        print(f"{name}: max |Δ| fused vs injected {d['fused_vs_injected']:.1e}, diffusers file {d['diffusers_file_vs_injected']:.1e}, "
-              f"kohya file {d['kohya_file_vs_injected']:.1e}; adapter vs base {d['adapter_vs_base']:.2f}")
+    rows, files = [], {}
+    for i, (ref, s) in enumerate(zip(refs, seeds)):
+        for k, scene in enumerate(SCENES):
+            prompt = synthfaces.caption(scene, "sks")
+            row = [ref]
+            with _step(timings, "generate"):
+                for adapters in columns.values():
+                    row += hdb.generate(prompt, adapters[i], steps=steps, seed=seed + 100 * i + k)
+            rows.append(row)
+        best = list(columns.values())[-2][i]  # the most personalized column (the last before "base model")
+        with _step(timings, "save + export adapters"):
+            files[s] = {"native": best.save(out / f"identity{s}.safetensors")}
+            files[s].update({f: best.export(out / f"identity{s}.{f}.safetensors", f) for f in ("diffusers", "kohya")})
+    titles = ["reference", *columns]
+    sheet = save_png(contact_sheet(rows, titles, cell=128), out / "sheet.png")
+
+    with _step(timings, "vanilla diffusers load_lora_weights check"):
+        diff = _vanilla_check(hdb, list(columns.values())[-2][0], files[seeds[0]]["diffusers"], steps, seed)
+    print(f"\nwrote {sheet}: rows = {identities} held-out identities x {len(SCENES)} new scenes; columns = {' | '.join(titles)}")
+    for s, f in files.items():
+        print(f"identity {s}: {f['native']} (+ .diffusers / .kohya exports)")
+    print(f"vanilla diffusers load_lora_weights(export) vs hyperdiff's injection: max pixel difference {diff:.1e}")
     print("\nstep times:")
-    for step, seconds in timings.items():
-        print(f"  {seconds:7.2f} s  {step}")
-    return {"out": str(out), "diffs": diffs, "timings": timings}
+    for name, seconds in timings.items():
+        print(f"  {seconds:7.2f} s  {name}")
+    return {"out": str(out), "what": what, "timings": timings, "vanilla_max_diff": diff, "sheet": str(sheet)}
+
+
+def _vanilla_check(hdb, adapter: Adapter, export: Path, steps: int, seed: int) -> float:
+    """The exported file through plain diffusers (PEFT) against hyperdiff's fused adapter: same prompt, same noise."""
+    import copy
+
+    prompt = synthfaces.caption(SCENES[0], "sks")
+    ours = hdb.generate(prompt, adapter, steps=steps, seed=seed)[0]
+    vanilla = copy.deepcopy(hdb.pipe)
+    vanilla.load_lora_weights(str(export))
+    theirs = vanilla(prompt, num_inference_steps=steps, guidance_scale=4.0, generator=torch.Generator().manual_seed(seed)).images[0]
+    a = torch.tensor(bytearray(ours.tobytes()), dtype=torch.float32)
+    b = torch.tensor(bytearray(theirs.tobytes()), dtype=torch.float32)
+    return float((a - b).abs().max() / 255)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -86,9 +87,12 @@ def test_demo_runs_offline_and_writes_its_outputs(tmp_path):
     res = run("demo", "--out", tmp_path / "demo")
     assert res.returncode == 0, res.stderr
     out = tmp_path / "demo"
-    assert (out / "sheet.png").stat().st_size > 0
-    for i in (1, 2):
-        ad = Adapter.load(out / f"identity{i}.safetensors")
-        assert ad.kind == "lidb"
-        assert (out / f"identity{i}.diffusers.safetensors").exists() and (out / f"identity{i}.kohya.safetensors").exists()
+    with Image.open(out / "sheet.png") as sheet:
+        assert sheet.size[0] == 4 * 128  # reference | zero-shot | + fine-tune | base model
+    for seed in (1_000_000, 1_000_001):  # held-out identities
+        ad = Adapter.load(out / f"identity{seed}.safetensors")
+        assert ad.rank == 1 + 4  # prediction + rank-relaxed fine-tune
+        assert (out / f"identity{seed}.diffusers.safetensors").exists() and (out / f"identity{seed}.kohya.safetensors").exists()
     assert "step times:" in res.stdout and "Traceback" not in res.stderr
+    line = next(l for l in res.stdout.splitlines() if "vanilla diffusers" in l)
+    assert float(line.rsplit(" ", 1)[1]) <= 2 / 255  # PEFT's loader gives hyperdiff's image
