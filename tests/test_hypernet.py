@@ -201,8 +201,9 @@ def test_several_references_of_one_identity_are_pooled(table):
 
 
 # -- sampling ------------------------------------------------------------------------------------------------------
-def test_sample_gives_n_different_adapters_deterministic_in_the_seed(table):
-    hp = randomise_b_head(make_hypernet(table))
+@pytest.mark.parametrize("decoder", ["attention", "mlp"])
+def test_sample_gives_n_different_adapters_deterministic_in_the_seed(table, decoder):
+    hp = randomise_b_head(make_hypernet(table, decoder=decoder))
     ref = [face(6)]
     first = hp.sample(ref, 3, seed=0)
     again = hp.sample(ref, 3, seed=0)

@@ -11,9 +11,9 @@ Contract (DESIGN.md, "HyperNetwork"):
   exactly, yet gradients reach B_train's head at once because A_train ≠ 0 (zeroing both would block them).
 - `forward(pixels, groups=None)` → (A (B, L, a, r), B (B, L, r, b)); several references of one identity are pooled
   (`pool_references`). `hyper_lora(...)` turns a batch into per-sample processor deltas (differentiable), `predict`
-  into Adapters, `sample(images, n, seed)` draws n different adapters: the query tokens get seeded Gaussian noise of
-  std `sample_noise` (and dropout stays active when `dropout > 0`), a spread that reflects how sensitive the prediction
-  is around the reference.
+  into Adapters, `sample(images, n, seed)` draws n different adapters: the decoder input (query tokens, or the MLP's
+  pooled features) gets seeded Gaussian noise of std `sample_noise` (and dropout stays active when `dropout > 0`), a
+  spread that reflects how sensitive the prediction is around the reference.
 - `save_pretrained(dir)`: `config.json` (config, base fingerprint, layer table, training info) + `model.safetensors`
   + `README.md` model card; `from_pretrained(dir, table=None)` checks the fingerprint against `table` when given.
 """
@@ -120,12 +120,15 @@ class HyperNetwork(nn.Module):
     def forward(
         self, pixels: torch.Tensor, groups: Sequence[int] | None = None, query_noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """pixels (Σn, 3, H, W) (already `preprocess`ed) → A_train (B, L, a, r), B_train (B, L, r, b)."""
+        """pixels (Σn, 3, H, W) (already `preprocess`ed) → A_train (B, L, a, r), B_train (B, L, r, b).
+        `query_noise` perturbs the decoder's input: the query tokens (B, L, d) of the attention decoder, the pooled
+        features (B, d) of the MLP decoder."""
         lidb = self.config.lidb
         f = self.features(pixels, groups)
         batch, n_layers = f.shape[0], len(self.table)
         if self.config.decoder == "mlp":
-            h = self.mlp(f.mean(1))  # (B, 4d)
+            pooled = f.mean(1) if query_noise is None else f.mean(1) + query_noise  # (B, d)
+            h = self.mlp(pooled)  # (B, 4d)
             theta_a = self.head_a(h).view(batch, n_layers, self.n_a)
             theta_b = self.head_b(h).view(batch, n_layers, self.n_b)
         else:
@@ -189,9 +192,8 @@ class HyperNetwork(nn.Module):
             gen = torch.Generator().manual_seed(seed)
             out = []
             for _ in range(n):
-                noise = None
-                if self.config.decoder == "attention":
-                    noise = (torch.randn(1, len(self.table), self.config.dim, generator=gen) * self.config.sample_noise).to(device)
+                shape = (1, len(self.table), self.config.dim) if self.config.decoder == "attention" else (1, self.config.dim)
+                noise = (torch.randn(shape, generator=gen) * self.config.sample_noise).to(device)
                 a, b = self(pixels, groups=[pixels.shape[0]], query_noise=noise)
                 out += self.to_adapters(a, b, token)
         finally:
