@@ -27,7 +27,7 @@ from PIL import Image
 
 from hyperdiff.adapter import Adapter
 from hyperdiff.errors import HyperdiffError
-from hyperdiff.finetune import FinetuneConfig, finetune
+from hyperdiff.finetune import FinetuneConfig, finetune, make_prior
 from hyperdiff.hypernet import HyperNetwork
 from hyperdiff.layers import LayerTable
 from hyperdiff.processors import hyper_lora_processors
@@ -80,6 +80,7 @@ class HyperDreamBoothPipeline:
         if hypernet is not None:
             self.table.check_fingerprint(hypernet.fingerprint, "the hypernet")
         self.base_name, self.hypernet_name = base_name, hypernet_name
+        self._priors: dict = {}  # cache of deterministic prior-preservation images, see `_prior`
         pipe.set_progress_bar_config(disable=True)
 
     @classmethod
@@ -120,17 +121,24 @@ class HyperDreamBoothPipeline:
         _check_int("finetune_steps", finetune_steps, 0, 10_000)
         if not token or not token.isalnum():
             raise HyperdiffError(f"`token` must be one word of letters or digits, like 'sks', got {token!r}")
-        with torch.random.fork_rng(devices=[]):
-            adapter = self.hypernet.predict(refs, token=token)
+        adapter = self.hypernet.predict(refs, token=token)
         if finetune_steps:
             cfg = finetune_config or FinetuneConfig(kind="lora", rank=4, learning_rate=1e-3, prior_weight=1.0, prior_images=4)
             cfg = FinetuneConfig(**{**cfg.__dict__, "steps": finetune_steps, "token": token, "seed": seed})
-            adapter = finetune(self.pipe, [refs], cfg, start=[adapter], progress=False, callback=callback)[0]
+            prior = self._prior(cfg) if cfg.prior_weight > 0 else None
+            adapter = finetune(self.pipe, [refs], cfg, start=[adapter], prior=prior, progress=False, callback=callback)[0]
         from dataclasses import replace
 
         adapter.info = replace(adapter.info, base_model=self.base_name, token=token,
                                source=f"hypernet {self.hypernet_name}; finetune_steps={finetune_steps}")
         return adapter
+
+    def _prior(self, cfg: FinetuneConfig):
+        """The base model's prior-preservation images depend only on the prior settings: made once per pipeline."""
+        key = (cfg.prior_prompts, cfg.prior_images, cfg.prior_steps, cfg.prior_guidance, cfg.seed)
+        if key not in self._priors:
+            self._priors[key] = make_prior(self.pipe, cfg)
+        return self._priors[key]
 
     def mix(self, adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
         return Adapter.mix(adapters, weights)

@@ -1,0 +1,136 @@
+"""HyperDreamBoothPipeline and the personalize/generate commands, on the tiny base with a small trained hypernet."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hyperdiff import Adapter, HyperdiffError
+from hyperdiff.data import synthfaces as sf
+from hyperdiff.models import TINY_BASE
+from hyperdiff.pipeline import HyperDreamBoothPipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def hypernet_dir(tmp_path_factory):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_hypernet
+
+    out = tmp_path_factory.mktemp("hp")
+    assert train_hypernet.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--output_dir", str(out), "--max_train_steps", "3"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def hdb(hypernet_dir):
+    return HyperDreamBoothPipeline.from_pretrained(TINY_BASE, hypernet_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return sf.render(sf.Identity.from_seed(1_000_007), sf.Scene(), 32)
+
+
+def _arr(images):
+    return np.stack([np.asarray(im, dtype=np.int16) for im in images])
+
+
+def test_personalize_then_generate_through_the_api(hdb, ref):
+    ad = hdb.personalize([ref])
+    assert ad.kind == "lidb" and ad.rank == 1 and ad.info.token == "sks"
+    images = hdb.generate("a sks face, smiling, on a red background", ad, num_images=2, steps=3, seed=5)
+    assert [im.size for im in images] == [(32, 32)] * 2
+    again = hdb.generate("a sks face, smiling, on a red background", ad, num_images=1, steps=3, seed=6)
+    assert np.array_equal(_arr(images[1:]), _arr(again))  # image i uses seed S+i
+    relaxed = hdb.personalize([ref], finetune_steps=2)
+    assert relaxed.rank == 1 + 4 and relaxed.kind == "lora"
+    assert "finetune_steps=2" in relaxed.info.source
+
+
+def test_a_batch_of_adapters_equals_each_alone(hdb, ref):
+    other = sf.render(sf.Identity.from_seed(1_000_008), sf.Scene("blue"), 32)
+    a, b = hdb.personalize([ref], finetune_steps=2), hdb.personalize([other], finetune_steps=2, seed=1)
+    batch = hdb.generate("a sks face", [a, b], steps=3, seed=0)
+    alone = hdb.generate("a sks face", a, steps=3, seed=0) + hdb.generate("a sks face", b, steps=3, seed=1)
+    assert np.abs(_arr(batch) - _arr(alone)).max() <= 2  # uint8 pixels: processors vs fused, float rounding
+
+
+def test_mix_with_weights_one_zero_is_the_first_adapter(hdb, ref):
+    a = hdb.personalize([ref], finetune_steps=2)
+    b = hdb.personalize([sf.render(sf.Identity.from_seed(1_000_009), sf.Scene(), 32)], finetune_steps=2)
+    mixed = hdb.mix([a, b], [1.0, 0.0])
+    name = hdb.table.names[0]
+    assert torch.equal(mixed.delta_weight(name), a.delta_weight(name))
+    assert np.array_equal(_arr(hdb.generate("a sks face", mixed, steps=3)), _arr(hdb.generate("a sks face", a, steps=3)))
+
+
+def test_sample_adapters_gives_n_images_and_a_spread_map(hdb, ref):
+    images, spread = hdb.sample_adapters(ref, n=3, steps=3)
+    assert len(images) == 3 and spread.size == images[0].size and spread.mode == "L"
+    assert np.asarray(spread).max() > 0  # the sampled adapters differ
+    with pytest.raises(HyperdiffError, match="`n` must be an integer in"):
+        hdb.sample_adapters(ref, n=1)
+
+
+def test_bad_arguments_are_one_line_errors(hdb, ref, tmp_path):
+    for kwargs, needle in [({"num_images": 0}, "`num_images`"), ({"steps": 10_000}, "`steps`"), ({"guidance": -1.0}, "`guidance`")]:
+        with pytest.raises(HyperdiffError, match=needle):
+            hdb.generate("a sks face", None, **kwargs)
+    with pytest.raises(HyperdiffError, match="does not exist"):
+        hdb.personalize([tmp_path / "absent.png"])
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(HyperdiffError, match="cannot be read as an image"):
+        hdb.personalize([bad])
+
+
+def run(*args):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "hyperdiff.cli", *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_personalize_generate_and_reload_reproduce_the_api(hdb, hypernet_dir, ref, tmp_path):
+    ref_path = tmp_path / "ref.png"
+    ref.save(ref_path)
+    adapter = tmp_path / "me.safetensors"
+    res = run("personalize", "--image", ref_path, "--out", adapter, "--base", TINY_BASE, "--hypernet", hypernet_dir)
+    assert res.returncode == 0, res.stderr
+    res = run("generate", "--adapter", adapter, "--prompt", "a sks face, sad, on a green background", "--out", tmp_path / "imgs",
+              "--base", TINY_BASE, "--num-images", "2", "--steps", "3", "--seed", "4")
+    assert res.returncode == 0, res.stderr
+    files = sorted((tmp_path / "imgs").glob("*.png"))
+    assert [f.name for f in files] == ["me_seed4.png", "me_seed5.png"]
+    loaded = Adapter.load(adapter)  # the file reloads and reproduces the same images for the same seed
+    expected = hdb.generate("a sks face, sad, on a green background", loaded, num_images=2, steps=3, seed=4)
+    assert np.array_equal(_arr([Image.open(f) for f in files]), _arr(expected))
+    direct = hdb.personalize([ref])
+    assert all(torch.equal(direct.factors[n][0], loaded.factors[n][0]) for n in hdb.table.names)
+
+
+def test_cli_bad_inputs_exit_2_and_leave_no_file(hypernet_dir, tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("hello")
+    good = tmp_path / "ref.png"
+    sf.render(sf.Identity.from_seed(1_000_010), sf.Scene(), 32).save(good)
+    cases = [
+        (["personalize", "--image", tmp_path / "absent.png", "--out", tmp_path / "a.safetensors"], "does not exist"),
+        (["personalize", "--image", text, "--out", tmp_path / "a.safetensors"], "cannot be read as an image"),
+        (["personalize", "--image", good, "--out", tmp_path / "a.ckpt"], "must end with .safetensors"),
+        (["personalize", "--image", good, "--out", "/proc/x/a.safetensors", "--base", TINY_BASE, "--hypernet", hypernet_dir], "/proc/x"),
+        (["personalize", "--image", good, "--out", tmp_path / "a.safetensors", "--base", TINY_BASE, "--hypernet", hypernet_dir,
+          "--finetune-steps", "-3"], "`finetune_steps`"),
+        (["generate", "--adapter", text, "--prompt", "a sks face", "--out", tmp_path / "o"], "is not a safetensors file"),
+    ]
+    for args, needle in cases:
+        res = run(*args)
+        assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
+    assert not any(p.suffix == ".safetensors" or p.name.startswith(".") for p in tmp_path.iterdir())
