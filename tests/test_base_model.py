@@ -1,0 +1,35 @@
+"""The shipped SynthFaces base model: a plain diffusers folder that loads offline and obeys its background words."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from hyperdiff import LayerTable
+from hyperdiff.data import synthfaces
+from hyperdiff.models import EMBEDDED_BASE, load_base
+
+ASSETS = EMBEDDED_BASE.parent
+
+
+def test_bundle_is_small_and_loads_as_a_plain_diffusers_folder():
+    size = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file())
+    assert size <= 20_000_000, size
+    pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED_BASE, local_files_only=True)  # no hyperdiff involved
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a face, smiling, on a red background", num_inference_steps=4, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 64, 3)
+    assert len(LayerTable.from_unet(pipe.unet)) > 0
+
+
+def test_generated_background_matches_the_word():
+    pipe = load_base()  # the embedded default, fp32 on CPU
+    hits, total = 0, 0
+    for k, background in enumerate(synthfaces.BACKGROUNDS):
+        scene = synthfaces.Scene(background, k % 2 == 0, synthfaces.EXPRESSIONS[k % 4])
+        gens = [torch.Generator().manual_seed(1_000_000 + 10 * k + i) for i in range(4)]
+        images = pipe([synthfaces.caption(scene)] * 4, num_inference_steps=20, guidance_scale=4.0, generator=gens).images
+        hits += sum(synthfaces.background_of(im) == background for im in images)
+        total += len(images)
+    assert hits / total >= 0.9, f"{hits}/{total} backgrounds obeyed"
