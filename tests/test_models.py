@@ -14,7 +14,6 @@ from transformers import CLIPTokenizer
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.models import (
     DEFAULT_WORDS,
-    EMBEDDED_BASE,
     TinyPipelineConfig,
     build_tokenizer,
     build_unet,
@@ -216,10 +215,10 @@ def test_load_base_round_trips_a_saved_pipeline(pipe: StableDiffusionPipeline, t
     assert load_base(str(tmp_path / "base"), dtype=torch.bfloat16).unet.dtype == torch.bfloat16
 
 
-def test_load_base_default_is_not_shipped_yet() -> None:
-    if EMBEDDED_BASE.is_dir():
-        pytest.skip("the embedded SynthFaces base is shipped")
-    assert "embedded SynthFaces base is not shipped yet" in _one_line_error(None)
+def test_load_base_default_is_the_embedded_base_in_fp32_on_cpu() -> None:
+    pipe = load_base()
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64  # the SynthFaces base, not a test model
+    assert pipe.unet.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float32  # shipped fp16, CPU computes fp32
 
 
 def test_load_base_errors(tmp_path) -> None:

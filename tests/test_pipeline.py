@@ -94,7 +94,8 @@ def test_bad_arguments_are_one_line_errors(hdb, ref, tmp_path):
 
 
 def run(*args):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    # one thread, like this test process (tests/conftest.py): CPU reductions round differently with another count
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "hyperdiff.cli", *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
 
 
