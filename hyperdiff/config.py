@@ -3,7 +3,8 @@
 Contract: `from_dict(cls, data)` builds a (nested) dataclass from plain data, recursing into fields whose type is a
 dataclass and turning lists into tuples where the field is a tuple; an unknown key is a one-line `HyperdiffError`
 naming it and the fields that exist. `load_config(cls, path, overrides)` reads YAML (safe loader), then applies
-dotted overrides (`{"unet.steps": 100}`). `to_dict(obj)` is the inverse (JSON-friendly), written into file metadata.
+dotted overrides (`{"unet.steps": 100}`); `parse_assignments(["hypernet.decoder=mlp"])` turns `--set KEY=VALUE` flags into
+such overrides (values parsed as YAML scalars). `to_dict(obj)` is the inverse (JSON-friendly), written into file metadata.
 Validation lives in each dataclass's `__post_init__`.
 """
 
@@ -62,6 +63,26 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise HyperdiffError(f"override '{key}' goes through '{part}', which is not a section")
     node[parts[-1]] = value
+
+
+def parse_assignments(items: list[str] | None) -> dict[str, Any]:
+    """`["a.b=1", "c=mlp"]` → `{"a.b": 1, "c": "mlp"}`; each value is read as YAML (numbers, booleans, lists)."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise HyperdiffError(f"`--set` must be KEY=VALUE with a dotted config key, got {item!r}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise HyperdiffError(f"`--set` value of '{key}' is not a YAML value, got {text!r}") from None
+        if isinstance(value, str):  # YAML 1.1 reads "2e-3" as a string; a number is meant
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        out[key.strip()] = value
+    return out
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> T:

@@ -398,15 +398,34 @@ def test_script_flags_override_the_config_and_bad_input_is_one_line(tmp_path, tr
     cfg = load_config(HypernetTrainConfig, args.config, overrides(args))
     assert (cfg.learning_rate, cfg.cpu, cfg.train_batch_size, cfg.max_train_steps) == (0.5, True, 3, 4)
     assert load_config(HypernetTrainConfig, TINY, overrides(parser("x").parse_args([]))).cpu is False
+    args = parser("x").parse_args(["--config", TINY, "--set", "hypernet.decoder=mlp", "--set", "hypernet.refine_steps=1",
+                                   "--set", "max_grad_norm=0", "--set", "learning_rate=2e-3", "--learning_rate", "0.5"])
+    cfg = load_config(HypernetTrainConfig, args.config, overrides(args))
+    assert (cfg.hypernet.decoder, cfg.hypernet.refine_steps, cfg.max_grad_norm) == ("mlp", 1, 0)
+    assert cfg.learning_rate == 2e-3  # --set comes last and wins
+    for bad, words in ((["--set", "hypernet.decoder"], "KEY=VALUE"), (["--set", "hypernet.nope=1"], "nope"),
+                       (["--set", "max_grad_norm=-1"], "max_grad_norm")):
+        assert train_script.main(["--config", TINY, *bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
     assert train_script.main(["--config", str(tmp_path / "missing.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.yaml" in err[0] and "does not exist" in err[0]
 
 
-def test_validation_images_are_written_periodically(tmp_path, train_script):
-    out = tmp_path / "run"
-    assert train_script.main(["--config", TINY, "--output_dir", str(out), "--validation_steps", "2", "--max_train_steps", "4"]) == 0
+def test_validation_images_and_the_fp16_export(tmp_path, train_script):
+    out, export = tmp_path / "run", tmp_path / "shipped"
+    assert train_script.main(["--config", TINY, "--output_dir", str(out), "--validation_steps", "2", "--max_train_steps", "4",
+                              "--export_dir", str(export)]) == 0
     sheets = sorted(p.name for p in (out / "validation").iterdir())
     assert sheets == ["step-2.png", "step-4.png"]
+    full, half = load_file(out / "model.safetensors"), load_file(export / "model.safetensors")
+    assert full.keys() == half.keys() and {v.dtype for v in half.values()} == {torch.float16}
+    assert all(torch.equal(full[k].half(), half[k]) for k in full)  # the same weights, rounded once
+    ref = sf.render(sf.Identity.from_seed(1_000_000), sf.Scene(), 32)
+    a, b = HyperNetwork.from_pretrained(out).predict([ref]), HyperNetwork.from_pretrained(export).predict([ref])
+    for name in a.layer_names:
+        da, db = a.delta_weight(name), b.delta_weight(name)
+        assert (da - db).norm() <= 1e-2 * da.norm()  # fp16 weights: ~3 significant digits
     with Image.open(out / "validation" / "step-4.png") as im:
         assert im.size[0] > 0 and im.getextrema() != ((255, 255),) * 3  # a real picture, not a blank sheet

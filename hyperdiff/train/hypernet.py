@@ -15,7 +15,8 @@ Contract:
   when `targets_dir` holds a target for the identity.
 - `save_state` every `checkpointing_steps` into `output_dir/checkpoint-N` (newest `checkpoints_total_limit` kept),
   written as `checkpoint-N.tmp` and renamed once complete, so a run killed mid-save never leaves a half checkpoint;
-  `resume_from_checkpoint="latest"` continues; the final hypernet is `save_pretrained` into `output_dir` itself.
+  `resume_from_checkpoint="latest"` continues; the final hypernet is `save_pretrained` into `output_dir` itself, and
+  with `export_dir` set, also in fp16 there (the shipped copy: configs/synthfaces.yaml exports the embedded hypernet).
 - `precompute_targets` (stage 1): DreamBooth-LiDB per identity, many identities per batch, sharded across processes
   (identity i goes to process i mod N), restartable (identities with a file are skipped), one native adapter file
   per identity in `targets_dir/<key>.safetensors`.
@@ -73,10 +74,12 @@ class HypernetTrainConfig:
     data: DataSourceConfig = field(default_factory=DataSourceConfig)
     base: str = ""  # "" = embedded SynthFaces base; a folder, .safetensors, hub id, or "hyperdiff:tiny"
     output_dir: str = "runs/hypernet"
+    export_dir: str = ""  # also save the final hypernet here in fp16 ("" = no export)
     max_train_steps: int = 1000
     train_batch_size: int = 8
     learning_rate: float = 3e-4
     warmup_steps: int = 100
+    max_grad_norm: float = 1.0  # gradient clipping; 0 = off
     diffusion_weight: float = 1.0
     weight_weight: float = 0.02
     targets_dir: str = ""  # stage-1 targets; "" = none
@@ -98,6 +101,8 @@ class HypernetTrainConfig:
                 raise HyperdiffError(f"`{name}` must be a positive integer, got {value!r}")
         if not self.learning_rate > 0:
             raise HyperdiffError(f"`learning_rate` must be a positive number, got {self.learning_rate!r}")
+        if not self.max_grad_norm >= 0:
+            raise HyperdiffError(f"`max_grad_norm` must be a non-negative number (0 = no clipping), got {self.max_grad_norm!r}")
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -163,6 +168,8 @@ def train_hypernet(cfg: HypernetTrainConfig, resume: bool = True) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         hp.save_pretrained(out)
+        if cfg.export_dir:
+            hp.save_pretrained(cfg.export_dir, dtype=torch.float16)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
@@ -193,6 +200,8 @@ def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_sc
         if weight_loss is not None:
             loss = loss + cfg.weight_weight * weight_loss
         accelerator.backward(loss)
+        if cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
