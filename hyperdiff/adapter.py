@@ -12,7 +12,9 @@ Contract (DESIGN.md, "Adapter" and "Files"):
   `hyperdiff.fusion`), `hyper_lora()` (per-call deltas for `cross_attention_kwargs`).
 - Algebra on ΔW (not on factors): `w * ad` scales ΔW; `ad1 + ad2` (= `concat`) is the exact rank concatenation
   (rank r1 + r2, scales folded into `up`, alpha = rank); `mix(adapters, weights)` = Σ wᵢ·adᵢ.
-- Files (`hyperdiff.formats`): `save`/`load` (native), `export(path, format="diffusers"|"kohya")`.
+- Files (`hyperdiff.formats`): `save`/`load` (native), `export(path, format="diffusers"|"kohya")`;
+  `save_as(folder, format)` writes any of them under a name that says what it is (`file_name(format)`:
+  `hyperdiff-<token>-<digest>-<format>.safetensors`, the digest a hash of the adapter's values).
 """
 
 from __future__ import annotations
@@ -348,6 +350,24 @@ class Adapter:
         if table is not None:
             adapter.check_table(table)
         return adapter
+
+    @property
+    def digest(self) -> str:
+        """Short hex hash of what this adapter computes (kind, alpha, factor values): equal adapters, equal digest."""
+        from hyperdiff import formats
+
+        return formats.digest(self)
+
+    def file_name(self, format: str = "native") -> str:
+        from hyperdiff import formats
+
+        return formats.file_name(self, format)
+
+    def save_as(self, folder: str | Path, format: str = "native") -> Path:
+        """Write `folder / file_name(format)` (native, diffusers or kohya), atomically; returns the path."""
+        from hyperdiff import formats
+
+        return formats.write(self, folder, format)
 
     def export(self, path: str | Path, format: str = "diffusers") -> Path:
         """Write a LoRA file other tools load: `diffusers` (PEFT, `load_lora_weights`) or `kohya` (A1111/ComfyUI)."""

@@ -14,12 +14,18 @@ Contract (DESIGN.md, "Files"; REFERENCES.md, "File formats"):
   LoRA conversion.
 - All writes are atomic (temp file + rename); all reads are safetensors; a bad file is a one-line
   `HyperdiffError` that names the file and the problem.
+- `digest(adapter)`: a short hex hash of what the adapter computes (kind, alpha, LiDB config, every factor's values),
+  equal for equal adapters on every machine; `file_name(adapter, format)` =
+  `hyperdiff-<token>-<digest>-<format>.safetensors`; `write(adapter, folder, format)` writes that file in `folder`
+  in any of `FILE_FORMATS` (native, diffusers, kohya).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,6 +39,7 @@ from hyperdiff.lidb import LiDBConfig
 
 FORMAT_VERSION = "1"
 EXPORT_FORMATS = ("diffusers", "kohya")
+FILE_FORMATS = ("native", *EXPORT_FORMATS)
 _SUFFIXES = {"lora": ("down", "up"), "lidb": ("A_train", "B_train")}
 _KOHYA_VERSION = {"stable-diffusion-v1": "sd_v1", "stable-diffusion-v2": "sd_v2"}
 
@@ -229,3 +236,30 @@ def export_kohya(adapter, path: Path) -> Path:
         "modelspec.date": _dt.date.today().isoformat(),
     } | _provenance(adapter, "kohya") | _modelspec(adapter, path.stem)
     return write_safetensors(path, tensors, meta, "export file")
+
+
+# -- file names ----------------------------------------------------------------------------------------------
+def digest(adapter, length: int = 8) -> str:
+    """Hex digest of the adapter's kind, alpha, LiDB config and factor values (float32, layers in name order)."""
+    h = hashlib.sha256()
+    lidb = json.dumps(adapter.lidb.__dict__, sort_keys=True) if adapter.lidb is not None else ""
+    h.update(f"{adapter.kind}|{adapter.alpha!r}|{lidb}|{adapter.fingerprint}".encode())
+    for name in sorted(adapter.factors):
+        h.update(name.encode())
+        for t in adapter.factors[name]:
+            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:length]
+
+
+def file_name(adapter, format: str) -> str:
+    """`hyperdiff-<token>-<digest>-<format>.safetensors` (token reduced to [a-z0-9], "adapter" when it has none)."""
+    if format not in FILE_FORMATS:
+        raise HyperdiffError(f"`format` must be one of {list(FILE_FORMATS)}, got {format!r}")
+    token = re.sub(r"[^a-z0-9]", "", (adapter.info.token or "").lower()) or "adapter"
+    return f"hyperdiff-{token}-{digest(adapter)}-{format}.safetensors"
+
+
+def write(adapter, folder: str | Path, format: str) -> Path:
+    """Write the adapter as `folder / file_name(adapter, format)` (atomically) and return that path."""
+    path = Path(folder) / file_name(adapter, format)
+    return save_native(adapter, path) if format == "native" else export(adapter, path, format)

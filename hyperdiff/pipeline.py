@@ -13,6 +13,7 @@ Contract:
   Image i uses the generator seeded `seed + i`, so any image can be reproduced alone.
 - `sample_adapters(image, n, prompt)` → (images of n sampled adapters, per-pixel spread map of the image's size).
 - `mix(adapters, weights)` → `Adapter.mix`.
+- `encoder_view(images)` → the reference images as the hypernet's image encoder sees them (its own preprocessing).
 The pipeline holds no state between calls besides the loaded models: adapters are passed explicitly.
 """
 
@@ -49,27 +50,46 @@ def _check_int(name: str, value, lo: int, hi: int) -> None:
         raise HyperdiffError(f"`{name}` must be an integer in [{lo}, {hi}], got {value!r}")
 
 
-def load_images(images: Sequence[Image.Image | str | Path] | Image.Image | str | Path) -> list[Image.Image]:
-    """PIL images or paths → RGB PIL images; an absent or unreadable file is a one-line error naming it."""
+def load_images(
+    images: Sequence[Image.Image | str | Path] | Image.Image | str | Path, max_side: int | None = None,
+    max_bytes: int | None = None,
+) -> list[Image.Image]:
+    """PIL images or paths → RGB PIL images; an absent or unreadable file is a one-line error naming it.
+
+    `max_side` (pixels, either side) and `max_bytes` (file size) refuse oversized inputs, e.g. web uploads; the pixel
+    size is read from the file's header, before any pixel is decoded."""
     if isinstance(images, (Image.Image, str, Path)):
         images = [images]
     out = []
     for item in images:
         if isinstance(item, Image.Image):
+            _check_side(f"image {len(out) + 1}", item.size, max_side)
             out.append(item.convert("RGB"))
             continue
         path = Path(item)
         if not path.is_file():
             raise HyperdiffError(f"image '{path}' does not exist")
+        size = path.stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise HyperdiffError(f"image '{path}' is {size:,} bytes, expected at most {max_bytes:,} bytes "
+                                 f"({max_bytes / 2**20:.3g} MB)")
         try:
             with Image.open(path) as im:
+                _check_side(f"image '{path}'", im.size, max_side)
                 im.load()
                 out.append(im.convert("RGB"))
-        except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            if isinstance(e, HyperdiffError):
+                raise
             raise HyperdiffError(f"image '{path}' cannot be read as an image ({str(e).splitlines()[0]})") from None
     if not out:
         raise HyperdiffError("`images` must hold at least one reference image")
     return out
+
+
+def _check_side(what: str, size: tuple[int, int], max_side: int | None) -> None:
+    if max_side is not None and max(size) > max_side:
+        raise HyperdiffError(f"{what} is {size[0]}x{size[1]} px, expected at most {max_side} px on each side")
 
 
 class HyperDreamBoothPipeline:
@@ -111,17 +131,21 @@ class HyperDreamBoothPipeline:
                 "layers": len(self.table), "device": str(self.device), "dtype": str(self.pipe.unet.dtype).replace("torch.", "")}
 
     # -- personalization -----------------------------------------------------------------------------------------
+    def _require_hypernet(self) -> HyperNetwork:
+        if self.hypernet is None:
+            raise HyperdiffError("this pipeline was loaded without a hypernet: pass one to personalize")
+        return self.hypernet
+
     def personalize(
         self, images, token: str = "sks", finetune_steps: int = 0, seed: int = 0,
         finetune_config: FinetuneConfig | None = None, callback: Callable[[int, float], None] | None = None,
     ) -> Adapter:
-        if self.hypernet is None:
-            raise HyperdiffError("this pipeline was loaded without a hypernet: pass one to personalize")
+        hypernet = self._require_hypernet()
         refs = load_images(images)
         _check_int("finetune_steps", finetune_steps, 0, 10_000)
         if not token or not token.isalnum():
             raise HyperdiffError(f"`token` must be one word of letters or digits, like 'sks', got {token!r}")
-        adapter = self.hypernet.predict(refs, token=token)
+        adapter = hypernet.predict(refs, token=token)
         if finetune_steps:
             cfg = finetune_config or FinetuneConfig(kind="lora", rank=4, learning_rate=1e-3, prior_weight=1.0, prior_images=4)
             cfg = FinetuneConfig(**{**cfg.__dict__, "steps": finetune_steps, "token": token, "seed": seed})
@@ -132,6 +156,11 @@ class HyperDreamBoothPipeline:
         adapter.info = replace(adapter.info, base_model=self.base_name, token=token,
                                source=f"hypernet {self.hypernet_name}; finetune_steps={finetune_steps}")
         return adapter
+
+    def encoder_view(self, images) -> list[Image.Image]:
+        """What the hypernet's image encoder sees of each reference: its resize/crop, normalisation undone."""
+        hypernet = self._require_hypernet()
+        return hypernet.encoder.view(load_images(images))
 
     def _prior(self, cfg: FinetuneConfig):
         """The base model's prior-preservation images depend only on the prior settings: made once per pipeline."""
@@ -183,7 +212,7 @@ class HyperDreamBoothPipeline:
         """Images of n adapters sampled for one reference, and their per-pixel spread (std over the n images,
         mean over colour channels, scaled to 0..255) as a grayscale image of the same size."""
         _check_int("n", n, 2, MAX_IMAGES)
-        adapters = self.hypernet.sample(load_images(image), n, seed=seed)
+        adapters = self._require_hypernet().sample(load_images(image), n, seed=seed)
         images = []
         for ad in adapters:  # the same noise for every adapter, so the spread is the adapters' alone
             images += self.generate(prompt, ad, num_images=1, steps=steps, guidance=guidance, seed=seed)

@@ -8,8 +8,10 @@ Contract:
 - `EncoderConfig.kind == "small"`: a small trainable CNN for SynthFaces-scale models: stride-2 conv stages, the final
   feature map read as `h·w` tokens plus a learned position embedding, `(B, h·w, dim)`.
 - Both take `preprocess(images)` (PIL images or a float tensor in [0, 1], (B, 3, H, W)) → pixel tensor, and
-  `forward(pixels)` → features. Several reference images of one identity are pooled by `pool_references`: the mean of
-  their feature tokens (token-wise), so the hypernet sees one `(T, d)` sequence per identity whatever the count.
+  `forward(pixels)` → features. `view(images)` shows what the encoder sees: `preprocess` (resize, crop), then its
+  normalisation undone (`unnormalize`), as RGB PIL images of the encoder's input size. Several reference images of
+  one identity are pooled by `pool_references`: the mean of their feature tokens (token-wise), so the hypernet sees
+  one `(T, d)` sequence per identity whatever the count.
 """
 
 from __future__ import annotations
@@ -75,7 +77,16 @@ def _resize_hw(a: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8)
 
 
-class SmallImageEncoder(nn.Module):
+class _Viewable:
+    """`view(images)`: the encoder's own preprocessing, normalisation undone, as PIL images (what it sees)."""
+
+    def view(self, images) -> list[Image.Image]:
+        x = self.unnormalize(self.preprocess(images)).clamp(0, 1)  # (B, 3, S, S) in [0, 1]
+        arrays = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(a, mode="RGB") for a in arrays]
+
+
+class SmallImageEncoder(_Viewable, nn.Module):
     """CNN → tokens: (B, 3, S, S) in [0, 1] → (B, (S / 2^n)², dim)."""
 
     def __init__(self, config: EncoderConfig):
@@ -99,13 +110,16 @@ class SmallImageEncoder(nn.Module):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         return x * 2 - 1  # (B, 3, S, S) in [-1, 1]
 
+    def unnormalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels + 1) / 2
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         fmap = self.trunk(pixels)  # (B, C, h, w)
         tokens = fmap.flatten(2).transpose(1, 2)  # (B, h·w, C)
         return self.proj(tokens) + self.position  # (B, h·w, dim)
 
 
-class ClipImageEncoder(nn.Module):
+class ClipImageEncoder(_Viewable, nn.Module):
     """transformers CLIP vision tower; its processor config drives preprocessing."""
 
     def __init__(self, config: EncoderConfig):
@@ -141,6 +155,9 @@ class ClipImageEncoder(nn.Module):
         top, left = (x.shape[-2] - self.crop) // 2, (x.shape[-1] - self.crop) // 2
         x = x[..., top : top + self.crop, left : left + self.crop].clamp(0, 1)
         return (x - self.mean) / self.std  # (B, 3, crop, crop)
+
+    def unnormalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels * self.std + self.mean
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=pixels).last_hidden_state  # (B, 1 + patches, hidden)
