@@ -101,6 +101,14 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.out), base=args.base, hypernet=args.hypernet)
 
 
+def _cmd_ui(args: argparse.Namespace) -> None:
+    if not 1 <= args.port <= 65535:
+        raise HyperdiffError(f"`--port` must be an integer in [1, 65535], got {args.port}")
+    from ui.app import serve
+
+    serve(args.host, args.port, base=args.base, hypernet=args.hypernet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hyperdiff",
@@ -145,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print what a native adapter file holds")
     p.add_argument("adapter", help="native hyperdiff adapter (.safetensors)")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("ui", help="serve the web UI (Gradio): personalize, generate, uncertainty, mix, download",
+                       description="Serve the hyperdiff web UI until interrupted (Ctrl-C). Offline; each browser "
+                       "session keeps its own references, adapters and images; model calls run one at a time.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 serves your network, not only this machine (default: %(default)s)")
+    p.add_argument("--port", type=int, default=7860, help="TCP port to listen on (default: %(default)s)")
+    p.add_argument("--base", help="base model: diffusers folder, .safetensors file or hub id (default: embedded SynthFaces)")
+    p.add_argument("--hypernet", help="hypernet folder made by save_pretrained, for --base (default: the embedded "
+                   "SynthFaces hypernet once shipped; without one, personalization is off)")
+    p.set_defaults(func=_cmd_ui)
 
     p = sub.add_parser("demo", help="run the main job on the embedded default, offline")
     p.add_argument("--out", default="outputs/demo", help="folder for the images, sheet and adapters (default: %(default)s)")
