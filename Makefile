@@ -31,10 +31,10 @@ setup: $(STAMP) $(CHROMIUM)
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
-demo: setup
+demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/hyperdiff demo
 
-bench: setup
+bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) scripts/bench_core.py --out bench/core.json
 
 clean:

@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 import torch
 from diffusers import DDPMScheduler
 
@@ -360,6 +361,35 @@ def test_hypernet_with_clip_encoder_trains_its_unfrozen_block_and_round_trips(tm
     assert isinstance(loaded.encoder, ClipImageEncoder)
     want, got = hp.predict([face(9)]), loaded.predict([face(9)])
     assert all(torch.equal(got.factors[n][1], want.factors[n][1]) for n in table.names)
+
+
+def test_identity_encoder_kind_is_frozen_sees_identity_and_travels_in_the_hypernet_file(tmp_path, tiny, table, identity_batch):
+    from hyperdiff.hypernet.encoders import IdentityImageEncoder
+    from hyperdiff.metrics import default_encoder
+
+    config = EncoderConfig(kind="identity", image_size=64, dim=32)
+    hp = randomise_b_head(make_hypernet(table, encoder=config))
+    assert isinstance(hp.encoder, IdentityImageEncoder)
+    shipped = default_encoder()
+    refs = [face(s, size=64) for s in (1_000_020, 1_000_021)]
+    same_scene_other_identity = hp.encoder(hp.encoder.preprocess(refs))  # (2, 4·4 + 1, 32)
+    assert same_scene_other_identity.shape == (2, 17, 32)
+    # the identity token is the shipped encoder's embedding, projected: recompute it independently
+    emb = shipped.embed(refs)  # (2, 128), unit norm
+    want = emb @ hp.encoder.proj_id.weight.T + hp.encoder.proj_id.bias + hp.encoder.position[-1]
+    assert torch.allclose(same_scene_other_identity[:, -1], want, atol=1e-5)
+    with hyper_lora_processors(tiny.unet, table):  # (32 px batch: the encoder resizes to its 64 px input)
+        _loss(tiny, hp, identity_batch).backward()
+    assert all(p.grad is None for n, p in hp.encoder.named_parameters() if n.startswith(("trunk.", "embed_head.")))
+    assert hp.encoder.proj_map.weight.grad.abs().max() > 0 and hp.encoder.proj_id.weight.grad.abs().max() > 0
+    hp.save_pretrained(tmp_path / "hn")
+    with safe_open(str(tmp_path / "hn" / "model.safetensors"), "pt") as f:
+        assert any(k.startswith("encoder.trunk.") for k in f.keys())  # self-contained file
+    loaded = HyperNetwork.from_pretrained(tmp_path / "hn", table=table)
+    want, got = hp.predict([refs[0]]), loaded.predict([refs[0]])
+    assert all(torch.equal(got.factors[n][1], want.factors[n][1]) for n in table.names)
+    with pytest.raises(HyperdiffError, match="`encoder.image_size` must be the identity encoder's input size 64"):
+        IdentityImageEncoder(EncoderConfig(kind="identity", image_size=32, dim=32))
 
 
 def test_config_validation_is_one_line_errors(table):

@@ -373,7 +373,7 @@ def test_synthfaces_identities_render_one_identity_in_two_scenes(tmp_path):
 @pytest.mark.parametrize("name, base, encoder, data_kind", [
     ("sd15", "runwayml/stable-diffusion-v1-5", "clip", "folder"),
     ("sd21", "stabilityai/stable-diffusion-2-1-base", "clip", "folder"),
-    ("synthfaces", "", "small", "synthfaces"),
+    ("synthfaces", "", "identity", "synthfaces"),
     ("tiny", "hyperdiff:tiny", "small", "synthfaces"),
 ])
 def test_configs_load_into_the_training_dataclass(name, base, encoder, data_kind):

@@ -7,7 +7,11 @@ Contract:
   states `(B, 1 + patches, hidden)`.
 - `EncoderConfig.kind == "small"`: a small trainable CNN for SynthFaces-scale models: stride-2 conv stages, the final
   feature map read as `h·w` tokens plus a learned position embedding, `(B, h·w, dim)`.
-- Both take `preprocess(images)` (PIL images or a float tensor in [0, 1], (B, 3, H, W)) → pixel tensor, and
+- `EncoderConfig.kind == "identity"`: the SynthFaces identity encoder (`hyperdiff.metrics.IdentityEncoder`; the
+  shipped one unless `pretrained` names a folder), frozen — the role a pretrained face/vision tower plays for real
+  photos. Tokens: its final feature map `h·w` and its identity embedding (1), each projected to `dim` (trainable)
+  plus a learned position embedding, `(B, h·w + 1, dim)`. Its weights travel inside the hypernet's own file.
+- All take `preprocess(images)` (PIL images or a float tensor in [0, 1], (B, 3, H, W)) → pixel tensor, and
   `forward(pixels)` → features. `view(images)` shows what the encoder sees: `preprocess` (resize, crop), then its
   normalisation undone (`unnormalize`), as RGB PIL images of the encoder's input size. Several reference images of
   one identity are pooled by `pool_references`: the mean of their feature tokens (token-wise), so the hypernet sees
@@ -26,7 +30,7 @@ from torch import nn
 
 from hyperdiff.errors import HyperdiffError
 
-KINDS = ("small", "clip")
+KINDS = ("small", "clip", "identity")
 
 
 @dataclass
@@ -163,8 +167,49 @@ class ClipImageEncoder(_Viewable, nn.Module):
         return self.model(pixel_values=pixels).last_hidden_state  # (B, 1 + patches, hidden)
 
 
+class IdentityImageEncoder(_Viewable, nn.Module):
+    """Frozen identity-encoder trunk + embedding → projected tokens: (B, 3, S, S) in [-1, 1] → (B, h·w + 1, dim)."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        from hyperdiff.metrics import IdentityEncoder
+
+        self.config = config
+        source = IdentityEncoder.from_pretrained(config.pretrained or None)
+        if source.config.image_size != config.image_size:
+            raise HyperdiffError(
+                f"`encoder.image_size` must be the identity encoder's input size {source.config.image_size}, got {config.image_size}")
+        self.trunk, self.embed_head, self.pool = source.trunk, source.embed_head, source.config.pool
+        for module in (self.trunk, self.embed_head):
+            module.requires_grad_(False)
+        side = config.image_size // 2 ** len(source.config.channels)
+        self.proj_map = nn.Linear(source.config.channels[-1], config.dim)
+        self.proj_id = nn.Linear(source.config.embed_dim, config.dim)
+        self.position = nn.Parameter(torch.randn(side * side + 1, config.dim) * 0.02)
+        self.dim = config.dim
+
+    def preprocess(self, images) -> torch.Tensor:
+        x = _to_tensor(images)
+        size = self.config.image_size
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return x * 2 - 1  # (B, 3, S, S) in [-1, 1], the identity encoder's own input range
+
+    def unnormalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels + 1) / 2
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        maps = self.trunk(pixels)  # (B, C, h, w)
+        pooled = maps.mean(dim=(2, 3))
+        if self.pool == "avgmax":
+            pooled = torch.cat([pooled, maps.amax(dim=(2, 3))], dim=1)
+        identity = F.normalize(self.embed_head(pooled), dim=1)  # (B, e): the identity embedding
+        tokens = torch.cat([self.proj_map(maps.flatten(2).transpose(1, 2)), self.proj_id(identity)[:, None]], 1)
+        return tokens + self.position  # (B, h·w + 1, dim)
+
+
 def build_image_encoder(config: EncoderConfig) -> nn.Module:
-    return SmallImageEncoder(config) if config.kind == "small" else ClipImageEncoder(config)
+    return {"small": SmallImageEncoder, "clip": ClipImageEncoder, "identity": IdentityImageEncoder}[config.kind](config)
 
 
 def pool_references(features: torch.Tensor, groups: Sequence[int]) -> torch.Tensor:
