@@ -84,6 +84,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         raise HyperdiffError(f"`--out` '{out}' is a file, expected a folder for the PNG images")
     hdb = HyperDreamBoothPipeline.from_pretrained(args.base, load_hypernet=False)
     adapter.check_table(hdb.table)
+    hdb.pipe.set_progress_bar_config(disable=False, desc="denoise", leave=False)  # diffusers' own tqdm bar
     start = time.perf_counter()
     images = hdb.generate(args.prompt, adapter, negative_prompt=args.negative_prompt, num_images=args.num_images,
                           steps=args.steps, guidance=args.guidance, seed=args.seed, strength=args.strength)

@@ -369,6 +369,24 @@ def test_synthfaces_identities_render_one_identity_in_two_scenes(tmp_path):
         SynthFacesIdentities(range(sf.EVAL_SEED_START - 1, sf.EVAL_SEED_START + 1))
 
 
+@pytest.mark.parametrize("same_image", [0.0, 0.5, 1.0])
+def test_same_image_pairs_reconstruct_the_reference_at_the_given_rate(same_image):
+    data = SynthFacesIdentities(range(100), image_size=32, same_image=same_image)
+    gen = torch.Generator().manual_seed(0)
+    same, n = 0, 200
+    for k in range(n):
+        ref, target, caption = data.pair(k % 100, gen)
+        identical = ref.tobytes() == target.tobytes()
+        if identical:  # the target is the reference itself, and the caption describes the reference's scene
+            assert sf.render(sf.Identity.from_seed(k % 100), sf.scene_from_caption(caption), 32).tobytes() == ref.tobytes()
+        same += identical
+    # independent scenes coincide with probability 1/48 (6 backgrounds x 2 hats x 4 expressions)
+    expected = same_image + (1 - same_image) / 48
+    assert abs(same / n - expected) < 0.08, (same, n)
+    with pytest.raises(HyperdiffError, match="`same_image` must be a probability in \\[0, 1\\], got 1.5"):
+        SynthFacesIdentities(range(10), same_image=1.5)
+
+
 # -- configs ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, base, encoder, data_kind", [
     ("sd15", "runwayml/stable-diffusion-v1-5", "clip", "folder"),

@@ -2,10 +2,12 @@
 
 Contract: an identity source gives, for an identity key and a seeded generator, a reference image and a training
 example `(image, caption)` of the same identity.
-- `SynthFacesIdentities(seeds, image_size, token)`: renders any identity of `seeds` (a range of SynthFaces seeds) in
-  random scenes; the reference and the target are *different* scenes of one identity, so predicted weights must
-  carry the identity, not the reference's scene. Keys are the seeds.
-- `FolderIdentities(root, token)`: a folder with one sub-folder per identity (images + optional `caption.txt`, whose
+- `SynthFacesIdentities(seeds, image_size, token, same_image)`: renders any identity of `seeds` (a range of
+  SynthFaces seeds) in random scenes; the reference and the target are independent scenes of one identity, so
+  predicted weights must carry the identity, not the reference's scene — except that with probability `same_image`
+  the target *is* the reference (HyperDreamBooth's reconstruction of the input image: a stronger identity signal).
+  Keys are the seeds.
+- `FolderIdentities(root, token, image_size, same_image)`: a folder with one sub-folder per identity (images + optional `caption.txt`, whose
   `{token}` is filled in; default "a {token} face"), or a Hugging Face imagefolder `metadata.jsonl` with `file_name`,
   `identity` and optional `text` columns. Unreadable or bad images are skipped with one counted warning, never a crash.
 """
@@ -35,15 +37,22 @@ class IdentitySource(Protocol):
         """(reference image, target image, target caption) of identity `key`."""
 
 
+def _probability(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise HyperdiffError(f"`{name}` must be a probability in [0, 1], got {value!r}")
+    return float(value)
+
+
 def _pick(options, gen: torch.Generator):
     return options[int(torch.randint(len(options), (), generator=gen))]
 
 
 class SynthFacesIdentities:
-    def __init__(self, seeds: range, image_size: int = 64, token: str = "sks"):
+    def __init__(self, seeds: range, image_size: int = 64, token: str = "sks", same_image: float = 0.0):
         if seeds.start < 0 or (len(seeds) and seeds[-1] >= synthfaces.EVAL_SEED_START):
             raise HyperdiffError(f"`seeds` must lie below {synthfaces.EVAL_SEED_START} (evaluation seeds), got {seeds}")
         self.keys, self.image_size, self.token = list(seeds), image_size, token
+        self.same_image = _probability("same_image", same_image)
 
     def _scene(self, gen: torch.Generator) -> synthfaces.Scene:
         w = synthfaces.SCENE_WORDS
@@ -52,16 +61,17 @@ class SynthFacesIdentities:
     def pair(self, key, gen):
         identity = synthfaces.Identity.from_seed(int(key))
         ref_scene, target_scene = self._scene(gen), self._scene(gen)
-        return (
-            synthfaces.render(identity, ref_scene, self.image_size),
-            synthfaces.render(identity, target_scene, self.image_size),
-            synthfaces.caption(target_scene, self.token),
-        )
+        if torch.rand((), generator=gen) < self.same_image:
+            target_scene = ref_scene
+        reference = synthfaces.render(identity, ref_scene, self.image_size)
+        target = reference if target_scene == ref_scene else synthfaces.render(identity, target_scene, self.image_size)
+        return reference, target, synthfaces.caption(target_scene, self.token)
 
 
 class FolderIdentities:
-    def __init__(self, root: str | Path, token: str = "sks", image_size: int = 64):
+    def __init__(self, root: str | Path, token: str = "sks", image_size: int = 64, same_image: float = 0.0):
         self.root, self.token, self.image_size = Path(root), token, image_size
+        self.same_image = _probability("same_image", same_image)
         if not self.root.is_dir():
             raise HyperdiffError(f"dataset folder '{self.root}' does not exist")
         self.images: dict[str, list[tuple[Path, str]]] = {}
@@ -107,5 +117,8 @@ class FolderIdentities:
         items = self.images[key]
         i = int(torch.randint(len(items), (), generator=gen))
         others = [j for j in range(len(items)) if j != i] or [i]  # a different image when there is one
-        ref, target = items[i], items[_pick(others, gen)]
+        j = _pick(others, gen)
+        if torch.rand((), generator=gen) < self.same_image:
+            j = i
+        ref, target = items[i], items[j]
         return self._load(ref[0]), self._load(target[0]), target[1]

@@ -55,6 +55,7 @@ class DataSourceConfig:
     seed_stop: int = 900_000
     image_size: int = 64
     token: str = "sks"
+    same_image: float = 0.0  # probability that the target is the reference itself (reconstruction)
 
     def __post_init__(self) -> None:
         if self.kind not in ("synthfaces", "folder"):
@@ -64,8 +65,8 @@ class DataSourceConfig:
 
     def build(self):
         if self.kind == "folder":
-            return FolderIdentities(self.path, self.token, self.image_size)
-        return SynthFacesIdentities(range(self.seed_start, self.seed_stop), self.image_size, self.token)
+            return FolderIdentities(self.path, self.token, self.image_size, self.same_image)
+        return SynthFacesIdentities(range(self.seed_start, self.seed_stop), self.image_size, self.token, self.same_image)
 
 
 @dataclass
