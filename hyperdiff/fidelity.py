@@ -8,7 +8,8 @@ identifier token, and reports per method:
 - `seconds`: wall time to personalize one identity (model loading excluded), and `adapter_values`/`adapter_bytes`.
 Methods: `base` (no personalization), `dreambooth_lidb` (LiDB fine-tuned from scratch; its ID similarity is also
 reported along `config.dreambooth_curve`, so convergence is visible), and for every hypernet given (name → model):
-`<name>` (zero-shot) and `<name>+ft` (the rank-relaxed fast fine-tune of `config.finetune_steps`).
+`<name>` (zero-shot) and `<name>+ft` (the rank-relaxed fast fine-tune of `config.finetune_steps`); hypernets given as
+`ablations` get the zero-shot row only (decoder and K comparisons).
 `write_fidelity(result, out)` writes JSON and a Markdown table.
 """
 
@@ -78,7 +79,7 @@ def _size(adapter: Adapter) -> int:
         return adapter.save(Path(tmp) / "a.safetensors").stat().st_size
 
 
-def run_fidelity(pipe, hypernets: dict, config: FidelityConfig = FidelityConfig()) -> dict:
+def run_fidelity(pipe, hypernets: dict, config: FidelityConfig = FidelityConfig(), ablations: dict | None = None) -> dict:
     seeds = list(synthfaces.eval_seeds(config.identities))
     ref_scene = _scene(config.reference_scene)
     refs = [synthfaces.render(synthfaces.Identity.from_seed(s), ref_scene, pipe.unet.config.sample_size * pipe.vae_scale_factor) for s in seeds]
@@ -99,9 +100,11 @@ def run_fidelity(pipe, hypernets: dict, config: FidelityConfig = FidelityConfig(
 
     from hyperdiff.pipeline import HyperDreamBoothPipeline
 
-    for name, hp in hypernets.items():
+    runs = [(name, hp, ((name, 0), (f"{name}+ft", config.finetune_steps))) for name, hp in hypernets.items()]
+    runs += [(name, hp, ((name, 0),)) for name, hp in (ablations or {}).items()]
+    for name, hp, labels in runs:
         hdb = HyperDreamBoothPipeline(pipe, hp)
-        for label, ft_steps in ((name, 0), (f"{name}+ft", config.finetune_steps)):
+        for label, ft_steps in labels:
             start = time.perf_counter()
             adapters = [hdb.personalize([r], token=config.token, finetune_steps=ft_steps, seed=config.seed) for r in refs]
             seconds = (time.perf_counter() - start) / len(refs)

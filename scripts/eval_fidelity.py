@@ -1,10 +1,10 @@
 """Fidelity benchmark on held-out SynthFaces identities (seeds >= 1,000,000), paper-style, JSON + Markdown.
 
-    python scripts/eval_fidelity.py --hypernet attention=PATH [--hypernet mlp=PATH --hypernet k1=PATH] \
-        [--base PATH] [--identities 16] [--out outputs/fidelity]
+    python scripts/eval_fidelity.py --hypernet shipped=PATH [--ablation mlp=PATH --ablation k1=PATH] \
+        [--base PATH] [--identities 16] [--curve 100,200,400] [--out outputs/fidelity]
 
-Rows: base model, DreamBooth-LiDB from scratch (with its convergence curve), each hypernet zero-shot and with the
-40-step rank-relaxed fine-tune. Logic: hyperdiff.fidelity.
+Rows: base model, DreamBooth-LiDB from scratch (with its convergence curve), each --hypernet zero-shot and with the
+40-step rank-relaxed fine-tune, each --ablation zero-shot. Logic: hyperdiff.fidelity.
 """
 
 from __future__ import annotations
@@ -21,10 +21,24 @@ from hyperdiff.layers import LayerTable
 from hyperdiff.models import load_base
 
 
+def _named(items: list[str], flag: str, table: LayerTable) -> dict[str, HyperNetwork]:
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name:
+            raise HyperdiffError(f"`{flag}` must be NAME=PATH, got {item!r}")
+        out[name] = HyperNetwork.from_pretrained(path, table)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", help="base model (default: the embedded SynthFaces base)")
-    p.add_argument("--hypernet", action="append", default=[], metavar="NAME=PATH", help="a hypernet row (repeatable)")
+    p.add_argument("--hypernet", action="append", default=[], metavar="NAME=PATH",
+                   help="a hypernet: zero-shot and fast fine-tune rows (repeatable)")
+    p.add_argument("--ablation", action="append", default=[], metavar="NAME=PATH",
+                   help="a hypernet with a zero-shot row only (repeatable)")
+    p.add_argument("--curve", default="50,100,200,400", help="DreamBooth-LiDB steps, comma-separated; the last is its row")
     p.add_argument("--identities", type=int, default=16)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--finetune-steps", type=int, default=40)
@@ -33,14 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pipe = load_base(args.base)
         table = LayerTable.from_unet(pipe.unet)
-        hypernets = {}
-        for item in args.hypernet:
-            name, sep, path = item.partition("=")
-            if not sep:
-                raise HyperdiffError(f"`--hypernet` must be NAME=PATH, got {item!r}")
-            hypernets[name] = HyperNetwork.from_pretrained(path, table)
-        config = FidelityConfig(identities=args.identities, steps=args.steps, finetune_steps=args.finetune_steps)
-        result = run_fidelity(pipe, hypernets, config)
+        hypernets = _named(args.hypernet, "--hypernet", table)
+        ablations = _named(args.ablation, "--ablation", table)
+        try:
+            curve = tuple(int(v) for v in args.curve.split(","))
+        except ValueError:
+            raise HyperdiffError(f"`--curve` must be comma-separated step counts, got {args.curve!r}") from None
+        config = FidelityConfig(identities=args.identities, steps=args.steps, finetune_steps=args.finetune_steps,
+                                dreambooth_curve=curve)
+        result = run_fidelity(pipe, hypernets, config, ablations)
     except HyperdiffError as e:
         print(f"eval_fidelity: error: {e}", file=sys.stderr)
         return 2

@@ -41,13 +41,15 @@ def test_fidelity_benchmark_rows_and_table(tmp_path):
 
     pipe = tiny_pipeline(seed=0)
     config = FidelityConfig(identities=2, scenes=(("red", False, "smiling"),), steps=2, finetune_steps=2, dreambooth_curve=(2, 3))
-    result = run_fidelity(pipe, {"attention": HyperNetwork.from_pretrained(run)}, config)
+    result = run_fidelity(pipe, {"attention": HyperNetwork.from_pretrained(run)}, config, {"k1": HyperNetwork.from_pretrained(run)})
     rows = result["rows"]
-    assert list(rows) == ["base", "dreambooth_lidb", "attention", "attention+ft"]
+    assert list(rows) == ["base", "dreambooth_lidb", "attention", "attention+ft", "k1"]  # ablations: zero-shot only
+    assert rows["k1"]["id_similarity"] == rows["attention"]["id_similarity"]  # the same hypernet, the same images
     assert [c["steps"] for c in rows["dreambooth_lidb"]["curve"]] == [2, 3]
     assert rows["attention"]["adapter_values"] == 32 * 150 and rows["attention+ft"]["adapter_values"] > 32 * 150
     assert min(result["identities"]) >= 1_000_000  # evaluation seeds only
     md = write_fidelity(result, tmp_path / "out")["markdown"].read_text()
     assert [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| ")][1:] == [f"| {r}" for r in rows]
     assert "DreamBooth-LiDB convergence" in md
-    assert eval_fidelity.main(["--base", "hyperdiff:tiny", "--hypernet", "bad", "--out", str(tmp_path)]) == 2
+    for bad in (["--hypernet", "bad"], ["--ablation", "=x"], ["--curve", "10,x"]):
+        assert eval_fidelity.main(["--base", "hyperdiff:tiny", *bad, "--out", str(tmp_path)]) == 2
