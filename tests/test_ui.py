@@ -177,8 +177,8 @@ def test_random_seed_then_reuse_the_last_one(server, refs):
     assert captions == [f"seed {first}", f"seed {first + 1}"]
     seed, randomize = c.predict(api_name="/reuse_seed")
     assert (seed, randomize) == (first, False)
-    again, _, _ = generate(c, seed=seed, n=1)
-    assert np.array_equal(pixels(again), pixels(images[:1]))
+    again, _, _ = generate(c, seed=seed, n=2)  # the same batch (a batch of 1 may round differently in the UNet)
+    assert np.array_equal(pixels(again), pixels(images))
 
 
 def test_fast_finetune_reports_progress_and_cancel_keeps_the_previous_adapter(server, expected, refs):
