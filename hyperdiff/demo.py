@@ -6,17 +6,17 @@ base model, one row per identity and scene), the native adapters and their diffu
 vanilla diffusers' `load_lora_weights` of the export gives the image hyperdiff's own injection gives, and prints
 where everything is and each step's time. Returns a summary dict. Deterministic for a given seed.
 
-What runs depends on what is shipped, and the demo says which:
+What runs depends on what is shipped (or passed), and the demo says which:
 - base + hypernet (the product): zero-shot hypernet prediction, then the 40-step rank-relaxed fine-tune;
-- base only: DreamBooth-LiDB fine-tuning from scratch on the embedded base (no zero-shot column);
-- neither: the same job on the offline random-init tiny base with an untrained hypernet — the machinery end to end,
-  whose pictures are texture, not faces.
+- base only: DreamBooth-LiDB fine-tuning from scratch (`dreambooth_steps`, the pipeline's `DREAMBOOTH_LIDB` recipe,
+  all identities in one batch; no zero-shot column).
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -24,7 +24,8 @@ import torch
 
 from hyperdiff.adapter import Adapter
 from hyperdiff.data import synthfaces
-from hyperdiff.finetune import FinetuneConfig, finetune
+from hyperdiff.finetune import finetune
+from hyperdiff.pipeline import DREAMBOOTH_LIDB
 from hyperdiff.sheet import contact_sheet, save_png
 
 SCENES = (synthfaces.Scene("red", False, "smiling"), synthfaces.Scene("blue", True, "surprised"))
@@ -39,29 +40,17 @@ def _step(timings: dict, name: str) -> Iterator[None]:
 
 
 def _load(base: str | None, hypernet: str | None):
-    """(pipeline, what is running) from the arguments, else the best of what is shipped."""
-    from hyperdiff.hypernet import HyperNetConfig, HyperNetwork, EncoderConfig
-    from hyperdiff.models import EMBEDDED_BASE, TINY_BASE
-    from hyperdiff.pipeline import EMBEDDED_HYPERNET, HyperDreamBoothPipeline
+    """(pipeline, what is running): the arguments, else the embedded base with its hypernet when one is shipped."""
+    from hyperdiff.pipeline import HyperDreamBoothPipeline
 
-    if base is None and hypernet is None:
-        if EMBEDDED_BASE.is_dir() and EMBEDDED_HYPERNET.is_dir():
-            return HyperDreamBoothPipeline.from_pretrained(), "embedded SynthFaces base + hypernet"
-        if EMBEDDED_BASE.is_dir():
-            return HyperDreamBoothPipeline.from_pretrained(load_hypernet=False), (
-                "embedded SynthFaces base; the hypernet is not shipped yet, so identities are fine-tuned (DreamBooth-LiDB)")
-        hdb = HyperDreamBoothPipeline.from_pretrained(TINY_BASE, load_hypernet=False)
-        size = hdb.pipe.unet.config.sample_size * hdb.pipe.vae_scale_factor
-        hp = HyperNetwork(HyperNetConfig(dim=32, layers=1, encoder=EncoderConfig(image_size=size, channels=(16, 32), dim=32)), hdb.table)
-        return HyperDreamBoothPipeline(hdb.pipe, hp, TINY_BASE, "untrained"), (
-            "the embedded SynthFaces models are not shipped yet: random-init tiny base and untrained hypernet "
-            "(the machinery end to end; pictures are texture, not faces)")
-    hdb = HyperDreamBoothPipeline.from_pretrained(base, hypernet, load_hypernet=hypernet is not None)
-    return hdb, f"base {base or 'embedded'}, hypernet {hypernet or 'none (DreamBooth-LiDB fine-tuning)'}"
+    hdb = HyperDreamBoothPipeline.from_pretrained(base, hypernet)
+    if hdb.hypernet is None:
+        return hdb, f"base {hdb.base_name}; no hypernet is shipped for it yet, so identities are fine-tuned (DreamBooth-LiDB)"
+    return hdb, f"base {hdb.base_name} + hypernet {hdb.hypernet_name}"
 
 
 def run_demo(out: Path, seed: int = 0, identities: int = 2, base: str | None = None, hypernet: str | None = None,
-             finetune_steps: int = 40, steps: int = 20) -> dict:
+             finetune_steps: int = 40, steps: int = 20, dreambooth_steps: int = 300) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     with _step(timings, "load models"):
@@ -77,7 +66,7 @@ def run_demo(out: Path, seed: int = 0, identities: int = 2, base: str | None = N
         with _step(timings, f"+ {finetune_steps}-step fast fine-tune each"):
             columns[f"+{finetune_steps}-step ft"] = [hdb.personalize([r], finetune_steps=finetune_steps, seed=seed) for r in refs]
     else:
-        cfg = FinetuneConfig(kind="lidb", steps=150, learning_rate=1e-2, prior_weight=1.0, prior_images=4, seed=seed)
+        cfg = replace(DREAMBOOTH_LIDB, steps=dreambooth_steps, seed=seed)
         with _step(timings, f"fine-tune {identities} identities together (DreamBooth-LiDB, {cfg.steps} steps)"):
             columns["DreamBooth-LiDB"] = finetune(hdb.pipe, [[r] for r in refs], cfg, progress=False)
     columns["base model"] = [None] * identities

@@ -2,12 +2,13 @@
 
 Contract:
 - `from_pretrained(base=None, hypernet=None, device=None, dtype=None)`: with no arguments, the embedded SynthFaces
-  pair; otherwise any base `load_base` accepts and a hypernet folder made by `save_pretrained` for that base (the
-  layer fingerprints must match). Device: cuda, then mps, then cpu; dtype: fp16 on cuda/mps, fp32 on cpu; both
+  base and its hypernet when one is shipped; otherwise any base `load_base` accepts and a hypernet folder made by
+  `save_pretrained` for that base (the layer fingerprints must match), or none. Device: cuda, then mps, then cpu; dtype: fp16 on cuda/mps, fp32 on cpu; both
   overridable.
 - `personalize(images, token, finetune_steps, seed)` → Adapter: the hypernet's zero-shot LiDB prediction, then, with
   `finetune_steps > 0`, the rank-relaxed fast fine-tune (a rank-r' LoRA trained on top, returned as the exact
-  concatenation).
+  concatenation). Without a hypernet (none given, none shipped for the base), `finetune_steps > 0` fine-tunes LiDB
+  factors from scratch (DreamBooth-LiDB) and 0 is a one-line error saying so.
 - `generate(prompt, adapter, ...)` → list of PIL images. One adapter is fused for the call (zero overhead) and unfused
   after, also on an error; a list of adapters (one per image) runs as one batch through the per-sample processors.
   Image i uses the generator seeded `seed + i`, so any image can be reproduced alone.
@@ -35,6 +36,10 @@ from hyperdiff.processors import hyper_lora_processors
 
 EMBEDDED_HYPERNET = Path(__file__).resolve().parent / "assets" / "synthfaces" / "hypernet"
 MAX_IMAGES, MAX_STEPS = 64, 500
+# fine-tune defaults: the rank-relaxed fast fine-tune on top of a hypernet prediction, and without a hypernet
+# DreamBooth-LiDB from scratch (the fidelity benchmark's row: lr 1e-2, no prior; ~300 steps to converge on SynthFaces)
+FAST_FINETUNE = FinetuneConfig(kind="lora", rank=4, learning_rate=1e-3, prior_weight=1.0, prior_images=4)
+DREAMBOOTH_LIDB = FinetuneConfig(kind="lidb", learning_rate=1e-2, prior_weight=0.0)
 
 
 def default_device() -> torch.device:
@@ -113,11 +118,11 @@ class HyperDreamBoothPipeline:
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
         pipe = load_base(base, dtype=dtype, device=device)
+        if hypernet is None and (base is not None or not EMBEDDED_HYPERNET.is_dir()):
+            load_hypernet = False  # the embedded hypernet belongs to the embedded base, and only when shipped
         if not load_hypernet:
             return cls(pipe, None, base_name=base or "synthfaces (embedded)")
         path = Path(hypernet) if hypernet is not None else EMBEDDED_HYPERNET
-        if hypernet is None and not path.is_dir():
-            raise HyperdiffError("the embedded SynthFaces hypernet is not shipped yet: pass --hypernet PATH")
         hp = HyperNetwork.from_pretrained(path, LayerTable.from_unet(pipe.unet)).to(device)
         return cls(pipe, hp, base_name=base or "synthfaces (embedded)", hypernet_name=str(hypernet or "synthfaces (embedded)"))
 
@@ -133,28 +138,31 @@ class HyperDreamBoothPipeline:
     # -- personalization -----------------------------------------------------------------------------------------
     def _require_hypernet(self) -> HyperNetwork:
         if self.hypernet is None:
-            raise HyperdiffError("this pipeline was loaded without a hypernet: pass one to personalize")
+            raise HyperdiffError("this pipeline was loaded without a hypernet: pass one (--hypernet PATH) for zero-shot "
+                                 "personalization, or finetune_steps > 0 to fine-tune from scratch (DreamBooth-LiDB)")
         return self.hypernet
 
     def personalize(
         self, images, token: str = "sks", finetune_steps: int = 0, seed: int = 0,
         finetune_config: FinetuneConfig | None = None, callback: Callable[[int, float], None] | None = None,
     ) -> Adapter:
-        hypernet = self._require_hypernet()
         refs = load_images(images)
         _check_int("finetune_steps", finetune_steps, 0, 10_000)
         if not token or not token.isalnum():
             raise HyperdiffError(f"`token` must be one word of letters or digits, like 'sks', got {token!r}")
-        adapter = hypernet.predict(refs, token=token)
+        if self.hypernet is None and not finetune_steps:
+            self._require_hypernet()  # nothing to predict with and nothing to train: say what to pass
+        start = [self.hypernet.predict(refs, token=token)] if self.hypernet is not None else None
+        adapter = start[0] if start else None
         if finetune_steps:
-            cfg = finetune_config or FinetuneConfig(kind="lora", rank=4, learning_rate=1e-3, prior_weight=1.0, prior_images=4)
+            cfg = finetune_config or (FAST_FINETUNE if start else DREAMBOOTH_LIDB)
             cfg = FinetuneConfig(**{**cfg.__dict__, "steps": finetune_steps, "token": token, "seed": seed})
             prior = self._prior(cfg) if cfg.prior_weight > 0 else None
-            adapter = finetune(self.pipe, [refs], cfg, start=[adapter], prior=prior, progress=False, callback=callback)[0]
+            adapter = finetune(self.pipe, [refs], cfg, start=start, prior=prior, progress=False, callback=callback)[0]
         from dataclasses import replace
 
-        adapter.info = replace(adapter.info, base_model=self.base_name, token=token,
-                               source=f"hypernet {self.hypernet_name}; finetune_steps={finetune_steps}")
+        how = f"hypernet {self.hypernet_name}" if start else f"DreamBooth-{cfg.kind.upper() if cfg.kind == 'lora' else 'LiDB'}"
+        adapter.info = replace(adapter.info, base_model=self.base_name, token=token, source=f"{how}; finetune_steps={finetune_steps}")
         return adapter
 
     def encoder_view(self, images) -> list[Image.Image]:

@@ -84,15 +84,14 @@ def test_bad_inputs_exit_2_with_one_line_and_no_partial_file(adapter_file, tmp_p
 
 
 def test_demo_runs_offline_and_writes_its_outputs(tmp_path):
-    """The default demo on what is shipped: a hypernet (the embedded one, or an untrained one on the tiny base while
-    nothing is shipped), or DreamBooth-LiDB on the embedded base while only the base is shipped."""
-    from hyperdiff.models import EMBEDDED_BASE
+    """The default demo on what is shipped: the embedded base with its hypernet, or DreamBooth-LiDB on the embedded
+    base while no hypernet is shipped."""
     from hyperdiff.pipeline import EMBEDDED_HYPERNET
 
     res = run("demo", "--out", tmp_path / "demo")
     assert res.returncode == 0, res.stderr
     out = tmp_path / "demo"
-    with_hypernet = EMBEDDED_HYPERNET.is_dir() or not EMBEDDED_BASE.is_dir()
+    with_hypernet = EMBEDDED_HYPERNET.is_dir()
     with Image.open(out / "sheet.png") as sheet:  # reference | [zero-shot |] personalized | base model
         assert sheet.size == ((4 if with_hypernet else 3) * 128, 18 + 2 * 2 * 128)
     for seed in (1_000_000, 1_000_001):  # held-out identities

@@ -135,3 +135,26 @@ def test_cli_bad_inputs_exit_2_and_leave_no_file(hypernet_dir, tmp_path):
         res = run(*args)
         assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
     assert not any(p.suffix == ".safetensors" or p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_without_a_hypernet_personalize_fine_tunes_from_scratch(ref, tmp_path):
+    from dataclasses import replace
+
+    from hyperdiff.finetune import finetune
+    from hyperdiff.pipeline import DREAMBOOTH_LIDB
+
+    bare = HyperDreamBoothPipeline.from_pretrained(TINY_BASE, device="cpu")  # another base: no hypernet for it
+    assert bare.hypernet is None and bare.describe()["hypernet"] == "-"
+    with pytest.raises(HyperdiffError, match="finetune_steps > 0 to fine-tune from scratch"):
+        bare.personalize([ref])
+    ad = bare.personalize([ref], finetune_steps=3)
+    assert (ad.kind, ad.rank) == ("lidb", 1) and ad.info.source.startswith("DreamBooth-LiDB")
+    want = finetune(bare.pipe, [[ref]], replace(DREAMBOOTH_LIDB, steps=3), progress=False)[0]  # the engine, directly
+    assert all(torch.equal(ad.factors[n][1], want.factors[n][1]) for n in bare.table.names)
+    ref_path, out = tmp_path / "ref.png", tmp_path / "scratch.safetensors"
+    ref.save(ref_path)
+    res = run("personalize", "--image", ref_path, "--out", out, "--base", TINY_BASE, "--finetune-steps", "3")
+    assert res.returncode == 0, res.stderr
+    assert all(torch.equal(Adapter.load(out).factors[n][1], want.factors[n][1]) for n in bare.table.names)
+    res = run("personalize", "--image", ref_path, "--out", tmp_path / "none.safetensors", "--base", TINY_BASE)
+    assert res.returncode == 2 and "fine-tune from scratch" in res.stderr and not (tmp_path / "none.safetensors").exists()

@@ -39,12 +39,13 @@ from hyperdiff.adapter import Adapter
 from hyperdiff.data import synthfaces
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.formats import FILE_FORMATS
-from hyperdiff.pipeline import EMBEDDED_HYPERNET, MAX_IMAGES, HyperDreamBoothPipeline, load_images
+from hyperdiff.pipeline import MAX_IMAGES, HyperDreamBoothPipeline, load_images
 
 MAX_SIDE, MAX_MB = 4096, 20  # uploads larger than this are refused (pixels on either side, megabytes)
 MAX_QUEUE = 16  # model requests waiting at most; more get "queue full"
 MAX_SEED = 2**32 - 1
 MAX_FINETUNE_STEPS = 500
+NO_HYPERNET_STEPS = 300  # DreamBooth-LiDB from scratch: about where it converges on SynthFaces (README, fidelity)
 TOKEN = "sks"
 MODEL = "model"  # concurrency id shared by every event that calls the pipeline
 
@@ -235,7 +236,10 @@ class _Handlers:
         finally:
             self.runs.finish(key, flag)
         session.adapter = adapter
-        how = "zero-shot hypernet prediction" if steps == 0 else f"zero-shot prediction + {steps}-step fast fine-tune"
+        if self.pipeline.hypernet is None:
+            how = f"{steps}-step DreamBooth-LiDB fine-tune from scratch: no hypernet loaded"
+        else:
+            how = "zero-shot hypernet prediction" if steps == 0 else f"zero-shot prediction + {steps}-step fast fine-tune"
         return (f"Personalized from {len(references)} reference(s) in **{seconds:.2f} s** ({how}). "
                 f"Put **{token}** in your prompt.", _adapter_summary(adapter), session)
 
@@ -335,8 +339,12 @@ def build_app(pipeline: HyperDreamBoothPipeline) -> gr.Blocks:
                                      allow_preview=False, elem_id="preview")
                 with gr.Row():
                     token = gr.Textbox(TOKEN, label="Identifier token", max_lines=1, scale=1)
-                    ft_steps = gr.Slider(0, MAX_FINETUNE_STEPS, value=0, step=1, label="Fast fine-tune steps",
-                                         info="0 = zero-shot (instant); 40 = the paper's fast fine-tune", scale=2)
+                    if pipeline.hypernet is not None:
+                        ft_steps = gr.Slider(0, MAX_FINETUNE_STEPS, value=0, step=1, label="Fast fine-tune steps",
+                                             info="0 = zero-shot (instant); 40 = the paper's fast fine-tune", scale=2)
+                    else:  # no hypernet: DreamBooth-LiDB from scratch, which needs steps
+                        ft_steps = gr.Slider(0, MAX_FINETUNE_STEPS, value=NO_HYPERNET_STEPS, step=1, label="Fine-tune steps",
+                                             info="no hypernet loaded: DreamBooth-LiDB from scratch (0 = error)", scale=2)
                 with gr.Accordion("Advanced", open=False):
                     ft_seed = gr.Number(0, label="Fine-tune seed", precision=0, minimum=0, maximum=MAX_SEED)
                 with gr.Row():
@@ -438,10 +446,10 @@ def serve(host: str = "127.0.0.1", port: int = 7860, base: str | None = None, hy
 
     diffusers_logging.disable_progress_bar()  # a server's terminal: its own lines only, errors in one line
     transformers_logging.disable_progress_bar()
-    with_hypernet = hypernet is not None or (base is None and EMBEDDED_HYPERNET.is_dir())
-    if not with_hypernet:
-        print("hyperdiff ui: no hypernet (none shipped for this base yet; pass --hypernet PATH): personalization is off")
-    pipeline = HyperDreamBoothPipeline.from_pretrained(base, hypernet, load_hypernet=with_hypernet)
+    pipeline = HyperDreamBoothPipeline.from_pretrained(base, hypernet)
+    if pipeline.hypernet is None:
+        print("hyperdiff ui: no hypernet (none shipped for this base yet; pass --hypernet PATH): Personalize fine-tunes "
+              "from scratch (DreamBooth-LiDB, fine-tune steps > 0)")
     print(f"hyperdiff ui: {pipeline.describe()}")
     launch(build_app(pipeline), host, port)
 
