@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="native adapter file to write (.safetensors, written atomically)")
     p.add_argument("--finetune-steps", type=int, default=0,
                    help="rank-relaxed fast fine-tune steps on top of the prediction (0 = zero-shot; paper: 40); "
-                   "without a hypernet, DreamBooth-LiDB steps from scratch (about 300 converge on SynthFaces)")
+                   "without a hypernet, DreamBooth-LiDB steps from scratch (300-600 on SynthFaces)")
     p.add_argument("--token", default="sks", help="identifier word to use in prompts (default: %(default)s)")
     p.add_argument("--base", help="base model: diffusers folder, .safetensors file or hub id (default: embedded SynthFaces)")
     p.add_argument("--hypernet", help="hypernet folder made by save_pretrained (default: the embedded SynthFaces one "
