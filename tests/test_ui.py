@@ -28,19 +28,7 @@ from hyperdiff import Adapter
 from hyperdiff.data import synthfaces as sf
 from hyperdiff.pipeline import EMBEDDED_HYPERNET, HyperDreamBoothPipeline
 
-from ui_support import PROMPT, STEPS, face, free_port, make_hypernet_dir, pixels, start_server
-
-
-@pytest.fixture(scope="module")
-def hypernet_dir(tmp_path_factory):
-    return make_hypernet_dir(tmp_path_factory.mktemp("ui_hypernet"))
-
-
-@pytest.fixture(scope="module")
-def server(hypernet_dir):
-    demo, url = start_server(HyperDreamBoothPipeline.from_pretrained(hypernet=hypernet_dir, device="cpu"))
-    yield url
-    demo.close()
+from ui_support import PROMPT, STEPS, face, free_port, hypernet_dir, pixels, server  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")

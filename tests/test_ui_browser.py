@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from hyperdiff.pipeline import HyperDreamBoothPipeline
 
-from ui_support import face, make_hypernet_dir, pixels, start_server
+from ui_support import face, hypernet_dir, pixels, server  # noqa: F401 (fixtures)
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -35,18 +35,6 @@ if not CHROMIUM.exists():
     pytest.skip("Debian chromium is not installed (make test installs it)", allow_module_level=True)
 playwright = pytest.importorskip("playwright.sync_api")
 expect = playwright.expect
-
-
-@pytest.fixture(scope="module")
-def hypernet_dir(tmp_path_factory):
-    return make_hypernet_dir(tmp_path_factory.mktemp("ui_browser_hypernet"))
-
-
-@pytest.fixture(scope="module")
-def server(hypernet_dir):
-    demo, url = start_server(HyperDreamBoothPipeline.from_pretrained(hypernet=hypernet_dir, device="cpu"))
-    yield url
-    demo.close()
 
 
 @pytest.fixture(scope="module")

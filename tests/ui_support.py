@@ -1,5 +1,6 @@
 """Shared set-up of the web UI tests (test_ui.py, test_ui_browser.py): a hypernet for the embedded SynthFaces base,
-reference renders of evaluation identities, and an in-process server on a free 127.0.0.1 port."""
+reference renders of evaluation identities, and an in-process server on a free 127.0.0.1 port. The fixtures
+`hypernet_dir` (one per session) and `server` (one per test module) are imported by both modules."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import socket
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from hyperdiff.data import synthfaces as sf
 from hyperdiff.pipeline import HyperDreamBoothPipeline
@@ -28,6 +30,18 @@ def make_hypernet_dir(folder: Path) -> Path:
     table = HyperDreamBoothPipeline.from_pretrained(load_hypernet=False, device="cpu").table
     randomise_b_head(make_hypernet(table, seed=0), std=1e-2).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def hypernet_dir(tmp_path_factory):
+    return make_hypernet_dir(tmp_path_factory.mktemp("ui_hypernet"))
+
+
+@pytest.fixture(scope="module")
+def server(hypernet_dir):
+    demo, url = start_server(HyperDreamBoothPipeline.from_pretrained(hypernet=hypernet_dir, device="cpu"))
+    yield url
+    demo.close()
 
 
 def face(seed: int, background: str = "gray", size: int = 64):

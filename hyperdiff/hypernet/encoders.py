@@ -90,7 +90,21 @@ class _Viewable:
         return [Image.fromarray(a, mode="RGB") for a in arrays]
 
 
-class SmallImageEncoder(_Viewable, nn.Module):
+class _SquareInput(_Viewable):
+    """Resize to `config.image_size` squared, scale to [-1, 1] (the small CNN's and the identity encoder's input)."""
+
+    def preprocess(self, images) -> torch.Tensor:
+        x = _to_tensor(images)
+        size = self.config.image_size
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return x * 2 - 1  # (B, 3, S, S) in [-1, 1]
+
+    def unnormalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels + 1) / 2
+
+
+class SmallImageEncoder(_SquareInput, nn.Module):
     """CNN → tokens: (B, 3, S, S) in [0, 1] → (B, (S / 2^n)², dim)."""
 
     def __init__(self, config: EncoderConfig):
@@ -106,16 +120,6 @@ class SmallImageEncoder(_Viewable, nn.Module):
         self.proj = nn.Linear(c_in, config.dim)
         self.position = nn.Parameter(torch.randn(side * side, config.dim) * 0.02)
         self.dim = config.dim
-
-    def preprocess(self, images) -> torch.Tensor:
-        x = _to_tensor(images)
-        size = self.config.image_size
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        return x * 2 - 1  # (B, 3, S, S) in [-1, 1]
-
-    def unnormalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        return (pixels + 1) / 2
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         fmap = self.trunk(pixels)  # (B, C, h, w)
@@ -167,7 +171,7 @@ class ClipImageEncoder(_Viewable, nn.Module):
         return self.model(pixel_values=pixels).last_hidden_state  # (B, 1 + patches, hidden)
 
 
-class IdentityImageEncoder(_Viewable, nn.Module):
+class IdentityImageEncoder(_SquareInput, nn.Module):
     """Frozen identity-encoder trunk + embedding → projected tokens: (B, 3, S, S) in [-1, 1] → (B, h·w + 1, dim)."""
 
     def __init__(self, config: EncoderConfig):
@@ -187,16 +191,6 @@ class IdentityImageEncoder(_Viewable, nn.Module):
         self.proj_id = nn.Linear(source.config.embed_dim, config.dim)
         self.position = nn.Parameter(torch.randn(side * side + 1, config.dim) * 0.02)
         self.dim = config.dim
-
-    def preprocess(self, images) -> torch.Tensor:
-        x = _to_tensor(images)
-        size = self.config.image_size
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        return x * 2 - 1  # (B, 3, S, S) in [-1, 1], the identity encoder's own input range
-
-    def unnormalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        return (pixels + 1) / 2
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         maps = self.trunk(pixels)  # (B, C, h, w)
