@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -248,8 +249,9 @@ def test_precompute_is_restartable_and_training_uses_its_targets(tmp_path, train
     assert train_script.main(["--config", str(config), "--output_dir", str(without)]) == 0
     assert _max_diff(_weights(with_t / "model.safetensors"), _weights(without / "model.safetensors")) > 1e-5
 
-    # the weight term alone pulls the predictions towards the targets
-    cfg = load_config(HypernetTrainConfig, config, {
+    # the weight term alone pulls the predictions towards the targets; with the full tiny data (1000 identities)
+    # batches must draw the 3 identities that have targets for that to happen
+    cfg = load_config(HypernetTrainConfig, TINY, {
         "output_dir": str(tmp_path / "weights_only"), "targets_dir": str(targets), "diffusion_weight": 0.0,
         "weight_weight": 1.0, "max_train_steps": 6, "learning_rate": 0.01,
     })
@@ -268,6 +270,8 @@ def test_precompute_is_restartable_and_training_uses_its_targets(tmp_path, train
 
     before, after = distance(initial), distance(trained)
     assert after < 0.9 * before, (before, after)
+    with pytest.raises(HyperdiffError, match="no identity of the training data has a stage-1 target"):
+        trainer.train_hypernet(replace(cfg, data=replace(cfg.data, seed_start=10, seed_stop=20), output_dir=str(tmp_path / "none")))
 
 
 def test_weight_loss_is_a_mean_over_the_local_batch():

@@ -11,8 +11,9 @@ Contract:
   gloo process group when accelerate is told `cpu=True` (otherwise every process runs alone as rank 0 of 1): that
   happens automatically when the launcher says WORLD_SIZE > 1, or always with `cpu: true`.
 - Loss = `diffusion_weight` · diffusion loss of the target image under its own caption, with the predicted weights
-  injected through the per-sample processors, + `weight_weight` · MSE between predicted and stage-1 LiDB factors
-  when `targets_dir` holds a target for the identity.
+  injected through the per-sample processors, + `weight_weight` · MSE between predicted and stage-1 LiDB factors.
+  With `targets_dir`, batches draw only the identities that have a target (stage 2 trains on stage 1's identities,
+  as in the paper); without, any identity of the source.
 - `save_state` every `checkpointing_steps` into `output_dir/checkpoint-N` (newest `checkpoints_total_limit` kept),
   written as `checkpoint-N.tmp` and renamed once complete, so a run killed mid-save never leaves a half checkpoint;
   `resume_from_checkpoint="latest"` continues; the final hypernet is `save_pretrained` into `output_dir` itself, and
@@ -179,10 +180,13 @@ def train_hypernet(cfg: HypernetTrainConfig, resume: bool = True) -> Path:
 def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_scheduler, source, targets, table, start):
     out = Path(cfg.output_dir)
     world, rank, per = accelerator.num_processes, accelerator.process_index, cfg.train_batch_size
+    pool = [k for k in source.keys if str(k) in targets] if targets else source.keys
+    if targets and not pool:
+        raise HyperdiffError(f"no identity of the training data has a stage-1 target in `targets_dir` '{cfg.targets_dir}'")
     bar = tqdm(range(start, cfg.max_train_steps), desc="hypernet", disable=not accelerator.is_main_process, mininterval=5)
     for step in bar:
         gen = torch.Generator().manual_seed(stable_seed("hypernet-batch", cfg.seed, step))
-        keys = [source.keys[int(i)] for i in torch.randint(len(source.keys), (per * world,), generator=gen)]
+        keys = [pool[int(i)] for i in torch.randint(len(pool), (per * world,), generator=gen)]
         pairs = [source.pair(k, gen) for k in keys]
         mine = slice(rank * per, (rank + 1) * per)
         refs = torch.cat([hp.encoder.preprocess([p[0]]) for p in pairs[mine]]).to(accelerator.device)
