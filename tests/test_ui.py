@@ -269,9 +269,11 @@ def test_hyperdiff_ui_with_no_arguments_serves_the_embedded_default(tmp_path, re
         c.predict([handle_file(str(refs[0]))], None, api_name="/references")
         if shipped:
             assert "Personalized" in c.predict("sks", 0, 0, api_name="/personalize")[0]
-        else:  # nothing to personalize with yet: a clear error, not a crash
+        else:  # no hypernet yet: 0 steps is a clear error, steps > 0 fine-tune from scratch (DreamBooth-LiDB)
             with pytest.raises(Exception, match="loaded without a hypernet"):
                 c.predict("sks", 0, 0, api_name="/personalize")
+            status, summary, *_ = c.predict("sks", 2, 0, api_name="/personalize")
+            assert "2-step DreamBooth-LiDB fine-tune from scratch" in status and "lidb, rank 1" in summary
     finally:
         proc.terminate()
         proc.wait(timeout=30)
