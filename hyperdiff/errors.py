@@ -25,6 +25,20 @@ def check_positive_int(name: str, value: object) -> None:
         raise HyperdiffError(f"`{name}` must be a positive integer, got {value!r}")
 
 
+def check_int_in(name: str, value: object, lo: int, hi: int) -> int:
+    """`name` must be an int in [lo, hi] (bools are not numbers here); returns it."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise HyperdiffError(f"`{name}` must be an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def check_number_in(name: str, value: object, lo: float, hi: float) -> float:
+    """`name` must be an int or float in [lo, hi]; returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise HyperdiffError(f"`{name}` must be a number in [{lo}, {hi}], got {value!r}")
+    return float(value)
+
+
 def check_positive_number(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise HyperdiffError(f"`{name}` must be a positive number, got {value!r}")

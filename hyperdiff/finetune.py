@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from hyperdiff.adapter import Adapter, AdapterInfo
 from hyperdiff.config import to_dict
-from hyperdiff.errors import HyperdiffError
+from hyperdiff.errors import HyperdiffError, check_positive_int
 from hyperdiff.layers import LayerTable
 from hyperdiff.lidb import LiDBConfig, aux_bases, compose
 from hyperdiff.processors import HyperLoRA, LowRankDelta, hyper_lora_processors
@@ -67,9 +67,7 @@ class FinetuneConfig:
         if self.kind not in KINDS:
             raise HyperdiffError(f"`kind` must be one of {list(KINDS)}, got {self.kind!r}")
         for name in ("steps", "rank", "prior_images", "prior_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise HyperdiffError(f"`{name}` must be a positive integer, got {value!r}")
+            check_positive_int(name, getattr(self, name))
         if not self.learning_rate > 0 or self.prior_weight < 0:
             raise HyperdiffError(f"`learning_rate` must be > 0 and `prior_weight` ≥ 0, got {self.learning_rate}, {self.prior_weight}")
         self.prior_prompts = tuple(self.prior_prompts)

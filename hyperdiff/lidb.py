@@ -28,8 +28,6 @@ import torch
 from hyperdiff.errors import HyperdiffError, check_positive_int
 
 
-
-
 @dataclass(frozen=True)
 class LiDBConfig:
     """Shapes and seed of a LiDB factorisation (paper defaults: a=100, b=50, r=1)."""

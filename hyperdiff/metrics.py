@@ -52,7 +52,7 @@ from PIL import Image
 
 from hyperdiff.config import from_dict, to_dict
 from hyperdiff.data.synthfaces import EXPRESSIONS, TRAIN_SEEDS, Scene, background_of, scene_from_caption
-from hyperdiff.errors import HyperdiffError, check_positive_int
+from hyperdiff.errors import HyperdiffError, check_number_in, check_positive_int
 from hyperdiff.files import atomic_path, read_safetensors, write_safetensors
 
 DEFAULT_ENCODER_DIR: Path = Path(__file__).resolve().parent / "assets" / "synthfaces" / "identity_encoder"
@@ -68,11 +68,6 @@ _EMBED_BATCH = 256  # images per forward pass inside `embed`/`classify`
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-
-
-def _number(name: str, value: Any, lo: float, hi: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-        raise HyperdiffError(f"`{name}` must be a number in [{lo}, {hi}], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -156,11 +151,11 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         for name in ("p_clean", "p_background", "p_blur", "face_jitter", "scale", "contrast", "noise_std"):
-            _number(name, getattr(self, name), 0.0, 1.0)
-        _number("shift_px", self.shift_px, 0.0, 16.0)
-        _number("rotate_deg", self.rotate_deg, 0.0, 45.0)
-        _number("blur_sigma", self.blur_sigma, 0.3, 4.0)
-        _number("brightness", self.brightness, 0.0, 0.5)
+            check_number_in(name, getattr(self, name), 0.0, 1.0)
+        check_number_in("shift_px", self.shift_px, 0.0, 16.0)
+        check_number_in("rotate_deg", self.rotate_deg, 0.0, 45.0)
+        check_number_in("blur_sigma", self.blur_sigma, 0.3, 4.0)
+        check_number_in("brightness", self.brightness, 0.0, 0.5)
 
 
 @dataclass(frozen=True)
@@ -200,19 +195,19 @@ class IdentityEncoderTrainingConfig:
         for name in ("warmup_steps", "val_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise HyperdiffError(f"`{name}` must be a non-negative integer, got {getattr(self, name)!r}")
-        _number("lr", self.lr, 1e-7, 1.0)
-        _number("weight_decay", self.weight_decay, 0.0, 1.0)
-        _number("grad_clip", self.grad_clip, 0.0, 1e6)
-        _number("temperature", self.temperature, 1e-3, 10.0)
-        _number("hard_fraction", self.hard_fraction, 0.0, 0.5)
+        check_number_in("lr", self.lr, 1e-7, 1.0)
+        check_number_in("weight_decay", self.weight_decay, 0.0, 1.0)
+        check_number_in("grad_clip", self.grad_clip, 0.0, 1e6)
+        check_number_in("temperature", self.temperature, 1e-3, 10.0)
+        check_number_in("hard_fraction", self.hard_fraction, 0.0, 0.5)
         check_positive_int("hard_pool", self.hard_pool)
         check_positive_int("eval_twin_pool", self.eval_twin_pool)
         if self.val_identities + self.eval_twin_pool > 100_000:
             raise HyperdiffError("`val_identities` + `eval_twin_pool` must be at most 100000 (the size of VAL_SEEDS)")
         if self.hard_pool > len(TRAIN_SEEDS):
             raise HyperdiffError(f"`hard_pool` must be at most {len(TRAIN_SEEDS)} (TRAIN_SEEDS), got {self.hard_pool}")
-        _number("hat_weight", self.hat_weight, 0.0, 100.0)
-        _number("expression_weight", self.expression_weight, 0.0, 100.0)
+        check_number_in("hat_weight", self.hat_weight, 0.0, 100.0)
+        check_number_in("expression_weight", self.expression_weight, 0.0, 100.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -387,7 +387,7 @@ def test_same_image_pairs_reconstruct_the_reference_at_the_given_rate(same_image
     # independent scenes coincide with probability 1/48 (6 backgrounds x 2 hats x 4 expressions)
     expected = same_image + (1 - same_image) / 48
     assert abs(same / n - expected) < 0.08, (same, n)
-    with pytest.raises(HyperdiffError, match="`same_image` must be a probability in \\[0, 1\\], got 1.5"):
+    with pytest.raises(HyperdiffError, match="`same_image` must be a number in \\[0, 1\\], got 1.5"):
         SynthFacesIdentities(range(10), same_image=1.5)
 
 

@@ -37,7 +37,7 @@ import gradio as gr
 
 from hyperdiff.adapter import Adapter
 from hyperdiff.data import synthfaces
-from hyperdiff.errors import HyperdiffError
+from hyperdiff.errors import HyperdiffError, check_int_in, check_number_in
 from hyperdiff.formats import FILE_FORMATS
 from hyperdiff.pipeline import MAX_IMAGES, HyperDreamBoothPipeline, load_images
 
@@ -122,20 +122,12 @@ class _Runs:
         return flag is not None
 
 
-def _int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
-    """Gradio numbers arrive as floats: an integral float is an int; anything else is a one-line error."""
+def _int(name: str, value, lo: int | None = None, hi: int | None = None):
+    """Gradio numbers arrive as floats: an integral float becomes an int; with bounds it is checked here, without
+    them the pipeline checks it (its own ranges)."""
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or (lo is not None and value < lo) or (hi is not None and value > hi):
-        expected = f"an integer in [{lo}, {hi}]" if lo is not None else "an integer"
-        raise HyperdiffError(f"`{name}` must be {expected}, got {value!r}")
-    return value
-
-
-def _number(name: str, value, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-        raise HyperdiffError(f"`{name}` must be a number in [{lo:g}, {hi:g}], got {value!r}")
-    return float(value)
+    return value if lo is None else check_int_in(name, value, lo, hi)
 
 
 # Uploads arrive as <gradio cache>/<64 hex>/<the user's file name>: messages name the user's file only.
@@ -256,7 +248,7 @@ class _Handlers:
             start = time.perf_counter()
             images = self.pipeline.generate(
                 prompt, adapter, negative_prompt=negative_prompt or None, num_images=_int("num_images", num_images),
-                steps=_int("steps", steps), guidance=_number("guidance", guidance, 0, 50), seed=seed,
+                steps=_int("steps", steps), guidance=guidance, seed=seed,
             )
             seconds = time.perf_counter() - start
         session.last_seed, session.outputs = seed, images
@@ -285,7 +277,7 @@ class _Handlers:
         refs_a = self._load(image_a) if image_a else self._references(session)
         if not image_b:
             raise HyperdiffError("identity B has no image: drop a photo of the second face")
-        refs_b, w = self._load(image_b), _number("weight", weight, 0, 1)
+        refs_b, w = self._load(image_b), check_number_in("weight", weight, 0, 1)
         token, steps, seed = (token or "").strip(), _int("steps", steps), _int("seed", seed, 0, MAX_SEED)
         with self.lock:
             start = time.perf_counter()

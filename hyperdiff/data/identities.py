@@ -24,7 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from hyperdiff.data import synthfaces
-from hyperdiff.errors import HyperdiffError
+from hyperdiff.errors import HyperdiffError, check_number_in
 
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -37,12 +37,6 @@ class IdentitySource(Protocol):
         """(reference image, target image, target caption) of identity `key`."""
 
 
-def _probability(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise HyperdiffError(f"`{name}` must be a probability in [0, 1], got {value!r}")
-    return float(value)
-
-
 def _pick(options, gen: torch.Generator):
     return options[int(torch.randint(len(options), (), generator=gen))]
 
@@ -52,7 +46,7 @@ class SynthFacesIdentities:
         if seeds.start < 0 or (len(seeds) and seeds[-1] >= synthfaces.EVAL_SEED_START):
             raise HyperdiffError(f"`seeds` must lie below {synthfaces.EVAL_SEED_START} (evaluation seeds), got {seeds}")
         self.keys, self.image_size, self.token = list(seeds), image_size, token
-        self.same_image = _probability("same_image", same_image)
+        self.same_image = check_number_in("same_image", same_image, 0, 1)
 
     def _scene(self, gen: torch.Generator) -> synthfaces.Scene:
         w = synthfaces.SCENE_WORDS
@@ -71,7 +65,7 @@ class SynthFacesIdentities:
 class FolderIdentities:
     def __init__(self, root: str | Path, token: str = "sks", image_size: int = 64, same_image: float = 0.0):
         self.root, self.token, self.image_size = Path(root), token, image_size
-        self.same_image = _probability("same_image", same_image)
+        self.same_image = check_number_in("same_image", same_image, 0, 1)
         if not self.root.is_dir():
             raise HyperdiffError(f"dataset folder '{self.root}' does not exist")
         self.images: dict[str, list[tuple[Path, str]]] = {}

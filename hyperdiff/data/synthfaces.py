@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from hyperdiff.errors import HyperdiffError
+from hyperdiff.errors import HyperdiffError, check_number_in
 
 RGB = tuple[int, int, int]
 
@@ -153,11 +153,6 @@ def _check_count(name: str, value: Any) -> None:
         raise HyperdiffError(f"`{name}` must be a non-negative integer, got {value!r}")
 
 
-def _check_range(name: str, value: Any, lo: float, hi: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-        raise HyperdiffError(f"`{name}` must be a number in [{lo}, {hi}], got {value!r}")
-
-
 @dataclass(frozen=True)
 class Identity:
     """Everything that makes one SynthFaces person; fixed by its seed (see `from_seed`)."""
@@ -203,7 +198,7 @@ class Identity:
             raise HyperdiffError(f"`freckles` must be True or False, got {self.freckles!r}")
         _check_choice("facial_hair", self.facial_hair, FACIAL_HAIR)
         for name, lo, hi in _CONTINUOUS:
-            _check_range(name, getattr(self, name), lo, hi)
+            check_number_in(name, getattr(self, name), lo, hi)
 
     @classmethod
     def from_seed(cls, seed: int) -> Identity:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from hyperdiff.errors import HyperdiffError
+from hyperdiff.errors import HyperdiffError, check_positive_int
 
 KINDS = ("small", "clip", "identity")
 
@@ -49,9 +49,7 @@ class EncoderConfig:
             raise HyperdiffError("`encoder.pretrained` must name a CLIP vision model (hub id or folder) for kind 'clip'")
         self.channels = tuple(self.channels)
         for name in ("image_size", "dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise HyperdiffError(f"`encoder.{name}` must be a positive integer, got {value!r}")
+            check_positive_int(f"encoder.{name}", getattr(self, name))
         if not self.channels or any(c <= 0 for c in self.channels):
             raise HyperdiffError(f"`encoder.channels` must be positive integers, got {list(self.channels)}")
         if self.unfreeze_last < 0:

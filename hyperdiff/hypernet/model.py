@@ -30,7 +30,7 @@ from torch import nn
 
 from hyperdiff.adapter import Adapter, AdapterInfo
 from hyperdiff.config import from_dict, to_dict
-from hyperdiff.errors import HyperdiffError
+from hyperdiff.errors import HyperdiffError, check_positive_int
 from hyperdiff.files import atomic_path, read_safetensors, write_safetensors
 from hyperdiff.hypernet.encoders import EncoderConfig, build_image_encoder, pool_references
 from hyperdiff.layers import KNOWN_PROJECTIONS, LayerRow, LayerTable
@@ -58,9 +58,7 @@ class HyperNetConfig:
         if self.decoder not in DECODERS:
             raise HyperdiffError(f"`decoder` must be one of {list(DECODERS)}, got {self.decoder!r}")
         for name in ("dim", "layers", "heads", "refine_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise HyperdiffError(f"`{name}` must be a positive integer, got {value!r}")
+            check_positive_int(name, getattr(self, name))
         if self.dim % self.heads:
             raise HyperdiffError(f"`dim` must be a multiple of `heads` ({self.heads}), got {self.dim}")
         if not 0 <= self.dropout < 1:

@@ -41,8 +41,6 @@ SD_SCHEDULE: dict[str, Any] = {
 }
 
 
-
-
 def _channels(name: str, value: Any, groups: int) -> tuple[int, ...]:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise HyperdiffError(f"`{name}` must be a non-empty sequence of positive integers, got {value!r}")

@@ -41,8 +41,6 @@ from hyperdiff.train import checkpoints
 logger = logging.getLogger(__name__)
 
 
-
-
 def _probability(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise HyperdiffError(f"`{name}` must be a probability in [0, 1), got {value!r}")
