@@ -1,22 +1,21 @@
 """`hyperdiff demo`: the main job on the embedded default, offline, saying what it did and how long each step took.
 
 Contract: personalizes a few held-out SynthFaces identities (evaluation seeds, never trained on) from one reference
-render each, generates them in new scenes, writes a contact sheet PNG (reference | personalized | + fast fine-tune |
-base model, one row per identity and scene), the native adapters and their diffusers/kohya exports, checks that
-vanilla diffusers' `load_lora_weights` of the export gives the image hyperdiff's own injection gives, and prints
-where everything is and each step's time. Returns a summary dict. Deterministic for a given seed.
+render each, generates them in new scenes, writes a contact sheet PNG (reference | zero-shot | + fast fine-tune |
+base model, or reference | DreamBooth-LiDB | base model without a hypernet; one row per identity and scene), the
+native adapters and their diffusers/kohya exports, checks that vanilla diffusers' `load_lora_weights` of the export
+gives the image hyperdiff's own injection gives, and prints where everything is and each step's time. Returns a summary dict. Deterministic for a given seed.
 
 What runs depends on what is shipped (or passed), and the demo says which:
 - base + hypernet (the product): zero-shot hypernet prediction, then the 40-step rank-relaxed fine-tune;
-- base only: DreamBooth-LiDB fine-tuning from scratch (`dreambooth_steps`, the pipeline's `DREAMBOOTH_LIDB` recipe,
-  all identities in one batch; no zero-shot column).
+- base only: DreamBooth-LiDB fine-tuning from scratch (`dreambooth_steps` of the pipeline's no-hypernet
+  `personalize`; no zero-shot column).
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -24,8 +23,6 @@ import torch
 
 from hyperdiff.adapter import Adapter
 from hyperdiff.data import synthfaces
-from hyperdiff.finetune import finetune
-from hyperdiff.pipeline import DREAMBOOTH_LIDB
 from hyperdiff.sheet import contact_sheet, save_png
 
 SCENES = (synthfaces.Scene("red", False, "smiling"), synthfaces.Scene("blue", True, "surprised"))
@@ -59,16 +56,15 @@ def run_demo(out: Path, seed: int = 0, identities: int = 2, base: str | None = N
     size = hdb.pipe.unet.config.sample_size * hdb.pipe.vae_scale_factor
     seeds = list(synthfaces.eval_seeds(identities))
     refs = [synthfaces.render(synthfaces.Identity.from_seed(s), REFERENCE_SCENE, size) for s in seeds]
-    columns: dict[str, list[Adapter | None]] = {}
+    # column title -> fine-tune steps, all through `personalize` (the call the CLI and the UI make)
     if hdb.hypernet is not None:
-        with _step(timings, f"personalize {identities} identities zero-shot (hypernet)"):
-            columns["zero-shot"] = [hdb.personalize([r], seed=seed) for r in refs]
-        with _step(timings, f"+ {finetune_steps}-step fast fine-tune each"):
-            columns[f"+{finetune_steps}-step ft"] = [hdb.personalize([r], finetune_steps=finetune_steps, seed=seed) for r in refs]
+        plan = {"zero-shot": 0, f"+{finetune_steps}-step ft": finetune_steps}
     else:
-        cfg = replace(DREAMBOOTH_LIDB, steps=dreambooth_steps, seed=seed)
-        with _step(timings, f"fine-tune {identities} identities together (DreamBooth-LiDB, {cfg.steps} steps)"):
-            columns["DreamBooth-LiDB"] = finetune(hdb.pipe, [[r] for r in refs], cfg, progress=False)
+        plan = {f"DreamBooth-LiDB {dreambooth_steps} steps": dreambooth_steps}
+    columns: dict[str, list[Adapter | None]] = {}
+    for title, n in plan.items():
+        with _step(timings, f"personalize {identities} identities: {title}"):
+            columns[title] = [hdb.personalize([r], finetune_steps=n, seed=seed) for r in refs]
     columns["base model"] = [None] * identities
 
     rows, files = [], {}

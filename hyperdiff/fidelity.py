@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
@@ -28,6 +28,7 @@ from hyperdiff.data import synthfaces
 from hyperdiff.files import atomic_path
 from hyperdiff.finetune import FinetuneConfig, finetune
 from hyperdiff.metrics import default_encoder, scene_fidelity
+from hyperdiff.pipeline import DREAMBOOTH_LIDB, HyperDreamBoothPipeline
 
 DEFAULT_SCENES = (
     ("red", False, "smiling"), ("blue", True, "neutral"), ("green", False, "surprised"), ("yellow", True, "sad"),
@@ -45,7 +46,7 @@ class FidelityConfig:
     token: str = "sks"
     finetune_steps: int = 40
     dreambooth_curve: tuple[int, ...] = (50, 100, 200, 400)
-    dreambooth: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(kind="lidb", learning_rate=1e-2, prior_weight=0.0))
+    dreambooth: FinetuneConfig = field(default_factory=lambda: replace(DREAMBOOTH_LIDB))  # the pipeline's recipe
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -58,8 +59,6 @@ def _scene(t) -> synthfaces.Scene:
 
 def _score(pipe, adapters: list[Adapter | None], refs, cfg: FidelityConfig) -> dict[str, float]:
     """Generate every scene for every identity; identity similarity to the reference and scene-word accuracy."""
-    from hyperdiff.pipeline import HyperDreamBoothPipeline
-
     hdb = HyperDreamBoothPipeline(pipe, None)
     enc = default_encoder()
     sims, words = [], []
@@ -88,7 +87,7 @@ def run_fidelity(pipe, hypernets: dict, config: FidelityConfig = FidelityConfig(
 
     curve = []
     for steps in config.dreambooth_curve:  # DreamBooth-LiDB from scratch, all identities in one batch
-        ft = FinetuneConfig(**{**config.dreambooth.__dict__, "steps": steps, "token": config.token, "seed": config.seed})
+        ft = replace(config.dreambooth, steps=steps, token=config.token, seed=config.seed)
         start = time.perf_counter()
         adapters = finetune(pipe, [[r] for r in refs], ft, progress=False)
         seconds = (time.perf_counter() - start) / len(refs)
@@ -97,8 +96,6 @@ def run_fidelity(pipe, hypernets: dict, config: FidelityConfig = FidelityConfig(
     last = curve[-1]
     rows["dreambooth_lidb"] = {**{k: last[k] for k in ("id_similarity", "scene_fidelity", "seconds")},
                                "adapter_values": adapters[0].num_values, "adapter_bytes": _size(adapters[0]), "curve": curve}
-
-    from hyperdiff.pipeline import HyperDreamBoothPipeline
 
     runs = [(name, hp, ((name, 0), (f"{name}+ft", config.finetune_steps))) for name, hp in hypernets.items()]
     runs += [(name, hp, ((name, 0),)) for name, hp in (ablations or {}).items()]

@@ -3,8 +3,8 @@
 Contract:
 - `from_pretrained(base=None, hypernet=None, device=None, dtype=None)`: with no arguments, the embedded SynthFaces
   base and its hypernet when one is shipped; otherwise any base `load_base` accepts and a hypernet folder made by
-  `save_pretrained` for that base (the layer fingerprints must match), or none. Device: cuda, then mps, then cpu; dtype: fp16 on cuda/mps, fp32 on cpu; both
-  overridable.
+  `save_pretrained` for that base (the layer fingerprints must match), or none. Device: cuda, then mps, then cpu;
+  dtype: fp16 on cuda/mps, fp32 on cpu; both overridable.
 - `personalize(images, token, finetune_steps, seed)` → Adapter: the hypernet's zero-shot LiDB prediction, then, with
   `finetune_steps > 0`, the rank-relaxed fast fine-tune (a rank-r' LoRA trained on top, returned as the exact
   concatenation). Without a hypernet (none given, none shipped for the base), `finetune_steps > 0` fine-tunes LiDB
@@ -15,11 +15,13 @@ Contract:
 - `sample_adapters(image, n, prompt)` → (images of n sampled adapters, per-pixel spread map of the image's size).
 - `mix(adapters, weights)` → `Adapter.mix`.
 - `encoder_view(images)` → the reference images as the hypernet's image encoder sees them (its own preprocessing).
-The pipeline holds no state between calls besides the loaded models: adapters are passed explicitly.
+The pipeline holds no state between calls besides the loaded models and a cache of the (deterministic) prior-
+preservation images: adapters are passed explicitly.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -28,7 +30,7 @@ import torch
 from PIL import Image
 
 from hyperdiff.adapter import Adapter
-from hyperdiff.errors import HyperdiffError
+from hyperdiff.errors import HyperdiffError, check_int_in, check_number_in
 from hyperdiff.finetune import FinetuneConfig, finetune, make_prior
 from hyperdiff.hypernet import HyperNetwork
 from hyperdiff.layers import LayerTable
@@ -49,11 +51,6 @@ def default_device() -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def _check_int(name: str, value, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise HyperdiffError(f"`{name}` must be an integer in [{lo}, {hi}], got {value!r}")
 
 
 def load_images(
@@ -148,21 +145,21 @@ class HyperDreamBoothPipeline:
         finetune_config: FinetuneConfig | None = None, callback: Callable[[int, float], None] | None = None,
     ) -> Adapter:
         refs = load_images(images)
-        _check_int("finetune_steps", finetune_steps, 0, 10_000)
+        check_int_in("finetune_steps", finetune_steps, 0, 10_000)
         if not token or not token.isalnum():
             raise HyperdiffError(f"`token` must be one word of letters or digits, like 'sks', got {token!r}")
         if self.hypernet is None and not finetune_steps:
             self._require_hypernet()  # nothing to predict with and nothing to train: say what to pass
         start = [self.hypernet.predict(refs, token=token)] if self.hypernet is not None else None
+        how = f"hypernet {self.hypernet_name}"
         adapter = start[0] if start else None
         if finetune_steps:
-            cfg = finetune_config or (FAST_FINETUNE if start else DREAMBOOTH_LIDB)
-            cfg = FinetuneConfig(**{**cfg.__dict__, "steps": finetune_steps, "token": token, "seed": seed})
+            cfg = replace(finetune_config or (FAST_FINETUNE if start else DREAMBOOTH_LIDB),
+                          steps=finetune_steps, token=token, seed=seed)
+            if not start:
+                how = "DreamBooth-LiDB" if cfg.kind == "lidb" else "DreamBooth-LoRA"
             prior = self._prior(cfg) if cfg.prior_weight > 0 else None
             adapter = finetune(self.pipe, [refs], cfg, start=start, prior=prior, progress=False, callback=callback)[0]
-        from dataclasses import replace
-
-        how = f"hypernet {self.hypernet_name}" if start else f"DreamBooth-{cfg.kind.upper() if cfg.kind == 'lora' else 'LiDB'}"
         adapter.info = replace(adapter.info, base_model=self.base_name, token=token, source=f"{how}; finetune_steps={finetune_steps}")
         return adapter
 
@@ -188,10 +185,9 @@ class HyperDreamBoothPipeline:
     ) -> list[Image.Image]:
         if not isinstance(prompt, str) or not prompt.strip():
             raise HyperdiffError("`prompt` must be a non-empty string")
-        _check_int("num_images", num_images, 1, MAX_IMAGES)
-        _check_int("steps", steps, 1, MAX_STEPS)
-        if not isinstance(guidance, (int, float)) or not 0 <= guidance <= 50:
-            raise HyperdiffError(f"`guidance` must be a number in [0, 50], got {guidance!r}")
+        check_int_in("num_images", num_images, 1, MAX_IMAGES)
+        check_int_in("steps", steps, 1, MAX_STEPS)
+        check_number_in("guidance", guidance, 0, 50)
         if isinstance(adapter, Sequence) and not isinstance(adapter, Adapter):
             adapters = list(adapter)
             if len(adapters) != num_images:
@@ -220,7 +216,7 @@ class HyperDreamBoothPipeline:
     ) -> tuple[list[Image.Image], Image.Image]:
         """Images of n adapters sampled for one reference, and their per-pixel spread (std over the n images,
         mean over colour channels, scaled to 0..255) as a grayscale image of the same size."""
-        _check_int("n", n, 2, MAX_IMAGES)
+        check_int_in("n", n, 2, MAX_IMAGES)
         adapters = self._require_hypernet().sample(load_images(image), n, seed=seed)
         images = []
         for ad in adapters:  # the same noise for every adapter, so the spread is the adapters' alone

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from hyperdiff.adapter import Adapter
 from hyperdiff.config import to_dict
 from hyperdiff.data.identities import FolderIdentities, SynthFacesIdentities
-from hyperdiff.errors import HyperdiffError
+from hyperdiff.errors import HyperdiffError, check_positive_int, check_positive_number
 from hyperdiff.finetune import FinetuneConfig, diffusion_loss, encode_images, finetune, make_prior
 from hyperdiff.hypernet import HyperNetConfig, HyperNetwork
 from hyperdiff.layers import LayerTable
@@ -98,11 +98,8 @@ class HypernetTrainConfig:
     def __post_init__(self) -> None:
         for name in ("max_train_steps", "train_batch_size", "checkpointing_steps", "checkpoints_total_limit",
                      "precompute_identities", "precompute_batch"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise HyperdiffError(f"`{name}` must be a positive integer, got {value!r}")
-        if not self.learning_rate > 0:
-            raise HyperdiffError(f"`learning_rate` must be a positive number, got {self.learning_rate!r}")
+            check_positive_int(name, getattr(self, name))
+        check_positive_number("learning_rate", self.learning_rate)
         if not self.max_grad_norm >= 0:
             raise HyperdiffError(f"`max_grad_norm` must be a non-negative number (0 = no clipping), got {self.max_grad_norm!r}")
 
@@ -147,6 +144,9 @@ def train_hypernet(cfg: HypernetTrainConfig, resume: bool = True) -> Path:
     table = LayerTable.from_unet(pipe.unet)
     source = cfg.data.build()
     targets = _targets(cfg, table)
+    keys = [k for k in source.keys if str(k) in targets] if targets else source.keys  # stage 2: stage 1's identities
+    if not keys:
+        raise HyperdiffError(f"no identity of the training data has a stage-1 target in `targets_dir` '{cfg.targets_dir}'")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(stable_seed("hypernet-init", cfg.seed))
         info = {"base_model": cfg.base or "synthfaces", "name": out.name, "training": cfg.to_dict(),
@@ -166,7 +166,8 @@ def train_hypernet(cfg: HypernetTrainConfig, resume: bool = True) -> Path:
             accelerator.load_state(str(path))
     hp = accelerator.unwrap_model(model)
     with hyper_lora_processors(pipe.unet, table):  # per-call deltas reach every attention module
-        _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_scheduler, source, targets, table, start)
+        _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_scheduler, source, keys, targets, table,
+                    start)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         hp.save_pretrained(out)
@@ -177,17 +178,16 @@ def train_hypernet(cfg: HypernetTrainConfig, resume: bool = True) -> Path:
     return out
 
 
-def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_scheduler, source, targets, table, start):
+def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_scheduler, source, keys, targets, table,
+                start):
+    """`keys`: the identities batches draw from (all of `source`, or those with a stage-1 target)."""
     out = Path(cfg.output_dir)
     world, rank, per = accelerator.num_processes, accelerator.process_index, cfg.train_batch_size
-    pool = [k for k in source.keys if str(k) in targets] if targets else source.keys
-    if targets and not pool:
-        raise HyperdiffError(f"no identity of the training data has a stage-1 target in `targets_dir` '{cfg.targets_dir}'")
     bar = tqdm(range(start, cfg.max_train_steps), desc="hypernet", disable=not accelerator.is_main_process, mininterval=5)
     for step in bar:
         gen = torch.Generator().manual_seed(stable_seed("hypernet-batch", cfg.seed, step))
-        keys = [pool[int(i)] for i in torch.randint(len(pool), (per * world,), generator=gen)]
-        pairs = [source.pair(k, gen) for k in keys]
+        batch = [keys[int(i)] for i in torch.randint(len(keys), (per * world,), generator=gen)]
+        pairs = [source.pair(k, gen) for k in batch]
         mine = slice(rank * per, (rank + 1) * per)
         refs = torch.cat([hp.encoder.preprocess([p[0]]) for p in pairs[mine]]).to(accelerator.device)
         with torch.no_grad():
@@ -201,7 +201,7 @@ def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_sc
         a_train, b_train = model(refs)  # (B, L, a, r), (B, L, r, b)
         loss = cfg.diffusion_weight * diffusion_loss(pipe, noise_scheduler, latents, text, [hp.hyper_lora(a_train, b_train)],
                                                      noise=noise, timesteps=t.to(latents.device))
-        weight_loss = _weight_loss(keys[mine], a_train, b_train, targets, table)
+        weight_loss = _weight_loss(batch[mine], a_train, b_train, targets, table)
         if weight_loss is not None:
             loss = loss + cfg.weight_weight * weight_loss
         accelerator.backward(loss)
