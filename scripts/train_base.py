@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hyperdiff.config import load_config
+from hyperdiff.config import load_config, parse_assignments
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.train.base_model import BaseTrainConfig, train
 
@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--export_only", action="store_true", help="export the latest checkpoint's EMA weights and stop")
     p.add_argument("--seed", type=int)
     p.add_argument("--report_to", choices=["tensorboard", "none"])
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="assignments",
+                   help="override any config field by its dotted name, e.g. --set decoder.steps=3000 (repeatable)")
     args = p.parse_args(argv)
     overrides = {
         "output_dir": args.output_dir, "export_dir": args.export_dir, "unet.steps": args.max_train_steps,
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         "report_to": args.report_to,
     }
     try:
+        overrides.update(parse_assignments(args.assignments))
         cfg = load_config(BaseTrainConfig, args.config, overrides)
         path = train(cfg, resume=args.resume_from_checkpoint == "latest", export_only=args.export_only)
     except HyperdiffError as e:

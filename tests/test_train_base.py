@@ -20,7 +20,8 @@ MINI = {
               "vae_block_out_channels": [16, 16], "scheduler": "dpm"},
     "data": {"images": 48, "seed": 0},
     "vae": {"steps": 3, "batch_size": 4, "crop": 16, "warmup_steps": 0},
-    "unet": {"steps": 6, "batch_size": 4, "warmup_steps": 2, "ema_decay": 0.9},
+    "decoder": {"steps": 2, "batch_size": 4, "warmup_steps": 0},
+    "unet": {"steps": 6, "batch_size": 4, "warmup_steps": 2, "ema_decay": 0.9, "expression_weight": 10.0},
     "checkpointing_steps": 3,
     "checkpoints_total_limit": 5,
     "report_to": "none",
@@ -62,6 +63,17 @@ def test_training_exports_a_diffusers_folder_and_resumes_exactly(train_base, tmp
     assert image.shape == (32, 32, 3)
     assert pipe.vae.config.scaling_factor != 0.18215  # set from the latents' std
 
+    # The decoder stage moved the decoder only: the encoder (hence the cached latents) is stage 1's, and the export
+    # carries the fine-tuned decoder.
+    from diffusers import AutoencoderKL
+
+    stage1 = AutoencoderKL.from_pretrained(tmp_path / "full" / "vae" / "final").state_dict()
+    tuned = AutoencoderKL.from_pretrained(tmp_path / "full" / "decoder" / "final").state_dict()
+    assert all(torch.equal(stage1[k], tuned[k]) for k in stage1 if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(stage1[k], tuned[k]) for k in stage1 if k.startswith("decoder."))
+    exported = {k[len("vae."):]: v for k, v in weights.items() if k.startswith("vae.")}
+    assert all(torch.equal(exported[k], tuned[k].half()) for k in tuned)
+
     # A run that died after step 3: its VAE, caches and checkpoint-3 are all a new run has; it must finish with the
     # weights of the uninterrupted run (batches are seeded by step; optimizer, schedule and EMA come back). Equal to
     # float rounding, not bit for bit: the first step after a resume already differs by 1 ulp (6e-8) in fp32, which
@@ -69,6 +81,7 @@ def test_training_exports_a_diffusers_folder_and_resumes_exactly(train_base, tmp
     run = tmp_path / "resumed"
     (run / "unet").mkdir(parents=True)
     shutil.copytree(tmp_path / "full" / "vae", run / "vae")
+    shutil.copytree(tmp_path / "full" / "decoder", run / "decoder")
     shutil.copy(tmp_path / "full" / "latents.safetensors", run / "latents.safetensors")
     shutil.copytree(tmp_path / "full" / "unet" / "checkpoint-3", run / "unet" / "checkpoint-3")
     assert (run / "unet" / "checkpoint-3" / "ema.safetensors").exists()
@@ -79,6 +92,24 @@ def test_training_exports_a_diffusers_folder_and_resumes_exactly(train_base, tmp
     a, b = _weights(export), _weights(resumed)
     assert a.keys() == b.keys()
     assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) <= 1e-3
+
+
+def test_expression_map_marks_where_expressions_differ():
+    """With an 'encoder' that average-pools pixels into 4x4 cells, the map is the pixel spread over expressions, pooled:
+    zero where no expression changes a pixel (the corners, which the face never covers), largest on the face."""
+    from types import SimpleNamespace
+
+    from hyperdiff.train.base_model import expression_map
+
+    class PoolingVAE:
+        def encode(self, x):  # (E, 3, 64, 64) in [-1, 1] → (E, 3, 16, 16)
+            return SimpleNamespace(latent_dist=SimpleNamespace(mean=torch.nn.functional.avg_pool2d(x, 4)))
+
+    m = expression_map(PoolingVAE(), 64, identities=8)
+    assert m.shape == (16, 16) and float(m.max()) == 1.0
+    assert float(m[0, 0]) == float(m[0, -1]) == float(m[-1, 0]) == float(m[-1, -1]) == 0.0
+    row, col = divmod(int(m.argmax()), 16)
+    assert 4 <= row <= 12 and 4 <= col <= 11  # on the face: eyes, brows or mouth
 
 
 def test_bad_config_is_one_line(train_base, tmp_path, capsys):

@@ -9,9 +9,12 @@ Contract:
   work) and the whole caption emptied with probability `data.caption_dropout` (classifier-free guidance).
 - Stage 1 `train_vae`: AutoencoderKL, MSE + `kl_weight`·KL; then every image is encoded once (posterior means) and
   `scaling_factor` is set to 1 / std of the latents.
+- Stage 1b `train_decoder` (`decoder.steps` > 0): the decoder alone goes on learning on the cached latents; the
+  encoder is frozen, so the latents, and any UNet checkpoint trained on them, stay valid.
 - Stage 2 `train_unet`: epsilon prediction with the SD noise schedule, min-SNR-γ loss weights, AdamW with warm-up and
-  cosine decay, EMA weights (what is exported).
-- Both stages checkpoint (`hyperdiff.train.checkpoints`; the EMA weights as safetensors beside accelerate's state)
+  cosine decay, EMA weights (what is exported). `unet.expression_weight` > 0 up-weights the loss on the latent cells
+  where the expression words act (`expression_map`: eyes, brows, mouth), which the plain loss barely sees.
+- Every stage checkpoints (`hyperdiff.train.checkpoints`; the EMA weights as safetensors beside accelerate's state)
   every `checkpointing_steps` into `output_dir/<stage>/checkpoint-N` and resume from the latest one; a finished
   stage is skipped. Batches are drawn from a generator seeded by
   `(seed, step)`, so a resumed run sees the batches an uninterrupted run would.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import logging
 import shutil
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -33,7 +37,7 @@ from tqdm.auto import tqdm
 
 from hyperdiff.config import to_dict
 from hyperdiff.data import synthfaces
-from hyperdiff.errors import HyperdiffError, check_positive_int, check_positive_number
+from hyperdiff.errors import HyperdiffError, check_number_in, check_positive_int, check_positive_number
 from hyperdiff.files import write_safetensors
 from hyperdiff.models.tiny import SD_SCHEDULE, TinyPipelineConfig, tiny_components
 from hyperdiff.train import checkpoints
@@ -62,6 +66,7 @@ class DataConfig:
 
 @dataclass
 class StageConfig:
+    optional: ClassVar[bool] = False  # True: `steps` may be 0 (the stage is skipped)
     steps: int = 1000
     batch_size: int = 64
     learning_rate: float = 1e-3
@@ -69,7 +74,10 @@ class StageConfig:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        check_positive_int("steps", self.steps)
+        if not self.optional:
+            check_positive_int("steps", self.steps)
+        elif isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise HyperdiffError(f"`steps` must be a non-negative integer, got {self.steps!r}")
         check_positive_int("batch_size", self.batch_size)
         check_positive_number("learning_rate", self.learning_rate)
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
@@ -87,6 +95,19 @@ class VAEStageConfig(StageConfig):
 
 
 @dataclass
+class DecoderStageConfig(StageConfig):
+    """Decoder-only fine-tune on whole images once the latents are cached: the encoder is frozen, so the latents
+    (and a UNet trained on them) stay valid; 0 steps skips the stage."""
+
+    steps: int = 0
+    batch_size: int = 32
+    learning_rate: float = 3e-4
+    warmup_steps: int = 50
+
+    optional: ClassVar[bool] = True
+
+
+@dataclass
 class UNetStageConfig(StageConfig):
     steps: int = 12_000
     learning_rate: float = 5e-4
@@ -94,6 +115,13 @@ class UNetStageConfig(StageConfig):
     weight_decay: float = 1e-2
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
+    # Extra loss weight where the expression words act: weight 1 + expression_weight · map, the map (max 1) being
+    # `expression_map` (eyes, brows, mouth: a few latent pixels that the plain loss barely sees).
+    expression_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number_in("unet.expression_weight", self.expression_weight, 0.0, 1e4)
 
 
 def _default_model() -> TinyPipelineConfig:
@@ -117,6 +145,7 @@ class BaseTrainConfig:
     model: TinyPipelineConfig = field(default_factory=_default_model)
     data: DataConfig = field(default_factory=DataConfig)
     vae: VAEStageConfig = field(default_factory=lambda: VAEStageConfig(steps=1500, batch_size=32))
+    decoder: DecoderStageConfig = field(default_factory=DecoderStageConfig)
     unet: UNetStageConfig = field(default_factory=UNetStageConfig)
     output_dir: str = "runs/synthfaces_base"
     export_dir: str = "hyperdiff/assets/synthfaces/base"
@@ -216,45 +245,91 @@ def _cosine(optimizer, warmup: int, total: int):
     return get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
-# -- stage 1: VAE ------------------------------------------------------------------------------------------------
-def train_vae(cfg: BaseTrainConfig, accelerator, images: torch.Tensor, resume: bool):
-    from diffusers import AutoencoderKL
-
-    stage_dir = Path(cfg.output_dir) / "vae"
-    final = stage_dir / "final"
-    if (final / "config.json").exists():
-        return AutoencoderKL.from_pretrained(final)
-    vae = tiny_components(cfg.seed, cfg.model)["vae"]
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae.learning_rate, weight_decay=cfg.vae.weight_decay)
-    sched = _cosine(opt, cfg.vae.warmup_steps, cfg.vae.steps)
+# -- the loop shared by the VAE and decoder stages ------------------------------------------------------------------
+def _fit(cfg: BaseTrainConfig, accelerator, vae, params: list, stage: StageConfig, name: str, resume: bool, batch_loss):
+    """AdamW + warm-up/cosine on `params`, seeded batches, checkpoints in `output_dir/<name>`, resume; `batch_loss(vae,
+    gen)` → (loss, mse) draws one batch from `gen`. Returns the unwrapped model."""
+    stage_dir = Path(cfg.output_dir) / name
+    opt = torch.optim.AdamW(params, lr=stage.learning_rate, weight_decay=stage.weight_decay)
+    sched = _cosine(opt, stage.warmup_steps, stage.steps)
     vae, opt, sched = accelerator.prepare(vae, opt, sched)
     start = 0
     if resume:
         path, start = checkpoints.latest(stage_dir)
         if path is not None:
             accelerator.load_state(str(path))
-    bar = tqdm(range(start, cfg.vae.steps), desc="vae", disable=not accelerator.is_main_process, mininterval=5)
+    bar = tqdm(range(start, stage.steps), desc=name, disable=not accelerator.is_main_process, mininterval=5)
     for step in bar:
-        gen = _batch_generator(cfg.seed, "vae", step)
-        idx = torch.randint(len(images), (cfg.vae.batch_size,), generator=gen)
-        crop = min(cfg.vae.crop, images.shape[-1])
-        ys, xs = torch.randint(0, images.shape[-1] - crop + 1, (2, len(idx)), generator=gen).tolist()
-        x = torch.stack([images[i, :, y : y + crop, x0 : x0 + crop] for i, y, x0 in zip(idx.tolist(), ys, xs)])
-        x = x.float().div(127.5).sub(1).to(accelerator.device)  # (B, 3, crop, crop) in [-1, 1]
-        posterior = accelerator.unwrap_model(vae).encode(x).latent_dist
-        recon = accelerator.unwrap_model(vae).decode(posterior.sample(generator=None)).sample
-        mse = F.mse_loss(recon, x)
-        loss = mse + cfg.vae.kl_weight * posterior.kl().mean()
+        loss, mse = batch_loss(accelerator.unwrap_model(vae), _batch_generator(cfg.seed, name, step))
         accelerator.backward(loss)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         if step % 50 == 0:
-            accelerator.log({"vae/mse": mse.item(), "vae/lr": sched.get_last_lr()[0]}, step=step)
+            accelerator.log({f"{name}/mse": mse.item(), f"{name}/lr": sched.get_last_lr()[0]}, step=step)
             bar.set_postfix(mse=f"{mse.item():.4f}")
-        if (step + 1) % cfg.checkpointing_steps == 0 and step + 1 < cfg.vae.steps:
+        if (step + 1) % cfg.checkpointing_steps == 0 and step + 1 < stage.steps:
             checkpoints.save(accelerator, stage_dir, step + 1, cfg.checkpoints_total_limit)
-    vae = accelerator.unwrap_model(vae)
+    return accelerator.unwrap_model(vae)
+
+
+def _pixels(images: torch.Tensor) -> torch.Tensor:
+    return images.float().div(127.5).sub(1)  # uint8 → [-1, 1]
+
+
+# -- stage 1: VAE ------------------------------------------------------------------------------------------------
+def train_vae(cfg: BaseTrainConfig, accelerator, images: torch.Tensor, resume: bool):
+    from diffusers import AutoencoderKL
+
+    final = Path(cfg.output_dir) / "vae" / "final"
+    if (final / "config.json").exists():
+        return AutoencoderKL.from_pretrained(final)
+    crop = min(cfg.vae.crop, images.shape[-1])
+
+    def batch_loss(vae, gen):
+        idx = torch.randint(len(images), (cfg.vae.batch_size,), generator=gen)
+        ys, xs = torch.randint(0, images.shape[-1] - crop + 1, (2, len(idx)), generator=gen).tolist()
+        x = torch.stack([images[i, :, y : y + crop, x0 : x0 + crop] for i, y, x0 in zip(idx.tolist(), ys, xs)])
+        x = _pixels(x).to(accelerator.device)  # (B, 3, crop, crop)
+        posterior = vae.encode(x).latent_dist
+        mse = F.mse_loss(vae.decode(posterior.sample(generator=None)).sample, x)
+        return mse + cfg.vae.kl_weight * posterior.kl().mean(), mse
+
+    vae = tiny_components(cfg.seed, cfg.model)["vae"]
+    vae = _fit(cfg, accelerator, vae, list(vae.parameters()), cfg.vae, "vae", resume, batch_loss)
+    if accelerator.is_main_process:
+        vae.save_pretrained(final)
+    accelerator.wait_for_everyone()
+    return vae
+
+
+# -- stage 1b: decoder fine-tune -----------------------------------------------------------------------------------
+def train_decoder(cfg: BaseTrainConfig, accelerator, vae, images: torch.Tensor, latents: torch.Tensor, resume: bool):
+    """Fine-tune the decoder on the cached latents (encoder frozen: the latents do not move). Crops of `vae.crop`
+    pixels and the latent cells under them, as in stage 1; the result is saved to `output_dir/decoder/final`."""
+    from diffusers import AutoencoderKL
+
+    final = Path(cfg.output_dir) / "decoder" / "final"
+    if (final / "config.json").exists():
+        return AutoencoderKL.from_pretrained(final)
+    factor = images.shape[-1] // latents.shape[-1]  # pixels per latent cell
+    crop = min(cfg.vae.crop, images.shape[-1]) // factor  # in latent cells
+
+    def batch_loss(vae, gen):
+        idx = torch.randint(len(images), (cfg.decoder.batch_size,), generator=gen).tolist()
+        ys, xs = torch.randint(0, latents.shape[-1] - crop + 1, (2, len(idx)), generator=gen).tolist()
+        z = torch.stack([latents[i, :, y : y + crop, x : x + crop] for i, y, x in zip(idx, ys, xs)])  # (B, C, c, c)
+        x = torch.stack([images[i, :, y * factor : (y + crop) * factor, x * factor : (x + crop) * factor]
+                         for i, y, x in zip(idx, ys, xs)])  # (B, 3, c·f, c·f)
+        mse = F.mse_loss(vae.decode(z.float().to(accelerator.device)).sample, _pixels(x).to(accelerator.device))
+        return mse, mse
+
+    vae.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    vae = _fit(cfg, accelerator, vae, params, cfg.decoder, "decoder", resume, batch_loss)
+    vae.requires_grad_(False)
     if accelerator.is_main_process:
         vae.save_pretrained(final)
     accelerator.wait_for_everyone()
@@ -269,7 +344,7 @@ def encode_latents(vae, images: torch.Tensor, cache: Path, batch: int = 256) -> 
     else:
         vae.eval()
         chunks = [
-            vae.encode(images[i : i + batch].float().div(127.5).sub(1)).latent_dist.mean
+            vae.encode(_pixels(images[i : i + batch])).latent_dist.mean
             for i in tqdm(range(0, len(images), batch), desc="encode latents", mininterval=5)
         ]
         latents = torch.cat(chunks)
@@ -278,9 +353,24 @@ def encode_latents(vae, images: torch.Tensor, cache: Path, batch: int = 256) -> 
     return latents
 
 
+@torch.no_grad()
+def expression_map(vae, size: int, identities: int = 128, seed: int = 0) -> torch.Tensor:
+    """(h, w) latent map of where the expression words act, max 1: for training identities in random scenes, the
+    std of the latents over the expressions (everything else fixed), averaged over channels and identities."""
+    spreads = []
+    for identity, scene in synthfaces.sample(synthfaces.TRAIN_SEEDS, identities, rng_seed=seed):
+        renders = [synthfaces.render(identity, synthfaces.Scene(scene.background, scene.hat, e), size)
+                   for e in synthfaces.EXPRESSIONS]
+        x = torch.stack([torch.frombuffer(bytearray(r.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
+                         for r in renders])  # (E, 3, size, size)
+        spreads.append(vae.encode(_pixels(x)).latent_dist.mean.std(0).mean(0))  # (h, w)
+    spread = torch.stack(spreads).mean(0)
+    return spread / spread.max()
+
+
 # -- stage 2: text encoder + UNet ----------------------------------------------------------------------------------
 def train_unet(
-    cfg: BaseTrainConfig, accelerator, latents: torch.Tensor, scenes: torch.Tensor, scaling: float, resume: bool,
+    cfg: BaseTrainConfig, accelerator, vae, latents: torch.Tensor, scenes: torch.Tensor, resume: bool,
     export_only: bool = False,
 ):
     from diffusers import DDPMScheduler
@@ -303,11 +393,15 @@ def train_unet(
             accelerator.load_state(str(path))
             _load_ema(ema, names, path)
     device = accelerator.device
+    pixel_weight = 1.0  # scalar, or (h, w) when the expression region is up-weighted
+    if cfg.unet.expression_weight > 0 and not export_only:
+        pixel_weight = (1 + cfg.unet.expression_weight * expression_map(vae, cfg.model.image_size, seed=cfg.seed)).to(device)
+        pixel_weight = pixel_weight / pixel_weight.mean()  # the loss keeps its scale
     bar = tqdm(range(start, start if export_only else cfg.unet.steps), desc="unet", disable=not accelerator.is_main_process, mininterval=5)
     for step in bar:
         gen = _batch_generator(cfg.seed, "unet", step)
         idx = torch.randint(len(latents), (cfg.unet.batch_size,), generator=gen)
-        x0 = latents[idx].float().to(device) * scaling  # (B, C, h, w)
+        x0 = latents[idx].float().to(device) * vae.config.scaling_factor  # (B, C, h, w)
         captions = [training_caption(_scene_of(scenes[i].tolist()), gen, cfg.data) for i in idx]
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(device)
@@ -317,7 +411,7 @@ def train_unet(
         text = text_encoder(ids)[0]  # (B, 77, d)
         pred = unet(noisy, t, text).sample
         target = noise if cfg.model.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
-        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+        per_sample = (pixel_weight * F.mse_loss(pred, target, reduction="none")).mean(dim=(1, 2, 3))
         snr = compute_snr(noise_scheduler, t)
         weight = torch.clamp(snr, max=cfg.unet.min_snr_gamma) / (snr if cfg.model.prediction_type == "epsilon" else snr + 1)
         loss = (weight * per_sample).mean()
@@ -388,10 +482,13 @@ def train(cfg: BaseTrainConfig, resume: bool = True, export_only: bool = False) 
     vae = train_vae(cfg, accelerator, images, resume)
     accelerator.end_training()
     latents = encode_latents(vae, images, Path(cfg.output_dir) / "latents.safetensors")
-    scaling = vae.config.scaling_factor
-    logger.info("latent scaling factor %.4f", scaling)
+    logger.info("latent scaling factor %.4f", vae.config.scaling_factor)
+    if cfg.decoder.steps > 0:
+        accelerator = _accelerator(cfg, "decoder")
+        vae = train_decoder(cfg, accelerator, vae, images, latents, resume)
+        accelerator.end_training()
     accelerator = _accelerator(cfg, "unet")
-    unet, text_encoder, tokenizer = train_unet(cfg, accelerator, latents, scenes, scaling, resume, export_only)
+    unet, text_encoder, tokenizer = train_unet(cfg, accelerator, vae, latents, scenes, resume, export_only)
     path = Path(cfg.export_dir)
     if accelerator.is_main_process:
         export_pipeline(cfg, vae, unet, text_encoder, tokenizer, path)
