@@ -221,7 +221,7 @@ def test_cpu_processes_form_a_group_only_when_accelerate_is_told_cpu(monkeypatch
     assert trainer._use_cpu(HypernetTrainConfig(cpu=True)) is True
 
 
-def test_precompute_is_restartable_and_training_uses_its_targets(tmp_path, train_script, precompute_script):
+def test_precompute_is_restartable_and_training_uses_its_targets(tmp_path, train_script, precompute_script, monkeypatch):
     config = tmp_path / "tiny3.yaml"  # the tiny config with 3 identities, so every training batch has targets
     config.write_text(Path(TINY).read_text().replace("seed_stop: 1000", "seed_stop: 3"))
     assert load_config(HypernetTrainConfig, config).data.seed_stop == 3
@@ -258,7 +258,13 @@ def test_precompute_is_restartable_and_training_uses_its_targets(tmp_path, train
     with torch.random.fork_rng(devices=[]):  # the trainer's own initialisation
         torch.manual_seed(trainer.stable_seed("hypernet-init", cfg.seed))
         initial = HyperNetwork(cfg.hypernet, table)
-    trained = HyperNetwork.from_pretrained(trainer.train_hypernet(cfg), table=table)
+
+    def no_unet(*args, **kwargs):
+        raise AssertionError("diffusion_weight 0 must not run the UNet")
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "diffusion_loss", no_unet)
+        trained = HyperNetwork.from_pretrained(trainer.train_hypernet(cfg), table=table)
 
     def distance(hp: HyperNetwork) -> float:
         total = 0.0
@@ -270,6 +276,8 @@ def test_precompute_is_restartable_and_training_uses_its_targets(tmp_path, train
 
     before, after = distance(initial), distance(trained)
     assert after < 0.9 * before, (before, after)
+    with pytest.raises(HyperdiffError, match="`diffusion_weight` 0 needs stage-1 targets"):
+        replace(cfg, targets_dir="")
     with pytest.raises(HyperdiffError, match="no identity of the training data has a stage-1 target"):
         trainer.train_hypernet(replace(cfg, data=replace(cfg.data, seed_start=10, seed_stop=20), output_dir=str(tmp_path / "none")))
 

@@ -12,6 +12,7 @@ Contract:
   happens automatically when the launcher says WORLD_SIZE > 1, or always with `cpu: true`.
 - Loss = `diffusion_weight` · diffusion loss of the target image under its own caption, with the predicted weights
   injected through the per-sample processors, + `weight_weight` · MSE between predicted and stage-1 LiDB factors.
+  `diffusion_weight` 0 (weight regression only, the paper's stage-2 warm start) skips the UNet entirely.
   With `targets_dir`, batches draw only the identities that have a target (stage 2 trains on stage 1's identities,
   as in the paper); without, any identity of the source.
 - `save_state` every `checkpointing_steps` into `output_dir/checkpoint-N` (newest `checkpoints_total_limit` kept),
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 from hyperdiff.adapter import Adapter
 from hyperdiff.config import to_dict
 from hyperdiff.data.identities import FolderIdentities, SynthFacesIdentities
-from hyperdiff.errors import HyperdiffError, check_positive_int, check_positive_number
+from hyperdiff.errors import HyperdiffError, check_number_in, check_positive_int, check_positive_number
 from hyperdiff.finetune import FinetuneConfig, diffusion_loss, encode_images, finetune, make_prior
 from hyperdiff.hypernet import HyperNetConfig, HyperNetwork
 from hyperdiff.layers import LayerTable
@@ -100,6 +101,10 @@ class HypernetTrainConfig:
                      "precompute_identities", "precompute_batch"):
             check_positive_int(name, getattr(self, name))
         check_positive_number("learning_rate", self.learning_rate)
+        for name in ("diffusion_weight", "weight_weight"):
+            check_number_in(name, getattr(self, name), 0.0, 1e6)
+        if self.diffusion_weight == 0 and not (self.targets_dir and self.weight_weight > 0):
+            raise HyperdiffError("`diffusion_weight` 0 needs stage-1 targets: set `targets_dir` and a positive `weight_weight`")
         if not self.max_grad_norm >= 0:
             raise HyperdiffError(f"`max_grad_norm` must be a non-negative number (0 = no clipping), got {self.max_grad_norm!r}")
 
@@ -190,17 +195,20 @@ def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_sc
         pairs = [source.pair(k, gen) for k in batch]
         mine = slice(rank * per, (rank + 1) * per)
         refs = torch.cat([hp.encoder.preprocess([p[0]]) for p in pairs[mine]]).to(accelerator.device)
-        with torch.no_grad():
-            latents = encode_images(pipe, [p[1] for p in pairs[mine]])
-            ids = pipe.tokenizer([p[2] for p in pairs[mine]], padding="max_length", truncation=True,
-                                 max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
-            text = pipe.text_encoder(ids.to(accelerator.device))[0]
-        # noise and timesteps of the whole global batch, so each sample's draw does not depend on the process count
-        noise = torch.randn((per * world, *latents.shape[1:]), generator=gen)[mine].to(latents)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (per * world,), generator=gen)[mine]
         a_train, b_train = model(refs)  # (B, L, a, r), (B, L, r, b)
-        loss = cfg.diffusion_weight * diffusion_loss(pipe, noise_scheduler, latents, text, [hp.hyper_lora(a_train, b_train)],
-                                                     noise=noise, timesteps=t.to(latents.device))
+        loss = a_train.new_zeros(())
+        if cfg.diffusion_weight > 0:
+            with torch.no_grad():
+                latents = encode_images(pipe, [p[1] for p in pairs[mine]])
+                ids = pipe.tokenizer([p[2] for p in pairs[mine]], padding="max_length", truncation=True,
+                                     max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+                text = pipe.text_encoder(ids.to(accelerator.device))[0]
+            # noise and timesteps of the whole global batch, so each sample's draw does not depend on the process count
+            noise = torch.randn((per * world, *latents.shape[1:]), generator=gen)[mine].to(latents)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (per * world,), generator=gen)[mine]
+            loss = cfg.diffusion_weight * diffusion_loss(pipe, noise_scheduler, latents, text,
+                                                         [hp.hyper_lora(a_train, b_train)], noise=noise,
+                                                         timesteps=t.to(latents.device))
         weight_loss = _weight_loss(batch[mine], a_train, b_train, targets, table)
         if weight_loss is not None:
             loss = loss + cfg.weight_weight * weight_loss
