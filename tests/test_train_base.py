@@ -63,6 +63,10 @@ def test_training_exports_a_diffusers_folder_and_resumes_exactly(train_base, tmp
     assert image.shape == (32, 32, 3)
     assert pipe.vae.config.scaling_factor != 0.18215  # set from the latents' std
 
+    # The last step is checkpointed too (a later run can continue it), its EMA weights being what was exported.
+    ema = load_file(tmp_path / "full" / "unet" / "checkpoint-6" / "ema.safetensors")
+    assert all(torch.equal(ema[k].half(), v) for k, v in _weights(export).items() if k.startswith("unet."))
+
     # The decoder stage moved the decoder only: the encoder (hence the cached latents) is stage 1's, and the export
     # carries the fine-tuned decoder.
     from diffusers import AutoencoderKL

@@ -424,7 +424,8 @@ def train_unet(
         if step % 50 == 0:
             accelerator.log({"unet/loss": loss.item(), "unet/lr": sched.get_last_lr()[0]}, step=step)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % cfg.checkpointing_steps == 0 and step + 1 < cfg.unet.steps:
+        # the last step too: a later run may continue this one (a warm restart with more steps or other weights)
+        if (step + 1) % cfg.checkpointing_steps == 0 or step + 1 == cfg.unet.steps:
             checkpoints.save(accelerator, stage_dir, step + 1, cfg.checkpoints_total_limit, _ema_saver(ema, names))
     unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
     ema.copy_to(list(unet.parameters()) + list(text_encoder.parameters()))
