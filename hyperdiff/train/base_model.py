@@ -9,8 +9,9 @@ Contract:
   work) and the whole caption emptied with probability `data.caption_dropout` (classifier-free guidance).
 - Stage 1 `train_vae`: AutoencoderKL, MSE + `kl_weight`·KL; then every image is encoded once (posterior means) and
   `scaling_factor` is set to 1 / std of the latents.
-- Stage 1b `train_decoder` (`decoder.steps` > 0): the decoder alone goes on learning on the cached latents; the
-  encoder is frozen, so the latents, and any UNet checkpoint trained on them, stay valid.
+- Stage 1b `train_decoder` (`decoder.steps` > 0): the decoder alone goes on learning (posterior samples of frozen
+  encoder crops, as in stage 1); the encoder is frozen, so the latents, and any UNet checkpoint trained on them,
+  stay valid.
 - Stage 2 `train_unet`: epsilon prediction with the SD noise schedule, min-SNR-γ loss weights, AdamW with warm-up and
   cosine decay, EMA weights (what is exported). `unet.expression_weight` > 0 up-weights the loss on the latent cells
   where the expression words act (`expression_map`: eyes, brows, mouth), which the plain loss barely sees.
@@ -304,24 +305,26 @@ def train_vae(cfg: BaseTrainConfig, accelerator, images: torch.Tensor, resume: b
 
 
 # -- stage 1b: decoder fine-tune -----------------------------------------------------------------------------------
-def train_decoder(cfg: BaseTrainConfig, accelerator, vae, images: torch.Tensor, latents: torch.Tensor, resume: bool):
-    """Fine-tune the decoder on the cached latents (encoder frozen: the latents do not move). Crops of `vae.crop`
-    pixels and the latent cells under them, as in stage 1; the result is saved to `output_dir/decoder/final`."""
+def train_decoder(cfg: BaseTrainConfig, accelerator, vae, images: torch.Tensor, resume: bool):
+    """Fine-tune the decoder with the encoder frozen (the cached latents do not move): random `vae.crop` px crops are
+    encoded and a posterior *sample* decoded, as in stage 1, so the decoder keeps forgiving latents that are not
+    exactly an encoder's mean (what the UNet makes). Saved to `output_dir/decoder/final`."""
     from diffusers import AutoencoderKL
 
     final = Path(cfg.output_dir) / "decoder" / "final"
     if (final / "config.json").exists():
         return AutoencoderKL.from_pretrained(final)
-    factor = images.shape[-1] // latents.shape[-1]  # pixels per latent cell
-    crop = min(cfg.vae.crop, images.shape[-1]) // factor  # in latent cells
+    crop = min(cfg.vae.crop, images.shape[-1])
 
     def batch_loss(vae, gen):
-        idx = torch.randint(len(images), (cfg.decoder.batch_size,), generator=gen).tolist()
-        ys, xs = torch.randint(0, latents.shape[-1] - crop + 1, (2, len(idx)), generator=gen).tolist()
-        z = torch.stack([latents[i, :, y : y + crop, x : x + crop] for i, y, x in zip(idx, ys, xs)])  # (B, C, c, c)
-        x = torch.stack([images[i, :, y * factor : (y + crop) * factor, x * factor : (x + crop) * factor]
-                         for i, y, x in zip(idx, ys, xs)])  # (B, 3, c·f, c·f)
-        mse = F.mse_loss(vae.decode(z.float().to(accelerator.device)).sample, _pixels(x).to(accelerator.device))
+        idx = torch.randint(len(images), (cfg.decoder.batch_size,), generator=gen)
+        ys, xs = torch.randint(0, images.shape[-1] - crop + 1, (2, len(idx)), generator=gen).tolist()
+        x = torch.stack([images[i, :, y : y + crop, x0 : x0 + crop] for i, y, x0 in zip(idx.tolist(), ys, xs)])
+        x = _pixels(x).to(accelerator.device)  # (B, 3, crop, crop)
+        with torch.no_grad():
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(x)
+        mse = F.mse_loss(vae.decode(z).sample, x)
         return mse, mse
 
     vae.requires_grad_(False)
@@ -486,7 +489,7 @@ def train(cfg: BaseTrainConfig, resume: bool = True, export_only: bool = False) 
     logger.info("latent scaling factor %.4f", vae.config.scaling_factor)
     if cfg.decoder.steps > 0:
         accelerator = _accelerator(cfg, "decoder")
-        vae = train_decoder(cfg, accelerator, vae, images, latents, resume)
+        vae = train_decoder(cfg, accelerator, vae, images, resume)
         accelerator.end_training()
     accelerator = _accelerator(cfg, "unet")
     unet, text_encoder, tokenizer = train_unet(cfg, accelerator, vae, latents, scenes, resume, export_only)
