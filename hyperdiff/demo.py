@@ -4,7 +4,8 @@ Contract: personalizes a few held-out SynthFaces identities (evaluation seeds, n
 render each, generates them in new scenes, writes a contact sheet PNG (reference | zero-shot | + fast fine-tune |
 base model, or reference | DreamBooth-LiDB | base model without a hypernet; one row per identity and scene), the
 native adapters and their diffusers/kohya exports, checks that vanilla diffusers' `load_lora_weights` of the export
-gives the image hyperdiff's own injection gives, and prints where everything is and each step's time. Returns a summary dict. Deterministic for a given seed.
+gives the image hyperdiff's own injection gives, and prints where everything is and each step's time. Returns a
+summary dict. Deterministic for a given seed.
 
 What runs depends on what is shipped (or passed), and the demo says which:
 - base + hypernet (the product): zero-shot hypernet prediction, then the 40-step rank-relaxed fine-tune;

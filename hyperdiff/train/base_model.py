@@ -28,8 +28,8 @@ from __future__ import annotations
 import logging
 import shutil
 from dataclasses import dataclass, field
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ from hyperdiff.config import to_dict
 from hyperdiff.data import synthfaces
 from hyperdiff.errors import HyperdiffError, check_number_in, check_positive_int, check_positive_number
 from hyperdiff.files import write_safetensors
+from hyperdiff.metrics import to_batch
 from hyperdiff.models.tiny import SD_SCHEDULE, TinyPipelineConfig, tiny_components
 from hyperdiff.train import checkpoints
 
@@ -97,8 +98,8 @@ class VAEStageConfig(StageConfig):
 
 @dataclass
 class DecoderStageConfig(StageConfig):
-    """Decoder-only fine-tune on whole images once the latents are cached: the encoder is frozen, so the latents
-    (and a UNet trained on them) stay valid; 0 steps skips the stage."""
+    """Decoder-only fine-tune after stage 1 (crops of `vae.crop` px, posterior samples of the frozen encoder): the
+    cached latents, and a UNet trained on them, stay valid; 0 steps skips the stage."""
 
     steps: int = 0
     batch_size: int = 32
@@ -278,6 +279,14 @@ def _pixels(images: torch.Tensor) -> torch.Tensor:
     return images.float().div(127.5).sub(1)  # uint8 → [-1, 1]
 
 
+def _random_crops(images: torch.Tensor, batch_size: int, crop: int, gen: torch.Generator) -> torch.Tensor:
+    """`batch_size` random images of the cache, each cut to a random `crop` px square: (B, 3, crop, crop) in [-1, 1]."""
+    crop = min(crop, images.shape[-1])
+    idx = torch.randint(len(images), (batch_size,), generator=gen)
+    ys, xs = torch.randint(0, images.shape[-1] - crop + 1, (2, batch_size), generator=gen).tolist()
+    return _pixels(torch.stack([images[i, :, y : y + crop, x : x + crop] for i, y, x in zip(idx.tolist(), ys, xs)]))
+
+
 # -- stage 1: VAE ------------------------------------------------------------------------------------------------
 def train_vae(cfg: BaseTrainConfig, accelerator, images: torch.Tensor, resume: bool):
     from diffusers import AutoencoderKL
@@ -285,13 +294,9 @@ def train_vae(cfg: BaseTrainConfig, accelerator, images: torch.Tensor, resume: b
     final = Path(cfg.output_dir) / "vae" / "final"
     if (final / "config.json").exists():
         return AutoencoderKL.from_pretrained(final)
-    crop = min(cfg.vae.crop, images.shape[-1])
 
     def batch_loss(vae, gen):
-        idx = torch.randint(len(images), (cfg.vae.batch_size,), generator=gen)
-        ys, xs = torch.randint(0, images.shape[-1] - crop + 1, (2, len(idx)), generator=gen).tolist()
-        x = torch.stack([images[i, :, y : y + crop, x0 : x0 + crop] for i, y, x0 in zip(idx.tolist(), ys, xs)])
-        x = _pixels(x).to(accelerator.device)  # (B, 3, crop, crop)
+        x = _random_crops(images, cfg.vae.batch_size, cfg.vae.crop, gen).to(accelerator.device)  # (B, 3, c, c)
         posterior = vae.encode(x).latent_dist
         mse = F.mse_loss(vae.decode(posterior.sample(generator=None)).sample, x)
         return mse + cfg.vae.kl_weight * posterior.kl().mean(), mse
@@ -314,13 +319,9 @@ def train_decoder(cfg: BaseTrainConfig, accelerator, vae, images: torch.Tensor, 
     final = Path(cfg.output_dir) / "decoder" / "final"
     if (final / "config.json").exists():
         return AutoencoderKL.from_pretrained(final)
-    crop = min(cfg.vae.crop, images.shape[-1])
 
     def batch_loss(vae, gen):
-        idx = torch.randint(len(images), (cfg.decoder.batch_size,), generator=gen)
-        ys, xs = torch.randint(0, images.shape[-1] - crop + 1, (2, len(idx)), generator=gen).tolist()
-        x = torch.stack([images[i, :, y : y + crop, x0 : x0 + crop] for i, y, x0 in zip(idx.tolist(), ys, xs)])
-        x = _pixels(x).to(accelerator.device)  # (B, 3, crop, crop)
+        x = _random_crops(images, cfg.decoder.batch_size, cfg.vae.crop, gen).to(accelerator.device)  # (B, 3, c, c)
         with torch.no_grad():
             posterior = vae.encode(x).latent_dist
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(x)
@@ -364,9 +365,8 @@ def expression_map(vae, size: int, identities: int = 128, seed: int = 0) -> torc
     for identity, scene in synthfaces.sample(synthfaces.TRAIN_SEEDS, identities, rng_seed=seed):
         renders = [synthfaces.render(identity, synthfaces.Scene(scene.background, scene.hat, e), size)
                    for e in synthfaces.EXPRESSIONS]
-        x = torch.stack([torch.frombuffer(bytearray(r.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
-                         for r in renders])  # (E, 3, size, size)
-        spreads.append(vae.encode(_pixels(x)).latent_dist.mean.std(0).mean(0))  # (h, w)
+        x = to_batch(renders, size=None) * 2 - 1  # (E, 3, size, size) in [-1, 1]
+        spreads.append(vae.encode(x).latent_dist.mean.std(0).mean(0))  # (h, w)
     spread = torch.stack(spreads).mean(0)
     return spread / spread.max()
 

@@ -127,10 +127,6 @@ def _load_base(spec: str):
     return pipe
 
 
-def _pixels(images) -> torch.Tensor:
-    return torch.stack([torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.height, im.width, 3) for im in images]).permute(0, 3, 1, 2).float() / 255
-
-
 def train_hypernet(cfg: HypernetTrainConfig, resume: bool = True) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
