@@ -136,6 +136,20 @@ def _deltas(table: LayerTable, factors, config: FinetuneConfig, scale: float) ->
     return out
 
 
+def noise_prediction(pipe, noise_scheduler, latents, text, hyper_loras, noise: torch.Tensor, timesteps: torch.Tensor):
+    """The UNet's prediction on `latents` noised with `noise` at `timesteps`, with the given per-call deltas, and the
+    training target (epsilon or v, as the scheduler says): both (N, C, h, w)."""
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    pred = pipe.unet(noisy, timesteps, text, cross_attention_kwargs={"hyper_lora": hyper_loras}).sample
+    eps = noise_scheduler.config.prediction_type == "epsilon"
+    return pred, noise if eps else noise_scheduler.get_velocity(latents, noise, timesteps)
+
+
+def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, ...) x2 -> (N,) mean squared difference per sample, in float32."""
+    return F.mse_loss(a.float(), b.float(), reduction="none").mean(dim=tuple(range(1, a.dim())))
+
+
 def diffusion_loss(pipe, noise_scheduler, latents, text, hyper_loras, gen: torch.Generator | None = None,
                    reduce: bool = True, noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None):
     """Per-sample MSE of the UNet's prediction with the given per-call deltas: latents (N, C, h, w), text (N, T, d).
@@ -145,10 +159,7 @@ def diffusion_loss(pipe, noise_scheduler, latents, text, hyper_loras, gen: torch
     t = timesteps
     if t is None:
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(latents.device)
-    noisy = noise_scheduler.add_noise(latents, noise, t)
-    pred = pipe.unet(noisy, t, text, cross_attention_kwargs={"hyper_lora": hyper_loras}).sample
-    target = noise if noise_scheduler.config.prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    per_sample = per_sample_mse(*noise_prediction(pipe, noise_scheduler, latents, text, hyper_loras, noise, t))
     return per_sample.mean() if reduce else per_sample
 
 

@@ -20,7 +20,7 @@ MINI = {
               "vae_block_out_channels": [16, 16], "scheduler": "dpm"},
     "data": {"images": 48, "seed": 0},
     "vae": {"steps": 3, "batch_size": 4, "crop": 16, "warmup_steps": 0},
-    "decoder": {"steps": 2, "batch_size": 4, "warmup_steps": 0},
+    "decoder": {"steps": 2, "batch_size": 4, "warmup_steps": 0, "expression_weight": 5.0},
     "unet": {"steps": 6, "batch_size": 4, "warmup_steps": 2, "ema_decay": 0.9, "expression_weight": 10.0},
     "checkpointing_steps": 3,
     "checkpoints_total_limit": 5,
@@ -103,6 +103,7 @@ def test_expression_map_marks_where_expressions_differ():
     zero where no expression changes a pixel (the corners, which the face never covers), largest on the face."""
     from types import SimpleNamespace
 
+    from hyperdiff.metrics import IdentityEncoderConfig
     from hyperdiff.train.base_model import expression_map
 
     class PoolingVAE:
@@ -114,6 +115,16 @@ def test_expression_map_marks_where_expressions_differ():
     assert float(m[0, 0]) == float(m[0, -1]) == float(m[-1, 0]) == float(m[-1, -1]) == 0.0
     row, col = divmod(int(m.argmax()), 16)
     assert 4 <= row <= 12 and 4 <= col <= 11  # on the face: eyes, brows or mouth
+
+    # vae None: the same spread in pixels (the decoder stage's loss weight), zero at the corners, largest inside the
+    # identity encoder's expression crop (brows, eyes, mouth)
+    p = expression_map(None, 64, identities=8)
+    assert p.shape == (64, 64) and float(p.max()) == 1.0
+    assert float(p[0, 0]) == float(p[0, -1]) == float(p[-1, 0]) == float(p[-1, -1]) == 0.0
+    row, col = divmod(int(p.argmax()), 64)
+    top, bottom, left, right = IdentityEncoderConfig().expression_crop
+    assert top <= row < bottom and left <= col < right
+    assert float(p[:8].max()) < 0.05 and float(p[:, :8].max()) < 0.05  # the background never changes
 
 
 def test_bad_config_is_one_line(train_base, tmp_path, capsys):

@@ -24,13 +24,16 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
 from hyperdiff import Adapter, HyperdiffError, LayerTable
 from hyperdiff.config import load_config
 from hyperdiff.data import synthfaces as sf
 from hyperdiff.data.identities import FolderIdentities, SynthFacesIdentities
+from hyperdiff.finetune import _text, encode_images, noise_prediction
 from hyperdiff.hypernet import HyperNetwork
+from hyperdiff.processors import hyper_lora_processors
 from hyperdiff.train import checkpoints
 from hyperdiff.train import hypernet as trainer
 from hyperdiff.train.hypernet import HypernetTrainConfig
@@ -263,7 +266,7 @@ def test_precompute_is_restartable_and_training_uses_its_targets(tmp_path, train
         raise AssertionError("diffusion_weight 0 must not run the UNet")
 
     with monkeypatch.context() as m:
-        m.setattr(trainer, "diffusion_loss", no_unet)
+        m.setattr(trainer, "noise_prediction", no_unet)
         trained = HyperNetwork.from_pretrained(trainer.train_hypernet(cfg), table=table)
 
     def distance(hp: HyperNetwork) -> float:
@@ -278,8 +281,53 @@ def test_precompute_is_restartable_and_training_uses_its_targets(tmp_path, train
     assert after < 0.9 * before, (before, after)
     with pytest.raises(HyperdiffError, match="`diffusion_weight` 0 needs stage-1 targets"):
         replace(cfg, targets_dir="")
+
     with pytest.raises(HyperdiffError, match="no identity of the training data has a stage-1 target"):
         trainer.train_hypernet(replace(cfg, data=replace(cfg.data, seed_start=10, seed_stop=20), output_dir=str(tmp_path / "none")))
+
+
+def test_distillation_alone_pulls_the_unet_outputs_towards_the_targets(tmp_path, monkeypatch):
+    """`distill_weight` only (no diffusion or weight term): the UNet's predictions under the predicted weights move
+    towards its predictions under each identity's stage-1 weights, measured on noise and timesteps the trainer never
+    drew; the weight-space distance is not what it minimises."""
+    from hyperdiff.lidb import LiDBConfig
+    from hyperdiff.random_adapters import random_lidb
+
+    pipe = trainer._load_base("hyperdiff:tiny")
+    table = LayerTable.from_unet(pipe.unet)
+    targets = tmp_path / "targets"
+    targets.mkdir()
+    teachers = {k: random_lidb(table, seed=k, config=LiDBConfig(), std=1.0) for k in range(3)}  # strong deltas
+    for k, ad in teachers.items():
+        ad.save(targets / f"{k}.safetensors")
+    cfg = load_config(HypernetTrainConfig, TINY, {
+        "output_dir": str(tmp_path / "distill"), "targets_dir": str(targets), "diffusion_weight": 0.0,
+        "weight_weight": 0.0, "distill_weight": 1.0, "max_train_steps": 30, "learning_rate": 1e-3, "report_to": "none",
+    })
+    with torch.random.fork_rng(devices=[]):  # the trainer's own initialisation
+        torch.manual_seed(trainer.stable_seed("hypernet-init", cfg.seed))
+        initial = HyperNetwork(cfg.hypernet, table)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def function_distance(hp: HyperNetwork) -> float:
+        total = 0.0
+        with torch.no_grad(), hyper_lora_processors(pipe.unet, table):
+            for key, teacher in teachers.items():
+                image = sf.render(sf.Identity.from_seed(key), sf.Scene(), 32)
+                latents = encode_images(pipe, [image]).repeat(4, 1, 1, 1)  # (4, C, h, w)
+                text = _text(pipe, [sf.caption(sf.Scene(), "sks")] * 4)
+                g = torch.Generator().manual_seed(1000 + key)
+                noise, t = torch.randn(latents.shape, generator=g), torch.randint(0, 1000, (4,), generator=g)
+                student, _ = noise_prediction(pipe, sched, latents, text, [hp.predict([image]).hyper_lora()], noise, t)
+                taught, _ = noise_prediction(pipe, sched, latents, text, [teacher.hyper_lora()], noise, t)
+                total += ((student - taught) ** 2).mean().item()
+        return total
+
+    distilled = HyperNetwork.from_pretrained(trainer.train_hypernet(cfg), table=table)
+    before, after = function_distance(initial), function_distance(distilled)
+    assert after < 0.8 * before, (before, after)
+    with pytest.raises(HyperdiffError, match="`distill_weight` > 0 needs stage-1 targets"):
+        replace(cfg, targets_dir="")
 
 
 def test_weight_loss_is_a_mean_over_the_local_batch():

@@ -11,7 +11,7 @@ Contract:
   `scaling_factor` is set to 1 / std of the latents.
 - Stage 1b `train_decoder` (`decoder.steps` > 0): the decoder alone goes on learning (posterior samples of frozen
   encoder crops, as in stage 1); the encoder is frozen, so the latents, and any UNet checkpoint trained on them,
-  stay valid.
+  stay valid. `decoder.expression_weight` > 0 up-weights the pixels where the expression words act.
 - Stage 2 `train_unet`: epsilon prediction with the SD noise schedule, min-SNR-γ loss weights, AdamW with warm-up and
   cosine decay, EMA weights (what is exported). `unet.expression_weight` > 0 up-weights the loss on the latent cells
   where the expression words act (`expression_map`: eyes, brows, mouth), which the plain loss barely sees.
@@ -106,7 +106,15 @@ class DecoderStageConfig(StageConfig):
     learning_rate: float = 3e-4
     warmup_steps: int = 50
 
+    # Extra loss weight where the expression words act, in pixels: 1 + expression_weight · map (`expression_map` of
+    # the renders themselves), normalised to mean 1 over the image: brows, eyelids and mouth corners are a few pixels.
+    expression_weight: float = 0.0
+
     optional: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number_in("decoder.expression_weight", self.expression_weight, 0.0, 1e4)
 
 
 @dataclass
@@ -279,12 +287,22 @@ def _pixels(images: torch.Tensor) -> torch.Tensor:
     return images.float().div(127.5).sub(1)  # uint8 → [-1, 1]
 
 
+def _crop_windows(n_images: int, size: int, batch_size: int, crop: int, gen: torch.Generator):
+    """`batch_size` random (image index, top, left) windows of `crop` px in `n_images` images of `size` px."""
+    idx = torch.randint(n_images, (batch_size,), generator=gen).tolist()
+    ys, xs = torch.randint(0, size - crop + 1, (2, batch_size), generator=gen).tolist()
+    return list(zip(idx, ys, xs))
+
+
+def _cut(images: torch.Tensor, windows, crop: int) -> torch.Tensor:
+    """(N, C, S, S) → (B, C, crop, crop): one window each."""
+    return torch.stack([images[i, :, y : y + crop, x : x + crop] for i, y, x in windows])
+
+
 def _random_crops(images: torch.Tensor, batch_size: int, crop: int, gen: torch.Generator) -> torch.Tensor:
     """`batch_size` random images of the cache, each cut to a random `crop` px square: (B, 3, crop, crop) in [-1, 1]."""
     crop = min(crop, images.shape[-1])
-    idx = torch.randint(len(images), (batch_size,), generator=gen)
-    ys, xs = torch.randint(0, images.shape[-1] - crop + 1, (2, batch_size), generator=gen).tolist()
-    return _pixels(torch.stack([images[i, :, y : y + crop, x : x + crop] for i, y, x in zip(idx.tolist(), ys, xs)]))
+    return _pixels(_cut(images, _crop_windows(len(images), images.shape[-1], batch_size, crop, gen), crop))
 
 
 # -- stage 1: VAE ------------------------------------------------------------------------------------------------
@@ -320,13 +338,21 @@ def train_decoder(cfg: BaseTrainConfig, accelerator, vae, images: torch.Tensor, 
     if (final / "config.json").exists():
         return AutoencoderKL.from_pretrained(final)
 
+    crop = min(cfg.vae.crop, images.shape[-1])
+    weight = torch.ones(1, 1, *images.shape[-2:])  # (1, 1, S, S): 1 + expression_weight · map, mean 1
+    if cfg.decoder.expression_weight > 0:
+        weight = 1 + cfg.decoder.expression_weight * expression_map(None, images.shape[-1], seed=cfg.seed)[None, None]
+        weight = weight / weight.mean()
+
     def batch_loss(vae, gen):
-        x = _random_crops(images, cfg.decoder.batch_size, cfg.vae.crop, gen).to(accelerator.device)  # (B, 3, c, c)
+        windows = _crop_windows(len(images), images.shape[-1], cfg.decoder.batch_size, crop, gen)
+        x = _pixels(_cut(images, windows, crop)).to(accelerator.device)  # (B, 3, c, c)
+        w = _cut(weight, [(0, y, xx) for _, y, xx in windows], crop).to(x)  # (B, 1, c, c)
         with torch.no_grad():
             posterior = vae.encode(x).latent_dist
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(x)
-        mse = F.mse_loss(vae.decode(z).sample, x)
-        return mse, mse
+        error = F.mse_loss(vae.decode(z).sample, x, reduction="none")  # (B, 3, c, c)
+        return (w * error).mean(), error.mean()
 
     vae.requires_grad_(False)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
@@ -359,14 +385,16 @@ def encode_latents(vae, images: torch.Tensor, cache: Path, batch: int = 256) -> 
 
 @torch.no_grad()
 def expression_map(vae, size: int, identities: int = 128, seed: int = 0) -> torch.Tensor:
-    """(h, w) latent map of where the expression words act, max 1: for training identities in random scenes, the
-    std of the latents over the expressions (everything else fixed), averaged over channels and identities."""
+    """Where the expression words act, max 1: for training identities in random scenes, the std over the expressions
+    (everything else fixed) of the VAE's latents — an (h, w) latent map — or, with `vae` None, of the pixels — a
+    (size, size) map — averaged over channels and identities."""
     spreads = []
     for identity, scene in synthfaces.sample(synthfaces.TRAIN_SEEDS, identities, rng_seed=seed):
         renders = [synthfaces.render(identity, synthfaces.Scene(scene.background, scene.hat, e), size)
                    for e in synthfaces.EXPRESSIONS]
         x = to_batch(renders, size=None) * 2 - 1  # (E, 3, size, size) in [-1, 1]
-        spreads.append(vae.encode(x).latent_dist.mean.std(0).mean(0))  # (h, w)
+        z = x if vae is None else vae.encode(x).latent_dist.mean  # (E, C, h, w)
+        spreads.append(z.std(0).mean(0))  # (h, w)
     spread = torch.stack(spreads).mean(0)
     return spread / spread.max()
 

@@ -11,8 +11,12 @@ Contract:
   gloo process group when accelerate is told `cpu=True` (otherwise every process runs alone as rank 0 of 1): that
   happens automatically when the launcher says WORLD_SIZE > 1, or always with `cpu: true`.
 - Loss = `diffusion_weight` · diffusion loss of the target image under its own caption, with the predicted weights
-  injected through the per-sample processors, + `weight_weight` · MSE between predicted and stage-1 LiDB factors.
-  `diffusion_weight` 0 (weight regression only, the paper's stage-2 warm start) skips the UNet entirely.
+  injected through the per-sample processors, + `weight_weight` · MSE between predicted and stage-1 LiDB factors,
+  + `distill_weight` · MSE between the UNet's prediction under the predicted weights and under the identity's stage-1
+  weights (same noisy target latent, caption and timestep): function-space distillation of stage 1, which does not
+  care which of the many equivalent factorisations DreamBooth happened to find (weight regression does, and stage-1
+  factors of one identity from two seeds are nearly orthogonal). With neither the diffusion nor the distillation
+  term (weight regression only, the paper's stage-2 warm start) the UNet is skipped entirely.
   With `targets_dir`, batches draw only the identities that have a target (stage 2 trains on stage 1's identities,
   as in the paper); without, any identity of the source.
 - `save_state` every `checkpointing_steps` into `output_dir/checkpoint-N` (newest `checkpoints_total_limit` kept),
@@ -39,7 +43,7 @@ from hyperdiff.adapter import Adapter
 from hyperdiff.config import to_dict
 from hyperdiff.data.identities import FolderIdentities, SynthFacesIdentities
 from hyperdiff.errors import HyperdiffError, check_number_in, check_positive_int, check_positive_number
-from hyperdiff.finetune import FinetuneConfig, diffusion_loss, encode_images, finetune, make_prior
+from hyperdiff.finetune import FinetuneConfig, encode_images, finetune, make_prior, noise_prediction, per_sample_mse
 from hyperdiff.hypernet import HyperNetConfig, HyperNetwork
 from hyperdiff.layers import LayerTable
 from hyperdiff.lidb import stable_seed
@@ -85,6 +89,7 @@ class HypernetTrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping; 0 = off
     diffusion_weight: float = 1.0
     weight_weight: float = 0.02
+    distill_weight: float = 0.0  # function-space distillation of the stage-1 targets (needs targets_dir)
     targets_dir: str = ""  # stage-1 targets; "" = none
     checkpointing_steps: int = 250
     checkpoints_total_limit: int = 2
@@ -101,10 +106,13 @@ class HypernetTrainConfig:
                      "precompute_identities", "precompute_batch"):
             check_positive_int(name, getattr(self, name))
         check_positive_number("learning_rate", self.learning_rate)
-        for name in ("diffusion_weight", "weight_weight"):
+        for name in ("diffusion_weight", "weight_weight", "distill_weight"):
             check_number_in(name, getattr(self, name), 0.0, 1e6)
-        if self.diffusion_weight == 0 and not (self.targets_dir and self.weight_weight > 0):
-            raise HyperdiffError("`diffusion_weight` 0 needs stage-1 targets: set `targets_dir` and a positive `weight_weight`")
+        if self.distill_weight > 0 and not self.targets_dir:
+            raise HyperdiffError("`distill_weight` > 0 needs stage-1 targets: set `targets_dir`")
+        if self.diffusion_weight == 0 and self.distill_weight == 0 and not (self.targets_dir and self.weight_weight > 0):
+            raise HyperdiffError("`diffusion_weight` 0 needs stage-1 targets: set `targets_dir` and a positive"
+                                 " `weight_weight` or `distill_weight`")
         if not self.max_grad_norm >= 0:
             raise HyperdiffError(f"`max_grad_norm` must be a non-negative number (0 = no clipping), got {self.max_grad_norm!r}")
 
@@ -193,7 +201,7 @@ def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_sc
         refs = torch.cat([hp.encoder.preprocess([p[0]]) for p in pairs[mine]]).to(accelerator.device)
         a_train, b_train = model(refs)  # (B, L, a, r), (B, L, r, b)
         loss = a_train.new_zeros(())
-        if cfg.diffusion_weight > 0:
+        if cfg.diffusion_weight > 0 or cfg.distill_weight > 0:
             with torch.no_grad():
                 latents = encode_images(pipe, [p[1] for p in pairs[mine]])
                 ids = pipe.tokenizer([p[2] for p in pairs[mine]], padding="max_length", truncation=True,
@@ -202,9 +210,16 @@ def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_sc
             # noise and timesteps of the whole global batch, so each sample's draw does not depend on the process count
             noise = torch.randn((per * world, *latents.shape[1:]), generator=gen)[mine].to(latents)
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (per * world,), generator=gen)[mine]
-            loss = cfg.diffusion_weight * diffusion_loss(pipe, noise_scheduler, latents, text,
-                                                         [hp.hyper_lora(a_train, b_train)], noise=noise,
-                                                         timesteps=t.to(latents.device))
+            t = t.to(latents.device)
+            pred, target = noise_prediction(pipe, noise_scheduler, latents, text, [hp.hyper_lora(a_train, b_train)],
+                                            noise, t)  # (B, C, h, w) each
+            if cfg.diffusion_weight > 0:
+                loss = loss + cfg.diffusion_weight * per_sample_mse(pred, target).mean()
+            if cfg.distill_weight > 0:
+                with torch.no_grad():
+                    teacher = Adapter.stack([targets[str(k)] for k in batch[mine]], table)
+                    taught, _ = noise_prediction(pipe, noise_scheduler, latents, text, [teacher], noise, t)
+                loss = loss + cfg.distill_weight * per_sample_mse(pred, taught).mean()
         weight_loss = _weight_loss(batch[mine], a_train, b_train, targets, table)
         if weight_loss is not None:
             loss = loss + cfg.weight_weight * weight_loss
