@@ -93,7 +93,7 @@ def test_demo_runs_offline_and_writes_its_outputs(tmp_path):
     out = tmp_path / "demo"
     with_hypernet = EMBEDDED_HYPERNET.is_dir()
     with Image.open(out / "sheet.png") as sheet:  # reference | [zero-shot |] personalized | base model
-        assert sheet.size == ((4 if with_hypernet else 3) * 128, 18 + 2 * 2 * 128)
+        assert sheet.size[0] == (4 if with_hypernet else 3) * 128 and 18 <= sheet.size[1] - 2 * 2 * 128 <= 60  # titles on top
     for seed in (1_000_000, 1_000_001):  # held-out identities
         ad = Adapter.load(out / f"identity{seed}.safetensors")
         assert (ad.kind, ad.rank) == (("lora", 1 + 4) if with_hypernet else ("lidb", 1))
