@@ -281,12 +281,11 @@ def test_precompute_is_restartable_and_training_uses_its_targets(tmp_path, train
     assert after < 0.9 * before, (before, after)
     with pytest.raises(HyperdiffError, match="`diffusion_weight` 0 needs stage-1 targets"):
         replace(cfg, targets_dir="")
-
     with pytest.raises(HyperdiffError, match="no identity of the training data has a stage-1 target"):
         trainer.train_hypernet(replace(cfg, data=replace(cfg.data, seed_start=10, seed_stop=20), output_dir=str(tmp_path / "none")))
 
 
-def test_distillation_alone_pulls_the_unet_outputs_towards_the_targets(tmp_path, monkeypatch):
+def test_distillation_alone_pulls_the_unet_outputs_towards_the_targets(tmp_path):
     """`distill_weight` only (no diffusion or weight term): the UNet's predictions under the predicted weights move
     towards its predictions under each identity's stage-1 weights, measured on noise and timesteps the trainer never
     drew; the weight-space distance is not what it minimises."""
