@@ -84,7 +84,8 @@ class Prior:
     text: torch.Tensor
 
 
-def _text(pipe, prompts: Sequence[str]) -> torch.Tensor:
+def encode_prompts(pipe, prompts: Sequence[str]) -> torch.Tensor:
+    """The text encoder's last hidden states for `prompts`, padded to the tokenizer's maximum length: (N, T, d)."""
     with torch.no_grad():
         ids = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(pipe.device)
@@ -106,7 +107,7 @@ def make_prior(pipe, config: FinetuneConfig) -> Prior:
     gen = torch.Generator().manual_seed(config.seed)
     latents = pipe(prompts, num_inference_steps=config.prior_steps, guidance_scale=config.prior_guidance,
                    generator=gen, output_type="latent").images
-    return Prior(latents, _text(pipe, prompts))
+    return Prior(latents, encode_prompts(pipe, prompts))
 
 
 def _init_factors(table: LayerTable, n: int, config: FinetuneConfig, gen: torch.Generator) -> dict[str, list[torch.Tensor]]:
@@ -191,7 +192,7 @@ def finetune(
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     instance = config.instance_prompt.format(token=config.token)
     latents = [encode_images(pipe, refs) for refs in references]  # per identity (n_i, C, h, w)
-    texts = [_text(pipe, p if prompts is not None else [instance] * len(refs)) for refs, p in zip(references, prompts or [None] * n)]
+    texts = [encode_prompts(pipe, p if prompts is not None else [instance] * len(refs)) for refs, p in zip(references, prompts or [None] * n)]
     if config.prior_weight > 0 and prior is None:
         prior = make_prior(pipe, config)
     factors = _init_factors(table, n, config, gen)

@@ -8,7 +8,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from hyperdiff import Adapter, HyperdiffError, LayerTable
-from hyperdiff.finetune import FinetuneConfig, _text, diffusion_loss, encode_images, finetune, make_prior
+from hyperdiff.finetune import FinetuneConfig, diffusion_loss, encode_images, encode_prompts, finetune, make_prior
 from hyperdiff.processors import hyper_lora_processors
 
 from conftest import random_lora, unet_inputs
@@ -33,7 +33,7 @@ def table(tiny):
 def fixed_loss(tiny, table):
     """Diffusion loss of the reference image under an adapter, on fixed noise and timesteps (4 draws)."""
     latents = encode_images(tiny, [face(**REF)]).repeat(4, 1, 1, 1)
-    text = _text(tiny, ["a sks face"] * 4)
+    text = encode_prompts(tiny, ["a sks face"] * 4)
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
     timesteps = torch.tensor([100, 300, 500, 700])
     sched = DDPMScheduler.from_config(tiny.scheduler.config)

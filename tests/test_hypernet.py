@@ -15,7 +15,7 @@ from diffusers import DDPMScheduler
 from hyperdiff import Adapter, HyperdiffError, LayerTable
 from hyperdiff.config import load_config
 from hyperdiff.data import synthfaces as sf
-from hyperdiff.finetune import _text, diffusion_loss, encode_images
+from hyperdiff.finetune import diffusion_loss, encode_images, encode_prompts
 from hyperdiff.hypernet import (
     EncoderConfig,
     HyperNetConfig,
@@ -78,7 +78,7 @@ def identity_batch(tiny):
     """One identity, fixed noise and timesteps: (reference pixels (4, 3, 32, 32), latents, text, noise, timesteps)."""
     target = face(3, "blue", True, "neutral")
     latents = encode_images(tiny, [target]).repeat(4, 1, 1, 1)
-    text = _text(tiny, ["a sks face, neutral, wearing a hat, on a blue background"] * 4)
+    text = encode_prompts(tiny, ["a sks face, neutral, wearing a hat, on a blue background"] * 4)
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
     timesteps = torch.tensor([100, 300, 500, 700])
     return face(3), latents, text, noise, timesteps

@@ -31,7 +31,7 @@ from hyperdiff import Adapter, HyperdiffError, LayerTable
 from hyperdiff.config import load_config
 from hyperdiff.data import synthfaces as sf
 from hyperdiff.data.identities import FolderIdentities, SynthFacesIdentities
-from hyperdiff.finetune import _text, encode_images, noise_prediction
+from hyperdiff.finetune import encode_images, encode_prompts, noise_prediction
 from hyperdiff.hypernet import HyperNetwork
 from hyperdiff.processors import hyper_lora_processors
 from hyperdiff.train import checkpoints
@@ -314,7 +314,7 @@ def test_distillation_alone_pulls_the_unet_outputs_towards_the_targets(tmp_path)
             for key, teacher in teachers.items():
                 image = sf.render(sf.Identity.from_seed(key), sf.Scene(), 32)
                 latents = encode_images(pipe, [image]).repeat(4, 1, 1, 1)  # (4, C, h, w)
-                text = _text(pipe, [sf.caption(sf.Scene(), "sks")] * 4)
+                text = encode_prompts(pipe, [sf.caption(sf.Scene(), "sks")] * 4)
                 g = torch.Generator().manual_seed(1000 + key)
                 noise, t = torch.randn(latents.shape, generator=g), torch.randint(0, 1000, (4,), generator=g)
                 student, _ = noise_prediction(pipe, sched, latents, text, [hp.predict([image]).hyper_lora()], noise, t)

@@ -43,7 +43,8 @@ from hyperdiff.adapter import Adapter
 from hyperdiff.config import to_dict
 from hyperdiff.data.identities import FolderIdentities, SynthFacesIdentities
 from hyperdiff.errors import HyperdiffError, check_number_in, check_positive_int, check_positive_number
-from hyperdiff.finetune import FinetuneConfig, encode_images, finetune, make_prior, noise_prediction, per_sample_mse
+from hyperdiff.finetune import (FinetuneConfig, encode_images, encode_prompts, finetune, make_prior, noise_prediction,
+                                per_sample_mse)
 from hyperdiff.hypernet import HyperNetConfig, HyperNetwork
 from hyperdiff.layers import LayerTable
 from hyperdiff.lidb import stable_seed
@@ -204,9 +205,7 @@ def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_sc
         if cfg.diffusion_weight > 0 or cfg.distill_weight > 0:
             with torch.no_grad():
                 latents = encode_images(pipe, [p[1] for p in pairs[mine]])
-                ids = pipe.tokenizer([p[2] for p in pairs[mine]], padding="max_length", truncation=True,
-                                     max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
-                text = pipe.text_encoder(ids.to(accelerator.device))[0]
+            text = encode_prompts(pipe, [p[2] for p in pairs[mine]])  # (B, T, d)
             # noise and timesteps of the whole global batch, so each sample's draw does not depend on the process count
             noise = torch.randn((per * world, *latents.shape[1:]), generator=gen)[mine].to(latents)
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (per * world,), generator=gen)[mine]
