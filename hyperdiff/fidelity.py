@@ -11,6 +11,12 @@ reported along `config.dreambooth_curve`, so convergence is visible), and for ev
 `<name>` (zero-shot) and `<name>+ft` (the rank-relaxed fast fine-tune of `config.finetune_steps`); hypernets given as
 `ablations` get the zero-shot row only (decoder and K comparisons).
 `write_fidelity(result, out)` writes JSON and a Markdown table.
+
+`calibrate_gain(pipe, hypernet, gains, config, tolerance)` picks a hypernet's output gain on *validation* identities
+(`VAL_SEEDS`, never the evaluation range): the zero-shot adapters times each gain are scored like a table row, and the
+gain with the highest ID similarity wins among those whose scene fidelity stays within `tolerance` of gain 1. A
+distilled hypernet regresses to its teachers' conditional mean, which shrinks the identity-specific part of ΔW; the
+gain undoes part of that shrinkage (`HyperNetwork.set_gain` stores it in `alpha`).
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-
+from typing import Sequence
 
 from hyperdiff.adapter import Adapter
 from hyperdiff.config import to_dict
 from hyperdiff.data import synthfaces
+from hyperdiff.errors import HyperdiffError, check_number_in, check_positive_int
 from hyperdiff.files import atomic_path
 from hyperdiff.finetune import FinetuneConfig, finetune
 from hyperdiff.metrics import default_encoder, scene_fidelity
@@ -108,6 +115,25 @@ def run_fidelity(pipe, hypernets: dict, config: FidelityConfig = FidelityConfig(
             rows[label] = {**_score(pipe, adapters, refs, config), "seconds": seconds,
                            "adapter_values": adapters[0].num_values, "adapter_bytes": _size(adapters[0])}
     return {"config": config.to_dict(), "identities": seeds, "rows": rows}
+
+
+def calibrate_gain(
+    pipe, hypernet, gains: Sequence[float], config: FidelityConfig = FidelityConfig(), tolerance: float = 0.02,
+) -> dict:
+    """{"gain": chosen, "rows": [{"gain", "id_similarity", "scene_fidelity"}, ...], "identities": seeds}."""
+    gains = sorted({1.0, *(float(g) for g in gains)})
+    if gains[0] <= 0:
+        raise HyperdiffError(f"`gains` must be positive numbers, got {gains[0]}")
+    check_number_in("tolerance", tolerance, 0.0, 1.0)
+    check_positive_int("identities", config.identities)
+    seeds = list(synthfaces.VAL_SEEDS[: config.identities])
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    refs = [synthfaces.render(synthfaces.Identity.from_seed(s), _scene(config.reference_scene), size) for s in seeds]
+    adapters = [hypernet.predict([r], token=config.token) for r in refs]
+    rows = [{"gain": g, **_score(pipe, [g * ad for ad in adapters], refs, config)} for g in gains]
+    floor = next(r for r in rows if r["gain"] == 1.0)["scene_fidelity"] - tolerance
+    best = max((r for r in rows if r["scene_fidelity"] >= floor), key=lambda r: r["id_similarity"])
+    return {"gain": best["gain"], "tolerance": tolerance, "identities": seeds, "rows": rows}
 
 
 def write_fidelity(result: dict, out: Path, command: str = "") -> dict[str, Path]:

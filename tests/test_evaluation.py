@@ -6,8 +6,11 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from PIL import Image
 
+from hyperdiff.errors import HyperdiffError
 from hyperdiff.evaluation import evaluate_base, write_report
 from hyperdiff.models import tiny_pipeline
 
@@ -53,3 +56,66 @@ def test_fidelity_benchmark_rows_and_table(tmp_path):
     assert "DreamBooth-LiDB convergence" in md
     for bad in (["--hypernet", "bad"], ["--ablation", "=x"], ["--curve", "10,x"]):
         assert eval_fidelity.main(["--base", "hyperdiff:tiny", *bad, "--out", str(tmp_path)]) == 2
+
+
+def test_gain_calibration_picks_the_best_gain_within_the_scene_tolerance(tmp_path, monkeypatch):
+    """The rule, on a scorer that reads the gain back from the adapters it is given (their ΔW against the
+    uncalibrated prediction): ID similarity rises up to gain 3, scene fidelity falls from gain 2.5 on."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_hypernet
+
+    import hyperdiff.fidelity as fidelity
+    from hyperdiff.data import synthfaces
+    from hyperdiff.hypernet import HyperNetwork
+
+    run = tmp_path / "hp"
+    assert train_hypernet.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--output_dir", str(run), "--max_train_steps", "1"]) == 0
+    hp = HyperNetwork.from_pretrained(run)
+    plain = {}
+
+    def score(pipe, adapters, refs, config):
+        name = adapters[0].layer_names[0]
+        if not plain:
+            plain["delta"] = adapters[0].delta_weight(name)  # gain 1 comes first
+        gain = float((adapters[0].delta_weight(name) * plain["delta"]).sum() / plain["delta"].square().sum())
+        return {"id_similarity": min(gain, 3.0) / 10, "scene_fidelity": 0.9 - (0.05 if gain > 2.2 else 0.01 * (gain - 1))}
+
+    monkeypatch.setattr(fidelity, "_score", score)
+    result = fidelity.calibrate_gain(tiny_pipeline(seed=0), hp, [3, 2, 2.5], fidelity.FidelityConfig(identities=2))
+    assert [r["gain"] for r in result["rows"]] == [1.0, 2.0, 2.5, 3.0]  # 1 is always scored, as the reference
+    assert abs(result["rows"][2]["id_similarity"] - 0.25) < 1e-4  # the adapters really were scaled
+    assert result["gain"] == 2.0  # 2.5 and 3 lose 5 points of scene fidelity: more than the tolerance
+    assert result["identities"] == list(synthfaces.VAL_SEEDS[:2])  # validation identities, never evaluation ones
+    assert fidelity.calibrate_gain(tiny_pipeline(seed=0), hp, [3], fidelity.FidelityConfig(identities=2), 0.1)["gain"] == 3.0
+
+
+def test_calibrate_script_writes_a_hypernet_whose_deltas_carry_the_gain(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import calibrate_hypernet
+    import train_hypernet
+
+    from hyperdiff.data import synthfaces
+    from hyperdiff.hypernet import HyperNetwork
+
+    run, out = tmp_path / "hp", tmp_path / "calibrated"
+    assert train_hypernet.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--output_dir", str(run), "--max_train_steps", "2"]) == 0
+    for bad in (["--gains", "1,x"], ["--gains", "0,2"], ["--identities", "0"], ["--tolerance", "-1"]):
+        assert calibrate_hypernet.main(["--base", "hyperdiff:tiny", "--hypernet", str(run), "--out", str(out), "--steps", "2", *bad]) == 2, bad
+    assert not out.exists()  # a refused call writes nothing
+    assert calibrate_hypernet.main(["--base", "hyperdiff:tiny", "--hypernet", str(run), "--out", str(out), "--gains", "2",
+                                    "--identities", "1", "--steps", "2", "--tolerance", "1", "--dtype", "fp32"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    gain = saved["info"]["calibration"]["gain"]
+    assert gain in (1.0, 2.0) and [r["gain"] for r in saved["info"]["calibration"]["rows"]] == [1.0, 2.0]
+    assert saved["config"]["alpha"] == gain * json.loads((run / "config.json").read_text())["config"]["alpha"]
+    ref = synthfaces.render(synthfaces.Identity.from_seed(1_000_000), synthfaces.Scene("gray", False, "neutral"), 64)
+    before = HyperNetwork.from_pretrained(run).predict([ref])
+    doubled = HyperNetwork.from_pretrained(run)
+    doubled.set_gain(2.5)
+    with pytest.raises(HyperdiffError, match="`gain` must be a positive number, got 0"):
+        doubled.set_gain(0)
+    for hp, g in ((HyperNetwork.from_pretrained(out), gain), (doubled, 2.5)):
+        after = hp.predict([ref])
+        for name in before.layer_names:
+            torch.testing.assert_close(after.delta_weight(name), g * before.delta_weight(name))
+    assert any(before.delta_weight(name).abs().max() > 0 for name in before.layer_names)  # a real check, not 0 = 0

@@ -21,7 +21,7 @@ Contract (DESIGN.md, "HyperNetwork"):
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -197,6 +197,15 @@ class HyperNetwork(nn.Module):
         finally:
             self.train(was)
         return out
+
+    def set_gain(self, gain: float, calibration: dict | None = None) -> None:
+        """Scale every predicted ΔW by `gain`, through `alpha` (adapters and their files carry it); `calibration`
+        (how the gain was chosen) goes into `info`, hence into config.json and the model card."""
+        if not isinstance(gain, (int, float)) or not gain > 0:
+            raise HyperdiffError(f"`gain` must be a positive number, got {gain!r}")
+        self.config = replace(self.config, alpha=self.config.alpha * gain)
+        if calibration is not None:
+            self.info["calibration"] = calibration
 
     # -- files -----------------------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
