@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860, help="TCP port to listen on (default: %(default)s)")
     p.add_argument("--base", help="base model: diffusers folder, .safetensors file or hub id (default: embedded SynthFaces)")
     p.add_argument("--hypernet", help="hypernet folder made by save_pretrained, for --base (default: the embedded "
-                   "SynthFaces hypernet once shipped; without one, Personalize fine-tunes from scratch: DreamBooth-LiDB)")
+                   "SynthFaces hypernet with the embedded base, none with --base alone; without one, Personalize "
+                   "fine-tunes from scratch: DreamBooth-LiDB)")
     p.set_defaults(func=_cmd_ui)
 
     p = sub.add_parser("demo", help="run the main job on the embedded default, offline")

@@ -43,7 +43,7 @@ def _load(base: str | None, hypernet: str | None):
 
     hdb = HyperDreamBoothPipeline.from_pretrained(base, hypernet)
     if hdb.hypernet is None:
-        return hdb, f"base {hdb.base_name}; no hypernet is shipped for it yet, so identities are fine-tuned (DreamBooth-LiDB)"
+        return hdb, f"base {hdb.base_name}; no hypernet given for it, so identities are fine-tuned (DreamBooth-LiDB)"
     return hdb, f"base {hdb.base_name} + hypernet {hdb.hypernet_name}"
 
 

@@ -440,7 +440,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, base: str | None = None, hy
     transformers_logging.disable_progress_bar()
     pipeline = HyperDreamBoothPipeline.from_pretrained(base, hypernet)
     if pipeline.hypernet is None:
-        print("hyperdiff ui: no hypernet (none shipped for this base yet; pass --hypernet PATH): Personalize fine-tunes "
+        print("hyperdiff ui: no hypernet for this base (pass --hypernet PATH): Personalize fine-tunes "
               "from scratch (DreamBooth-LiDB, fine-tune steps > 0)")
     print(f"hyperdiff ui: {pipeline.describe()}")
     launch(build_app(pipeline), host, port)
