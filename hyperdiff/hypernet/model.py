@@ -14,6 +14,7 @@ Contract (DESIGN.md, "HyperNetwork"):
   into Adapters, `sample(images, n, seed)` draws n different adapters: the decoder input (query tokens, or the MLP's
   pooled features) gets seeded Gaussian noise of std `sample_noise` (and dropout stays active when `dropout > 0`), a
   spread that reflects how sensitive the prediction is around the reference.
+- `set_gain(g)` scales every predicted ΔW by g through `alpha` (an output gain calibrated after training).
 - `save_pretrained(dir)`: `config.json` (config, base fingerprint, layer table, training info) + `model.safetensors`
   + `README.md` model card; `from_pretrained(dir, table=None)` checks the fingerprint against `table` when given.
 """
@@ -200,7 +201,7 @@ class HyperNetwork(nn.Module):
 
     def set_gain(self, gain: float, calibration: dict | None = None) -> None:
         """Scale every predicted ΔW by `gain`, through `alpha` (adapters and their files carry it); `calibration`
-        (how the gain was chosen) goes into `info`, hence into config.json and the model card."""
+        (how the gain was chosen) goes into `info`, hence into config.json."""
         if not isinstance(gain, (int, float)) or not gain > 0:
             raise HyperdiffError(f"`gain` must be a positive number, got {gain!r}")
         self.config = replace(self.config, alpha=self.config.alpha * gain)
