@@ -64,7 +64,7 @@ def _cmd_personalize(args: argparse.Namespace) -> None:
     loaded = time.perf_counter()
     bar = tqdm(total=args.finetune_steps, desc="fast fine-tune", disable=not args.finetune_steps, leave=False)
     adapter = hdb.personalize(images, token=args.token, finetune_steps=args.finetune_steps, seed=args.seed,
-                              callback=lambda step, loss: bar.update(1))
+                              callback=lambda step, loss: bar.update(1), caption=args.caption)
     bar.close()
     done = time.perf_counter()
     adapter.save(out)
@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rank-relaxed fast fine-tune steps on top of the prediction (0 = zero-shot; paper: 40); "
                    "without a hypernet, DreamBooth-LiDB steps from scratch (300-600 on SynthFaces)")
     p.add_argument("--token", default="sks", help="identifier word to use in prompts (default: %(default)s)")
+    p.add_argument("--caption", help="what the references show, for the fine-tune, the subject named by the token or "
+                   "{token} (e.g. \"a {token} face, neutral, on a gray background\"; default: \"a {token} face\"): "
+                   "the words keep background and expression out of the token")
     p.add_argument("--base", help="base model: diffusers folder, .safetensors file or hub id (default: embedded SynthFaces)")
     p.add_argument("--hypernet", help="hypernet folder made by save_pretrained (default: the embedded SynthFaces one "
                    "when shipped; none for another --base)")

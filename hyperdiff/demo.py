@@ -8,7 +8,8 @@ gives the image hyperdiff's own injection gives, and prints where everything is 
 summary dict. Deterministic for a given seed.
 
 What runs depends on what is shipped (or passed), and the demo says which:
-- base + hypernet (the product): zero-shot hypernet prediction, then the 40-step rank-relaxed fine-tune;
+- base + hypernet (the product): zero-shot hypernet prediction, then the 40-step rank-relaxed fine-tune (told the
+  reference's caption);
 - base only: DreamBooth-LiDB fine-tuning from scratch (`dreambooth_steps` of the pipeline's no-hypernet
   `personalize`; no zero-shot column).
 """
@@ -57,7 +58,9 @@ def run_demo(out: Path, seed: int = 0, identities: int = 2, base: str | None = N
     size = hdb.pipe.unet.config.sample_size * hdb.pipe.vae_scale_factor
     seeds = list(synthfaces.eval_seeds(identities))
     refs = [synthfaces.render(synthfaces.Identity.from_seed(s), REFERENCE_SCENE, size) for s in seeds]
-    # column title -> fine-tune steps, all through `personalize` (the call the CLI and the UI make)
+    # column title -> fine-tune steps, all through `personalize` (the call the CLI and the UI make); the fine-tunes
+    # are told what the reference shows, so its gray background and neutral face stay out of the token
+    caption = synthfaces.caption(REFERENCE_SCENE, "sks")
     if hdb.hypernet is not None:
         plan = {"zero-shot": 0, f"+{finetune_steps}-step ft": finetune_steps}
     else:
@@ -65,7 +68,7 @@ def run_demo(out: Path, seed: int = 0, identities: int = 2, base: str | None = N
     columns: dict[str, list[Adapter | None]] = {}
     for title, n in plan.items():
         with _step(timings, f"personalize {identities} identities: {title}"):
-            columns[title] = [hdb.personalize([r], finetune_steps=n, seed=seed) for r in refs]
+            columns[title] = [hdb.personalize([r], finetune_steps=n, seed=seed, caption=caption) for r in refs]
     columns["base model"] = [None] * identities
 
     rows, files = [], {}

@@ -8,7 +8,8 @@ identifier token, and reports per method:
 - `seconds`: wall time to personalize one identity (model loading excluded), and `adapter_values`/`adapter_bytes`.
 Methods: `base` (no personalization), `dreambooth_lidb` (LiDB fine-tuned from scratch; its ID similarity is also
 reported along `config.dreambooth_curve`, so convergence is visible), and for every hypernet given (name → model):
-`<name>` (zero-shot) and `<name>+ft` (the rank-relaxed fast fine-tune of `config.finetune_steps`); hypernets given as
+`<name>` (zero-shot), `<name>+ft` (the rank-relaxed fast fine-tune of `config.finetune_steps`) and `<name>+ft+caption`
+(the same fine-tune told what the reference shows: its caption instead of "a <token> face"); hypernets given as
 `ablations` get the zero-shot row only (decoder and K comparisons).
 `write_fidelity(result, out)` writes JSON and a Markdown table.
 
@@ -104,13 +105,17 @@ def run_fidelity(pipe, hypernets: dict, config: FidelityConfig = FidelityConfig(
     rows["dreambooth_lidb"] = {**{k: last[k] for k in ("id_similarity", "scene_fidelity", "seconds")},
                                "adapter_values": adapters[0].num_values, "adapter_bytes": _size(adapters[0]), "curve": curve}
 
-    runs = [(name, hp, ((name, 0), (f"{name}+ft", config.finetune_steps))) for name, hp in hypernets.items()]
-    runs += [(name, hp, ((name, 0),)) for name, hp in (ablations or {}).items()]
+    caption = synthfaces.caption(ref_scene, config.token)  # what the reference shows, for the captioned fine-tune
+    steps = config.finetune_steps
+    runs = [(name, hp, ((name, 0, None), (f"{name}+ft", steps, None), (f"{name}+ft+caption", steps, caption)))
+            for name, hp in hypernets.items()]
+    runs += [(name, hp, ((name, 0, None),)) for name, hp in (ablations or {}).items()]
     for name, hp, labels in runs:
         hdb = HyperDreamBoothPipeline(pipe, hp)
-        for label, ft_steps in labels:
+        for label, ft_steps, text in labels:
             start = time.perf_counter()
-            adapters = [hdb.personalize([r], token=config.token, finetune_steps=ft_steps, seed=config.seed) for r in refs]
+            adapters = [hdb.personalize([r], token=config.token, finetune_steps=ft_steps, seed=config.seed, caption=text)
+                        for r in refs]
             seconds = (time.perf_counter() - start) / len(refs)
             rows[label] = {**_score(pipe, adapters, refs, config), "seconds": seconds,
                            "adapter_values": adapters[0].num_values, "adapter_bytes": _size(adapters[0])}

@@ -46,7 +46,7 @@ def test_fidelity_benchmark_rows_and_table(tmp_path):
     config = FidelityConfig(identities=2, scenes=(("red", False, "smiling"),), steps=2, finetune_steps=2, dreambooth_curve=(2, 3))
     result = run_fidelity(pipe, {"attention": HyperNetwork.from_pretrained(run)}, config, {"k1": HyperNetwork.from_pretrained(run)})
     rows = result["rows"]
-    assert list(rows) == ["base", "dreambooth_lidb", "attention", "attention+ft", "k1"]  # ablations: zero-shot only
+    assert list(rows) == ["base", "dreambooth_lidb", "attention", "attention+ft", "attention+ft+caption", "k1"]  # ablations: zero-shot only
     assert rows["k1"]["id_similarity"] == rows["attention"]["id_similarity"]  # the same hypernet, the same images
     assert [c["steps"] for c in rows["dreambooth_lidb"]["curve"]] == [2, 3]
     assert rows["attention"]["adapter_values"] == 32 * 150 and rows["attention+ft"]["adapter_values"] > 32 * 150

@@ -93,6 +93,28 @@ def test_bad_arguments_are_one_line_errors(hdb, ref, tmp_path):
         hdb.personalize([bad])
 
 
+def test_a_caption_replaces_the_fine_tunes_instance_prompt(hdb, ref):
+    from dataclasses import replace
+
+    from hyperdiff.finetune import finetune
+    from hyperdiff.pipeline import FAST_FINETUNE
+
+    caption = "a {token} face, neutral, on a gray background"
+    got = hdb.personalize([ref], finetune_steps=2, seed=3, caption=caption)
+    cfg = replace(FAST_FINETUNE, steps=2, token="sks", seed=3, instance_prompt=caption)
+    expected = finetune(hdb.pipe, [[ref]], cfg, start=[hdb.hypernet.predict([ref])], progress=False)[0]
+    plain = hdb.personalize([ref], finetune_steps=2, seed=3)
+    literal = hdb.personalize([ref], finetune_steps=2, seed=3, caption="a sks face, neutral, on a gray background")
+    for name in hdb.table.names:
+        torch.testing.assert_close(got.delta_weight(name), expected.delta_weight(name), rtol=0, atol=0)
+        torch.testing.assert_close(literal.delta_weight(name), got.delta_weight(name), rtol=0, atol=0)
+    assert any(not torch.equal(got.delta_weight(n), plain.delta_weight(n)) for n in hdb.table.names)
+    for bad, needle in [("", "non-empty"), ("a face on gray", "must name the subject by the token 'sks'"),
+                        ("a {name} face", "no braces but {token}"), ("a {token} face {", "no braces but {token}")]:
+        with pytest.raises(HyperdiffError, match=needle):
+            hdb.personalize([ref], finetune_steps=2, caption=bad)
+
+
 def run(*args):
     # one thread, like this test process (tests/conftest.py): CPU reductions round differently with another count
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -115,6 +137,12 @@ def test_cli_personalize_generate_and_reload_reproduce_the_api(hdb, hypernet_dir
     assert np.array_equal(_arr([Image.open(f) for f in files]), _arr(expected))
     direct = hdb.personalize([ref])
     assert all(torch.equal(direct.factors[n][0], loaded.factors[n][0]) for n in hdb.table.names)
+    caption = "a {token} face, neutral, on a gray background"
+    res = run("personalize", "--image", ref_path, "--out", adapter, "--base", TINY_BASE, "--hypernet", hypernet_dir,
+              "--finetune-steps", "2", "--caption", caption)
+    assert res.returncode == 0, res.stderr
+    captioned = hdb.personalize([ref], finetune_steps=2, caption=caption)
+    assert all(torch.equal(captioned.delta_weight(n), Adapter.load(adapter).delta_weight(n)) for n in hdb.table.names)
 
 
 def test_cli_bad_inputs_exit_2_and_leave_no_file(hypernet_dir, tmp_path):
@@ -129,6 +157,8 @@ def test_cli_bad_inputs_exit_2_and_leave_no_file(hypernet_dir, tmp_path):
         (["personalize", "--image", good, "--out", "/proc/x/a.safetensors", "--base", TINY_BASE, "--hypernet", hypernet_dir], "/proc/x"),
         (["personalize", "--image", good, "--out", tmp_path / "a.safetensors", "--base", TINY_BASE, "--hypernet", hypernet_dir,
           "--finetune-steps", "-3"], "`finetune_steps`"),
+        (["personalize", "--image", good, "--out", tmp_path / "a.safetensors", "--base", TINY_BASE, "--hypernet", hypernet_dir,
+          "--finetune-steps", "2", "--caption", "a face"], "`caption` must name the subject"),
         (["generate", "--adapter", text, "--prompt", "a sks face", "--out", tmp_path / "o"], "is not a safetensors file"),
     ]
     for args, needle in cases:
