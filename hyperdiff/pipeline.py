@@ -8,7 +8,8 @@ Contract:
 - `personalize(images, token, finetune_steps, seed)` → Adapter: the hypernet's zero-shot LiDB prediction, then, with
   `finetune_steps > 0`, the rank-relaxed fast fine-tune (a rank-r' LoRA trained on top, returned as the exact
   concatenation). Without a hypernet (none given, none shipped for the base), `finetune_steps > 0` fine-tunes LiDB
-  factors from scratch (DreamBooth-LiDB) and 0 is a one-line error saying so.
+  factors from scratch (DreamBooth-LiDB) and 0 is a one-line error saying so. `caption` (what the references show,
+  the subject named by the token) replaces the fine-tune's instance prompt "a {token} face".
 - `generate(prompt, adapter, ...)` → list of PIL images. One adapter is fused for the call (zero overhead) and unfused
   after, also on an error; a list of adapters (one per image) runs as one batch through the per-sample processors.
   Image i uses the generator seeded `seed + i`, so any image can be reproduced alone.
@@ -22,7 +23,6 @@ preservation images: adapters are passed explicitly.
 from __future__ import annotations
 
 import re
-
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
