@@ -65,6 +65,12 @@ def _scene(t) -> synthfaces.Scene:
     return synthfaces.Scene(*t)
 
 
+def _references(pipe, seeds: list[int], config: FidelityConfig) -> list:
+    """One render per identity seed in `config.reference_scene`, at the base model's image size."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return [synthfaces.render(synthfaces.Identity.from_seed(s), _scene(config.reference_scene), size) for s in seeds]
+
+
 def _score(pipe, adapters: list[Adapter | None], refs, cfg: FidelityConfig) -> dict[str, float]:
     """Generate every scene for every identity; identity similarity to the reference and scene-word accuracy."""
     hdb = HyperDreamBoothPipeline(pipe, None)
@@ -88,8 +94,7 @@ def _size(adapter: Adapter) -> int:
 
 def run_fidelity(pipe, hypernets: dict, config: FidelityConfig = FidelityConfig(), ablations: dict | None = None) -> dict:
     seeds = list(synthfaces.eval_seeds(config.identities))
-    ref_scene = _scene(config.reference_scene)
-    refs = [synthfaces.render(synthfaces.Identity.from_seed(s), ref_scene, pipe.unet.config.sample_size * pipe.vae_scale_factor) for s in seeds]
+    refs = _references(pipe, seeds, config)
     rows: dict[str, dict] = {}
     rows["base"] = {**_score(pipe, [None] * len(refs), refs, config), "seconds": 0.0, "adapter_values": 0, "adapter_bytes": 0}
 
@@ -105,7 +110,7 @@ def run_fidelity(pipe, hypernets: dict, config: FidelityConfig = FidelityConfig(
     rows["dreambooth_lidb"] = {**{k: last[k] for k in ("id_similarity", "scene_fidelity", "seconds")},
                                "adapter_values": adapters[0].num_values, "adapter_bytes": _size(adapters[0]), "curve": curve}
 
-    caption = synthfaces.caption(ref_scene, config.token)  # what the reference shows, for the captioned fine-tune
+    caption = synthfaces.caption(_scene(config.reference_scene), config.token)  # what the reference shows, for the captioned fine-tune
     steps = config.finetune_steps
     runs = [(name, hp, ((name, 0, None), (f"{name}+ft", steps, None), (f"{name}+ft+caption", steps, caption)))
             for name, hp in hypernets.items()]
@@ -123,17 +128,17 @@ def run_fidelity(pipe, hypernets: dict, config: FidelityConfig = FidelityConfig(
 
 
 def calibrate_gain(
-    pipe, hypernet, gains: Sequence[float], config: FidelityConfig = FidelityConfig(), tolerance: float = 0.02,
+    pipe, hypernet, gains: Sequence[float], config: FidelityConfig | None = None, tolerance: float = 0.02,
 ) -> dict:
     """{"gain": chosen, "rows": [{"gain", "id_similarity", "scene_fidelity"}, ...], "identities": seeds}."""
+    config = config or FidelityConfig()
     gains = sorted({1.0, *(float(g) for g in gains)})
     if gains[0] <= 0:
         raise HyperdiffError(f"`gains` must be positive numbers, got {gains[0]}")
     check_number_in("tolerance", tolerance, 0.0, 1.0)
     check_positive_int("identities", config.identities)
     seeds = list(synthfaces.VAL_SEEDS[: config.identities])
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    refs = [synthfaces.render(synthfaces.Identity.from_seed(s), _scene(config.reference_scene), size) for s in seeds]
+    refs = _references(pipe, seeds, config)
     adapters = [hypernet.predict([r], token=config.token) for r in refs]
     rows = [{"gain": g, **_score(pipe, [g * ad for ad in adapters], refs, config)} for g in gains]
     floor = next(r for r in rows if r["gain"] == 1.0)["scene_fidelity"] - tolerance

@@ -12,7 +12,6 @@ Logic: hyperdiff.fidelity.calibrate_gain, HyperNetwork.set_gain.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
@@ -54,7 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     for row in result["rows"]:
         print(f"gain {row['gain']:g}: ID similarity {row['id_similarity']:.3f}, scene fidelity {row['scene_fidelity']:.1%}")
     print(f"chose gain {result['gain']:g}; wrote {args.out}")
-    print(json.dumps({k: result[k] for k in ("gain", "tolerance")}))
     return 0
 
 
