@@ -29,6 +29,7 @@ from hyperdiff.sheet import contact_sheet, save_png
 
 SCENES = (synthfaces.Scene("red", False, "smiling"), synthfaces.Scene("blue", True, "surprised"))
 REFERENCE_SCENE = synthfaces.Scene("gray", False, "neutral")
+TOKEN = "sks"  # the identifier every adapter is personalized with and every prompt names
 
 
 @contextmanager
@@ -60,7 +61,7 @@ def run_demo(out: Path, seed: int = 0, identities: int = 2, base: str | None = N
     refs = [synthfaces.render(synthfaces.Identity.from_seed(s), REFERENCE_SCENE, size) for s in seeds]
     # column title -> fine-tune steps, all through `personalize` (the call the CLI and the UI make); the fine-tunes
     # are told what the reference shows, so its gray background and neutral face stay out of the token
-    caption = synthfaces.caption(REFERENCE_SCENE, "sks")
+    caption = synthfaces.caption(REFERENCE_SCENE, TOKEN)
     if hdb.hypernet is not None:
         plan = {"zero-shot": 0, f"+{finetune_steps}-step ft": finetune_steps}
     else:
@@ -68,13 +69,13 @@ def run_demo(out: Path, seed: int = 0, identities: int = 2, base: str | None = N
     columns: dict[str, list[Adapter | None]] = {}
     for title, n in plan.items():
         with _step(timings, f"personalize {identities} identities: {title}"):
-            columns[title] = [hdb.personalize([r], finetune_steps=n, seed=seed, caption=caption) for r in refs]
+            columns[title] = [hdb.personalize([r], token=TOKEN, finetune_steps=n, seed=seed, caption=caption) for r in refs]
     columns["base model"] = [None] * identities
 
     rows, files = [], {}
     for i, (ref, s) in enumerate(zip(refs, seeds)):
         for k, scene in enumerate(SCENES):
-            prompt = synthfaces.caption(scene, "sks")
+            prompt = synthfaces.caption(scene, TOKEN)
             row = [ref]
             with _step(timings, "generate"):
                 for adapters in columns.values():
@@ -103,7 +104,7 @@ def _vanilla_check(hdb, adapter: Adapter, export: Path, steps: int, seed: int) -
     """The exported file through plain diffusers (PEFT) against hyperdiff's fused adapter: same prompt, same noise."""
     import copy
 
-    prompt = synthfaces.caption(SCENES[0], "sks")
+    prompt = synthfaces.caption(SCENES[0], TOKEN)
     ours = hdb.generate(prompt, adapter, steps=steps, seed=seed)[0]
     vanilla = copy.deepcopy(hdb.pipe)
     vanilla.load_lora_weights(str(export))

@@ -9,7 +9,8 @@ Contract:
   `finetune_steps > 0`, the rank-relaxed fast fine-tune (a rank-r' LoRA trained on top, returned as the exact
   concatenation). Without a hypernet (none given, none shipped for the base), `finetune_steps > 0` fine-tunes LiDB
   factors from scratch (DreamBooth-LiDB) and 0 is a one-line error saying so. `caption` (what the references show,
-  the subject named by the token) replaces the fine-tune's instance prompt "a {token} face".
+  the subject named by the token) replaces the fine-tune's instance prompt "a {token} face"; the adapter's
+  `info.source` records it.
 - `generate(prompt, adapter, ...)` → list of PIL images. One adapter is fused for the call (zero overhead) and unfused
   after, also on an error; a list of adapters (one per image) runs as one batch through the per-sample processors.
   Image i uses the generator seeded `seed + i`, so any image can be reproduced alone.
@@ -189,7 +190,10 @@ class HyperDreamBoothPipeline:
                 how = "DreamBooth-LiDB" if cfg.kind == "lidb" else "DreamBooth-LoRA"
             prior = self._prior(cfg) if cfg.prior_weight > 0 else None
             adapter = finetune(self.pipe, [refs], cfg, start=start, prior=prior, progress=False, callback=callback)[0]
-        adapter.info = replace(adapter.info, base_model=self.base_name, token=token, source=f"{how}; finetune_steps={finetune_steps}")
+        source = f"{how}; finetune_steps={finetune_steps}"
+        if finetune_steps and caption is not None:
+            source += f"; caption={caption.format(token=token)!r}"
+        adapter.info = replace(adapter.info, base_model=self.base_name, token=token, source=source)
         return adapter
 
     def encoder_view(self, images) -> list[Image.Image]:

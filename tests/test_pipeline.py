@@ -109,6 +109,8 @@ def test_a_caption_replaces_the_fine_tunes_instance_prompt(hdb, ref):
         torch.testing.assert_close(got.delta_weight(name), expected.delta_weight(name), rtol=0, atol=0)
         torch.testing.assert_close(literal.delta_weight(name), got.delta_weight(name), rtol=0, atol=0)
     assert any(not torch.equal(got.delta_weight(n), plain.delta_weight(n)) for n in hdb.table.names)
+    assert got.info.source.endswith("caption='a sks face, neutral, on a gray background'")  # the record says what it trained on
+    assert "caption" not in plain.info.source
     for bad, needle in [("", "non-empty"), ("a face on gray", "must name the subject by the token 'sks'"),
                         ("a {name} face", "no braces but {token}"), ("a {token} face {", "no braces but {token}")]:
         with pytest.raises(HyperdiffError, match=needle):
@@ -142,7 +144,9 @@ def test_cli_personalize_generate_and_reload_reproduce_the_api(hdb, hypernet_dir
               "--finetune-steps", "2", "--caption", caption)
     assert res.returncode == 0, res.stderr
     captioned = hdb.personalize([ref], finetune_steps=2, caption=caption)
-    assert all(torch.equal(captioned.delta_weight(n), Adapter.load(adapter).delta_weight(n)) for n in hdb.table.names)
+    from_file = Adapter.load(adapter)
+    assert all(torch.equal(captioned.delta_weight(n), from_file.delta_weight(n)) for n in hdb.table.names)
+    assert from_file.info.source == captioned.info.source and "caption='a sks face, neutral" in from_file.info.source
 
 
 def test_cli_bad_inputs_exit_2_and_leave_no_file(hypernet_dir, tmp_path):

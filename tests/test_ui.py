@@ -194,6 +194,21 @@ def test_fast_finetune_reports_progress_and_cancel_keeps_the_previous_adapter(se
     assert c.predict(api_name="/cancel") == "Nothing to cancel."
 
 
+def test_the_reference_caption_reaches_the_fine_tune(server, expected, refs):
+    c = client(server)
+    personalize(c, refs[0])
+    caption = "a {token} face, neutral, on a gray background"
+    status, summary = c.predict("sks", 2, 0, caption, api_name="/personalize")
+    assert "2-step fast fine-tune" in status
+    captioned = expected.personalize([refs[0]], finetune_steps=2, seed=0, caption=caption)
+    assert captioned.digest != expected.personalize([refs[0]], finetune_steps=2, seed=0).digest
+    downloaded = Adapter.load(c.predict("native", api_name="/download")[0])
+    assert downloaded.digest == captioned.digest and downloaded.info.source == captioned.info.source
+    with pytest.raises(Exception, match="must name the subject by the token 'sks'"):  # shown, and the adapter kept
+        c.predict("sks", 2, 0, "a face on gray", api_name="/personalize")
+    assert Adapter.load(c.predict("native", api_name="/download")[0]).digest == captioned.digest
+
+
 def test_uncertainty_and_mixing(server, expected, refs):
     c = client(server)
     personalize(c, refs[0])

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
+from hyperdiff import Adapter
 from hyperdiff.pipeline import HyperDreamBoothPipeline
 
 from ui_support import face, hypernet_dir, pixels, server  # noqa: F401 (fixtures)
@@ -106,4 +107,36 @@ def test_a_user_uploads_personalizes_generates_and_downloads(browser, server, hy
     other.locator("#generate-btn").click()
     expect(other.locator(".toast-body").first).to_contain_text("no adapter yet")
     other_context.close()
+    context.close()
+
+
+def test_a_user_fine_tunes_with_a_caption_of_the_photo(browser, server, hypernet_dir, tmp_path):
+    ref = tmp_path / "me.png"
+    face(1_000_006, "gray").save(ref)
+    context, page = open_page(browser, server)
+    page.set_input_files("#references input[type=file]", str(ref))
+    expect(page.locator("#status")).to_contain_text("1 reference image(s) ready")
+    steps = page.locator("#ft-steps input[type=number]")
+    steps.fill("2")
+    steps.press("Enter")
+    page.get_by_text("Advanced").click()
+    caption = page.locator("#caption input")
+    caption.fill("a face on gray")  # no token: refused, visibly
+    page.locator("#personalize-btn").click()
+    expect(page.locator(".toast-body").first).to_contain_text("must name the subject by the token 'sks'")
+    caption.fill("a {token} face, neutral, on a gray background")
+    page.locator("#personalize-btn").click()
+    expect(page.locator("#status")).to_contain_text("2-step fast fine-tune")
+    page.get_by_role("tab", name="Download").click()
+    page.get_by_label("native").check()
+    page.locator("#download-btn").click()
+    link = page.locator("#download-file a")
+    expect(link).to_have_count(1)
+    with page.expect_download() as info:
+        link.first.click()
+    saved = tmp_path / info.value.suggested_filename
+    info.value.save_as(saved)
+    hdb = HyperDreamBoothPipeline.from_pretrained(hypernet=hypernet_dir, device="cpu")
+    want = hdb.personalize([ref], finetune_steps=2, seed=0, caption="a {token} face, neutral, on a gray background")
+    assert Adapter.load(saved).digest == want.digest  # the typed caption is what the fine-tune trained on
     context.close()

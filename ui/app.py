@@ -203,11 +203,13 @@ class _Handlers:
         return gallery, note, session
 
     @_shown
-    def personalize(self, token, finetune_steps, seed, session: Session, request: gr.Request, progress=gr.Progress()):
+    def personalize(self, token, finetune_steps, seed, session: Session, caption=None, request: gr.Request = None,
+                    progress=gr.Progress()):
         references = self._references(session)
         steps = _int("finetune_steps", finetune_steps, 0, MAX_FINETUNE_STEPS)
         seed = _int("seed", seed, 0, MAX_SEED)
         token = (token or "").strip()
+        caption = (caption or "").strip() or None  # empty: the fine-tune's default "a {token} face"
         key = request.session_hash if request is not None else ""
         flag = self.runs.start(key)
 
@@ -220,7 +222,8 @@ class _Handlers:
             progress(0, desc="zero-shot prediction" if steps == 0 else "zero-shot prediction, then fast fine-tune")
             with self.lock:
                 start = time.perf_counter()
-                adapter = self.pipeline.personalize(references, token=token, finetune_steps=steps, seed=seed, callback=step_done)
+                adapter = self.pipeline.personalize(references, token=token, finetune_steps=steps, seed=seed,
+                                                    caption=caption, callback=step_done)
                 seconds = time.perf_counter() - start
         except _Cancelled as stop:
             return (f"Cancelled after {stop.step} of {steps} fine-tune steps; the previous adapter is kept.",
@@ -333,12 +336,18 @@ def build_app(pipeline: HyperDreamBoothPipeline) -> gr.Blocks:
                     token = gr.Textbox(TOKEN, label="Identifier token", max_lines=1, scale=1)
                     if pipeline.hypernet is not None:
                         ft_steps = gr.Slider(0, MAX_FINETUNE_STEPS, value=0, step=1, label="Fast fine-tune steps",
-                                             info="0 = zero-shot (instant); 40 = the paper's fast fine-tune", scale=2)
+                                             info="0 = zero-shot (instant); 40 = the paper's fast fine-tune", scale=2,
+                                             elem_id="ft-steps")
                     else:  # no hypernet: DreamBooth-LiDB from scratch, which needs steps
                         ft_steps = gr.Slider(0, MAX_FINETUNE_STEPS, value=NO_HYPERNET_STEPS, step=1, label="Fine-tune steps",
                                              info="no hypernet loaded: DreamBooth-LiDB from scratch (0 = error)", scale=2)
                 with gr.Accordion("Advanced", open=False):
                     ft_seed = gr.Number(0, label="Fine-tune seed", precision=0, minimum=0, maximum=MAX_SEED)
+                    ft_caption = gr.Textbox("", label="Reference caption (fine-tune only)", max_lines=1, elem_id="caption",
+                                            placeholder="a {token} face, neutral, on a gray background",
+                                            info="What the photos show besides the face: those words then stay with "
+                                                 "their meaning instead of being learned into the token. Empty: "
+                                                 "'a {token} face'.")
                 with gr.Row():
                     personalize_btn = gr.Button("Personalize", variant="primary", elem_id="personalize-btn", scale=3)
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn", scale=1)
@@ -405,7 +414,7 @@ def build_app(pipeline: HyperDreamBoothPipeline) -> gr.Blocks:
 
         gr.on([files.change, webcam.change], h.references, [files, webcam, session], [preview, status, session],
               api_name="references")
-        run = personalize_btn.click(h.personalize, [token, ft_steps, ft_seed, session], [status, adapter_md, session],
+        run = personalize_btn.click(h.personalize, [token, ft_steps, ft_seed, session, ft_caption], [status, adapter_md, session],
                                     api_name="personalize", **model)
         cancel_btn.click(h.cancel, None, status, cancels=[run], queue=False, api_name="cancel")
         gen_inputs = [prompt, negative, steps, guidance, seed, randomize, num_images, session]
