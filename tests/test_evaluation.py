@@ -49,6 +49,8 @@ def test_fidelity_benchmark_rows_and_table(tmp_path):
     assert list(rows) == ["base", "dreambooth_lidb", "attention", "attention+ft", "attention+ft+caption", "k1"]  # ablations: zero-shot only
     assert rows["k1"]["id_similarity"] == rows["attention"]["id_similarity"]  # the same hypernet, the same images
     assert [c["steps"] for c in rows["dreambooth_lidb"]["curve"]] == [2, 3]
+    assert all(c["seconds"] > 0 and c["seconds_batched"] > 0 for c in rows["dreambooth_lidb"]["curve"])
+    assert rows["dreambooth_lidb"]["seconds"] == rows["dreambooth_lidb"]["curve"][-1]["seconds"]  # alone, like the hypernet rows
     assert rows["attention"]["adapter_values"] == 32 * 150 and rows["attention+ft"]["adapter_values"] > 32 * 150
     assert min(result["identities"]) >= 1_000_000  # evaluation seeds only
     md = write_fidelity(result, tmp_path / "out")["markdown"].read_text()
