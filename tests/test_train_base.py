@@ -22,6 +22,8 @@ MINI = {
     "vae": {"steps": 3, "batch_size": 4, "crop": 16, "warmup_steps": 0},
     "decoder": {"steps": 2, "batch_size": 4, "warmup_steps": 0, "expression_weight": 5.0},
     "unet": {"steps": 6, "batch_size": 4, "warmup_steps": 2, "ema_decay": 0.9, "expression_weight": 10.0},
+    "refine": {"steps": 2, "batch_size": 4, "warmup_steps": 0, "pairs": 6, "denoise_steps": 4, "strength": [0.25, 0.5],
+               "expression_weight": 5.0},
     "checkpointing_steps": 3,
     "checkpoints_total_limit": 5,
     "report_to": "none",
@@ -75,8 +77,16 @@ def test_training_exports_a_diffusers_folder_and_resumes_exactly(train_base, tmp
     tuned = AutoencoderKL.from_pretrained(tmp_path / "full" / "decoder" / "final").state_dict()
     assert all(torch.equal(stage1[k], tuned[k]) for k in stage1 if k.startswith(("encoder.", "quant_conv.")))
     assert any(not torch.equal(stage1[k], tuned[k]) for k in stage1 if k.startswith("decoder."))
+    # The refine stage (after the UNet) moved the decoder again, from the UNet's own latents, and the export carries
+    # that decoder; the encoder is still stage 1's.
+    refined = AutoencoderKL.from_pretrained(tmp_path / "full" / "refine" / "final").state_dict()
+    assert all(torch.equal(stage1[k], refined[k]) for k in stage1 if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(tuned[k], refined[k]) for k in tuned if k.startswith("decoder."))
     exported = {k[len("vae."):]: v for k, v in weights.items() if k.startswith("vae.")}
-    assert all(torch.equal(exported[k], tuned[k].half()) for k in tuned)
+    assert all(torch.equal(exported[k], refined[k].half()) for k in refined)
+    pairs = load_file(tmp_path / "full" / "refine_pairs.safetensors")
+    cached = load_file(tmp_path / "full" / "latents.safetensors")["latents"]
+    assert pairs["latents"].shape == (6, *cached.shape[1:]) and len(set(pairs["index"].tolist())) == 6
 
     # A run that died after step 3: its VAE, caches and checkpoint-3 are all a new run has; it must finish with the
     # weights of the uninterrupted run (batches are seeded by step; optimizer, schedule and EMA come back). Equal to
@@ -85,7 +95,7 @@ def test_training_exports_a_diffusers_folder_and_resumes_exactly(train_base, tmp
     run = tmp_path / "resumed"
     (run / "unet").mkdir(parents=True)
     shutil.copytree(tmp_path / "full" / "vae", run / "vae")
-    shutil.copytree(tmp_path / "full" / "decoder", run / "decoder")
+    shutil.copytree(tmp_path / "full" / "decoder", run / "decoder")  # (the refine stage runs again after the UNet)
     shutil.copy(tmp_path / "full" / "latents.safetensors", run / "latents.safetensors")
     shutil.copytree(tmp_path / "full" / "unet" / "checkpoint-3", run / "unet" / "checkpoint-3")
     assert (run / "unet" / "checkpoint-3" / "ema.safetensors").exists()
@@ -127,9 +137,44 @@ def test_expression_map_marks_where_expressions_differ():
     assert float(p[:8].max()) < 0.05 and float(p[:, :8].max()) < 0.05  # the background never changes
 
 
+def test_generated_pairs_are_the_unets_img2img_of_each_render(tmp_path):
+    """A pair's latent is its own render's latent re-noised and denoised: at strength 1/denoise_steps (one step from
+    barely noised) it stays near that latent, and far nearer than at strength 1 (pure noise, the render forgotten)."""
+    from accelerate import Accelerator
+
+    from hyperdiff.config import from_dict
+    from hyperdiff.data import synthfaces as sf
+    from hyperdiff.models.tiny import tiny_components
+    from hyperdiff.train.base_model import BaseTrainConfig, _scene_index, generated_pairs
+
+    def config(strength: float) -> BaseTrainConfig:
+        return from_dict(BaseTrainConfig, {"model": MINI["model"], "output_dir": str(tmp_path / str(strength)), "refine": {
+            "steps": 1, "pairs": 6, "denoise_steps": 20, "strength": [strength, strength]}})
+
+    parts = tiny_components(0, config(1.0).model)
+    size = parts["unet"].config.sample_size
+    scenes = torch.tensor([_scene_index(sf.Scene(b, False, "smiling")) for b in sf.BACKGROUNDS])  # (6, 3)
+    latents = torch.randn(6, 4, size, size, generator=torch.Generator().manual_seed(1))
+    parts["vae"].register_to_config(scaling_factor=1.0)
+    gaps = {}
+    for strength in (0.05, 1.0):
+        cfg = config(strength)
+        index, made = generated_pairs(cfg, Accelerator(cpu=True), parts["vae"], parts["unet"], parts["text_encoder"],
+                                      parts["tokenizer"], latents, scenes)
+        assert sorted(index.tolist()) == list(range(6)) and made.shape == latents.shape
+        gaps[strength] = float((made - latents[index]).pow(2).mean())
+        again = generated_pairs(cfg, Accelerator(cpu=True), None, None, None, None, latents, scenes)  # the cache
+        assert torch.equal(again[1], made)
+    assert gaps[0.05] < 0.1 * gaps[1.0], gaps
+
+
 def test_bad_config_is_one_line(train_base, tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"vae": {"steps": 0}}))
     assert train_base.main(["--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("train_base: error:") and "`steps` must be a positive integer, got 0" in err and "\n" not in err
+    for strength in ([0.6, 0.3], [0.01, 0.5], "high"):  # backwards; under one step of 20; not a range
+        assert train_base.main(["--config", str(path), "--set", "vae.steps=3", "--set", f"refine.strength={strength}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "`refine.strength` must be a range [low, high]" in err and "\n" not in err, err

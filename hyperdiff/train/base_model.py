@@ -15,6 +15,9 @@ Contract:
 - Stage 2 `train_unet`: epsilon prediction with the SD noise schedule, min-SNR-γ loss weights, AdamW with warm-up and
   cosine decay, EMA weights (what is exported). `unet.expression_weight` > 0 up-weights the loss on the latent cells
   where the expression words act (`expression_map`: eyes, brows, mouth), which the plain loss barely sees.
+- Stage 3 `train_refine` (`refine.steps` > 0, after the UNet): the decoder learns from the UNet's own latents too
+  (`generated_pairs`: training renders re-noised and denoised by the trained UNet, img2img on latents), so it decodes
+  what generation makes, not only the encoder's means; stage-1b crops stay in every batch.
 - Every stage checkpoints (`hyperdiff.train.checkpoints`; the EMA weights as safetensors beside accelerate's state)
   every `checkpointing_steps` into `output_dir/<stage>/checkpoint-N` and resume from the latest one; a finished
   stage is skipped. Batches are drawn from a generator seeded by
@@ -118,6 +121,41 @@ class DecoderStageConfig(StageConfig):
 
 
 @dataclass
+class RefineStageConfig(StageConfig):
+    """Stage 3, after the UNet: the decoder goes on learning from the UNet's own latents. `pairs` training renders are
+    encoded, partly re-noised (img2img `strength`, drawn per batch from the range) and denoised by the trained UNet
+    with their full caption; the decoder learns to map those latents back to the renders, so it reads what the UNet
+    makes (blurrier, slightly off the encoder's manifold) rather than only the encoder's means. Each batch
+    holds `batch_size` stage-1b crops (posterior samples, so it keeps decoding encoder latents) and `batch_size // 4`
+    whole generated pairs (as many pixels), the two losses averaged. 0 steps skips the stage."""
+
+    steps: int = 0
+    batch_size: int = 32  # stage-1b crops per batch; generated pairs (4x the pixels each) add batch_size // 4
+    learning_rate: float = 1e-4
+    warmup_steps: int = 50
+    pairs: int = 4096
+    strength: tuple[float, float] = (0.2, 0.5)
+    denoise_steps: int = 20  # the schedule's steps at strength 1 (strength × this many are run)
+    guidance: float = 4.0
+    expression_weight: float = 0.0
+
+    optional: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int("refine.pairs", self.pairs)
+        check_positive_int("refine.denoise_steps", self.denoise_steps)
+        ok = (isinstance(self.strength, (tuple, list)) and len(self.strength) == 2
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.strength)
+              and 0 < self.strength[0] <= self.strength[1] <= 1)
+        if not ok or int(self.denoise_steps * self.strength[0]) < 1:
+            raise HyperdiffError(f"`refine.strength` must be a range [low, high] with 0 < low <= high <= 1 and low × "
+                                 f"`refine.denoise_steps` >= 1, got {self.strength!r}")
+        check_number_in("refine.guidance", self.guidance, 0.0, 50.0)
+        check_number_in("refine.expression_weight", self.expression_weight, 0.0, 1e4)
+
+
+@dataclass
 class UNetStageConfig(StageConfig):
     steps: int = 12_000
     learning_rate: float = 5e-4
@@ -157,6 +195,7 @@ class BaseTrainConfig:
     vae: VAEStageConfig = field(default_factory=lambda: VAEStageConfig(steps=1500, batch_size=32))
     decoder: DecoderStageConfig = field(default_factory=DecoderStageConfig)
     unet: UNetStageConfig = field(default_factory=UNetStageConfig)
+    refine: RefineStageConfig = field(default_factory=RefineStageConfig)
     output_dir: str = "runs/synthfaces_base"
     export_dir: str = "hyperdiff/assets/synthfaces/base"
     checkpointing_steps: int = 500
@@ -338,32 +377,107 @@ def train_decoder(cfg: BaseTrainConfig, accelerator, vae, images: torch.Tensor, 
     if (final / "config.json").exists():
         return AutoencoderKL.from_pretrained(final)
 
-    crop = min(cfg.vae.crop, images.shape[-1])
-    weight = torch.ones(1, 1, *images.shape[-2:])  # (1, 1, S, S): 1 + expression_weight · map, mean 1
-    if cfg.decoder.expression_weight > 0:
-        weight = 1 + cfg.decoder.expression_weight * expression_map(None, images.shape[-1], seed=cfg.seed)[None, None]
-        weight = weight / weight.mean()
+    weight = _pixel_weight(cfg.decoder.expression_weight, images.shape[-1], cfg.seed)
 
     def batch_loss(vae, gen):
-        windows = _crop_windows(len(images), images.shape[-1], cfg.decoder.batch_size, crop, gen)
-        x = _pixels(_cut(images, windows, crop)).to(accelerator.device)  # (B, 3, c, c)
-        w = _cut(weight, [(0, y, xx) for _, y, xx in windows], crop).to(x)  # (B, 1, c, c)
-        with torch.no_grad():
-            posterior = vae.encode(x).latent_dist
-            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(x)
-        error = F.mse_loss(vae.decode(z).sample, x, reduction="none")  # (B, 3, c, c)
-        return (w * error).mean(), error.mean()
+        return _crop_loss(vae, images, weight, cfg.decoder.batch_size, min(cfg.vae.crop, images.shape[-1]), gen,
+                          accelerator.device)
 
+    return _fit_decoder(cfg, accelerator, vae, cfg.decoder, "decoder", resume, batch_loss, final)
+
+
+def _pixel_weight(expression_weight: float, size: int, seed: int) -> torch.Tensor:
+    """(1, 1, S, S): 1 + expression_weight · (pixel) `expression_map`, normalised to mean 1."""
+    weight = torch.ones(1, 1, size, size)
+    if expression_weight > 0:
+        weight = 1 + expression_weight * expression_map(None, size, seed=seed)[None, None]
+    return weight / weight.mean()
+
+
+def _crop_loss(vae, images: torch.Tensor, weight: torch.Tensor, batch_size: int, crop: int, gen, device):
+    """Stage 1b's objective on `batch_size` random `crop` px crops: encode (frozen), decode a posterior sample;
+    (weighted MSE, plain MSE)."""
+    windows = _crop_windows(len(images), images.shape[-1], batch_size, crop, gen)
+    x = _pixels(_cut(images, windows, crop)).to(device)  # (B, 3, c, c)
+    w = _cut(weight, [(0, y, xx) for _, y, xx in windows], crop).to(x)  # (B, 1, c, c)
+    with torch.no_grad():
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(x)
+    error = F.mse_loss(vae.decode(z).sample, x, reduction="none")  # (B, 3, c, c)
+    return (w * error).mean(), error.mean()
+
+
+def _fit_decoder(cfg, accelerator, vae, stage: StageConfig, name: str, resume: bool, batch_loss, final: Path):
+    """Train the decoder (and post_quant_conv) alone with `batch_loss`; the encoder stays frozen. Saved to `final`."""
     vae.requires_grad_(False)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     for p in params:
         p.requires_grad_(True)
-    vae = _fit(cfg, accelerator, vae, params, cfg.decoder, "decoder", resume, batch_loss)
+    vae = _fit(cfg, accelerator, vae, params, stage, name, resume, batch_loss)
     vae.requires_grad_(False)
     if accelerator.is_main_process:
         vae.save_pretrained(final)
     accelerator.wait_for_everyone()
     return vae
+
+
+# -- stage 3: the decoder on the UNet's own latents --------------------------------------------------------------
+@torch.no_grad()
+def generated_pairs(cfg: BaseTrainConfig, accelerator, vae, unet, text_encoder, tokenizer, latents: torch.Tensor,
+                    scenes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(render-cache indices (P,), the UNet's latents for them (P, C, h, w), unscaled): each render's cached latent,
+    re-noised to a `refine.strength` drawn per chunk and denoised by the UNet under its full caption (diffusers'
+    img2img on latents). Made once by the main process, cached as safetensors in `output_dir`."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from hyperdiff.lidb import stable_seed
+
+    cache = Path(cfg.output_dir) / "refine_pairs.safetensors"
+    r = cfg.refine
+    if accelerator.is_main_process and not cache.exists():
+        scheduler = tiny_components(cfg.seed, cfg.model)["scheduler"]
+        pipe = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                              scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                              requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        gen = _batch_generator(cfg.seed, "refine_pairs", 0)
+        index = torch.randperm(len(latents), generator=gen)[: r.pairs]
+        made = []
+        for start in tqdm(range(0, len(index), 64), desc="refine pairs", mininterval=5):
+            chunk = index[start : start + 64]
+            strength = r.strength[0] + (r.strength[1] - r.strength[0]) * float(torch.rand((), generator=gen))
+            prompts = [synthfaces.caption(_scene_of(scenes[i].tolist())) for i in chunk]
+            z = pipe(prompts, image=latents[chunk].float() * vae.config.scaling_factor, strength=strength,
+                     num_inference_steps=r.denoise_steps, guidance_scale=r.guidance, output_type="latent",
+                     generator=torch.Generator().manual_seed(stable_seed("refine_pairs", cfg.seed, start))).images
+            made.append(z / vae.config.scaling_factor)  # (n, C, h, w)
+        write_safetensors(cache, {"index": index, "latents": torch.cat(made)}, {"refine": str(to_dict(r))}, "refine pairs")
+    accelerator.wait_for_everyone()
+    tensors = load_file(str(cache))
+    return tensors["index"], tensors["latents"]
+
+
+def train_refine(cfg: BaseTrainConfig, accelerator, vae, images: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor],
+                 resume: bool):
+    """Stage 3 (`RefineStageConfig`): the decoder on stage-1b crops plus whole (UNet latent → render) pairs. Saved to
+    `output_dir/refine/final`."""
+    from diffusers import AutoencoderKL
+
+    final = Path(cfg.output_dir) / "refine" / "final"
+    if (final / "config.json").exists():
+        return AutoencoderKL.from_pretrained(final)
+    index, made = pairs
+    weight = _pixel_weight(cfg.refine.expression_weight, images.shape[-1], cfg.seed)
+
+    def batch_loss(vae, gen):
+        real, real_mse = _crop_loss(vae, images, weight, cfg.refine.batch_size, min(cfg.vae.crop, images.shape[-1]),
+                                    gen, accelerator.device)
+        j = torch.randint(len(index), (max(1, cfg.refine.batch_size // 4),), generator=gen)
+        x = _pixels(images[index[j]]).to(accelerator.device)  # (B/4, 3, S, S)
+        error = F.mse_loss(vae.decode(made[j].to(x)).sample, x, reduction="none")  # (B/4, 3, S, S)
+        return (real + (weight.to(x) * error).mean()) / 2, (real_mse + error.mean()) / 2
+
+    return _fit_decoder(cfg, accelerator, vae, cfg.refine, "refine", resume, batch_loss, final)
 
 
 @torch.no_grad()
@@ -521,6 +635,16 @@ def train(cfg: BaseTrainConfig, resume: bool = True, export_only: bool = False) 
         accelerator.end_training()
     accelerator = _accelerator(cfg, "unet")
     unet, text_encoder, tokenizer = train_unet(cfg, accelerator, vae, latents, scenes, resume, export_only)
+    refined = Path(cfg.output_dir) / "refine" / "final"
+    if cfg.refine.steps > 0 and not export_only:
+        accelerator.end_training()
+        accelerator = _accelerator(cfg, "refine")
+        pairs = generated_pairs(cfg, accelerator, vae, unet, text_encoder, tokenizer, latents, scenes)
+        vae = train_refine(cfg, accelerator, vae, images, pairs, resume)
+    elif cfg.refine.steps > 0 and (refined / "config.json").exists():
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(refined)
     path = Path(cfg.export_dir)
     if accelerator.is_main_process:
         export_pipeline(cfg, vae, unet, text_encoder, tokenizer, path)
