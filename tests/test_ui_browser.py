@@ -55,6 +55,27 @@ def open_page(browser, url):
     return context, page
 
 
+def set_number(page, elem_id: str, value: int) -> None:
+    """Type into a slider's number box and confirm, as a user does."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def download(page, fmt: str, folder: Path) -> Path:
+    """The Download tab as a user works it: pick the format, prepare the file, click its link; the saved file."""
+    page.get_by_role("tab", name="Download").click()
+    page.get_by_label(fmt).check()
+    page.locator("#download-btn").click()
+    link = page.locator("#download-file a")
+    expect(link).to_have_count(1)
+    with page.expect_download() as info:
+        link.first.click()
+    saved = folder / info.value.suggested_filename
+    info.value.save_as(saved)
+    return saved
+
+
 def test_a_user_uploads_personalizes_generates_and_downloads(browser, server, hypernet_dir, tmp_path):
     bad = tmp_path / "holiday.png"
     bad.write_text("this is not a picture")
@@ -71,9 +92,7 @@ def test_a_user_uploads_personalizes_generates_and_downloads(browser, server, hy
 
     page.locator("#personalize-btn").click()
     expect(page.locator("#status")).to_contain_text("Personalized from 1 reference(s) in")
-    steps = page.locator("#gen-steps input[type=number]")
-    steps.fill("3")
-    steps.press("Enter")
+    set_number(page, "gen-steps", 3)
     page.locator("#generate-btn").click()
     images = page.locator("#gallery img")
     expect(images).to_have_count(2)  # the default: 2 images, seeds 0 and 1
@@ -84,17 +103,8 @@ def test_a_user_uploads_personalizes_generates_and_downloads(browser, server, hy
     want = hdb.generate(prompt, hdb.personalize([ref]), num_images=2, steps=3, seed=0)
     assert np.array_equal(pixels(shown), pixels(want))  # the page shows the pipeline's images, losslessly
 
-    page.get_by_role("tab", name="Download").click()
-    page.get_by_label("kohya").check()
-    page.locator("#download-btn").click()
-    link = page.locator("#download-file a")
-    expect(link).to_have_count(1)
-    with page.expect_download() as info:
-        link.first.click()
-    download = info.value
-    assert download.suggested_filename.startswith("hyperdiff-sks-") and download.suggested_filename.endswith("-kohya.safetensors")
-    saved = tmp_path / download.suggested_filename
-    download.save_as(saved)
+    saved = download(page, "kohya", tmp_path)
+    assert saved.name.startswith("hyperdiff-sks-") and saved.name.endswith("-kohya.safetensors")
     tensors = load_file(saved)
     assert tensors and all(key.startswith("lora_unet_") for key in tensors)
     page.get_by_role("tab", name="2 · Generate").click()
@@ -116,9 +126,7 @@ def test_a_user_fine_tunes_with_a_caption_of_the_photo(browser, server, hypernet
     context, page = open_page(browser, server)
     page.set_input_files("#references input[type=file]", str(ref))
     expect(page.locator("#status")).to_contain_text("1 reference image(s) ready")
-    steps = page.locator("#ft-steps input[type=number]")
-    steps.fill("2")
-    steps.press("Enter")
+    set_number(page, "ft-steps", 2)
     page.get_by_text("Advanced").click()
     caption = page.locator("#caption input")
     caption.fill("a face on gray")  # no token: refused, visibly
@@ -127,15 +135,7 @@ def test_a_user_fine_tunes_with_a_caption_of_the_photo(browser, server, hypernet
     caption.fill("a {token} face, neutral, on a gray background")
     page.locator("#personalize-btn").click()
     expect(page.locator("#status")).to_contain_text("2-step fast fine-tune")
-    page.get_by_role("tab", name="Download").click()
-    page.get_by_label("native").check()
-    page.locator("#download-btn").click()
-    link = page.locator("#download-file a")
-    expect(link).to_have_count(1)
-    with page.expect_download() as info:
-        link.first.click()
-    saved = tmp_path / info.value.suggested_filename
-    info.value.save_as(saved)
+    saved = download(page, "native", tmp_path)
     hdb = HyperDreamBoothPipeline.from_pretrained(hypernet=hypernet_dir, device="cpu")
     want = hdb.personalize([ref], finetune_steps=2, seed=0, caption="a {token} face, neutral, on a gray background")
     assert Adapter.load(saved).digest == want.digest  # the typed caption is what the fine-tune trained on
