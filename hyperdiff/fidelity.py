@@ -33,7 +33,7 @@ from typing import Sequence
 from hyperdiff.adapter import Adapter
 from hyperdiff.config import to_dict
 from hyperdiff.data import synthfaces
-from hyperdiff.errors import HyperdiffError, check_number_in, check_positive_int
+from hyperdiff.errors import check_number_in, check_positive_int, check_positive_number
 from hyperdiff.files import atomic_path
 from hyperdiff.finetune import FinetuneConfig, finetune
 from hyperdiff.metrics import default_encoder, scene_fidelity
@@ -135,9 +135,9 @@ def calibrate_gain(
 ) -> dict:
     """{"gain": chosen, "rows": [{"gain", "id_similarity", "scene_fidelity"}, ...], "identities": seeds}."""
     config = config or FidelityConfig()
+    for g in gains:
+        check_positive_number("gains", g)
     gains = sorted({1.0, *(float(g) for g in gains)})
-    if gains[0] <= 0:
-        raise HyperdiffError(f"`gains` must be positive numbers, got {gains[0]}")
     check_number_in("tolerance", tolerance, 0.0, 1.0)
     check_positive_int("identities", config.identities)
     seeds = list(synthfaces.VAL_SEEDS[: config.identities])

@@ -31,7 +31,7 @@ from torch import nn
 
 from hyperdiff.adapter import Adapter, AdapterInfo
 from hyperdiff.config import from_dict, to_dict
-from hyperdiff.errors import HyperdiffError, check_positive_int
+from hyperdiff.errors import HyperdiffError, check_positive_int, check_positive_number
 from hyperdiff.files import atomic_path, read_safetensors, write_safetensors
 from hyperdiff.hypernet.encoders import EncoderConfig, build_image_encoder, pool_references
 from hyperdiff.layers import KNOWN_PROJECTIONS, LayerRow, LayerTable
@@ -202,8 +202,7 @@ class HyperNetwork(nn.Module):
     def set_gain(self, gain: float, calibration: dict | None = None) -> None:
         """Scale every predicted ΔW by `gain`, through `alpha` (adapters and their files carry it); `calibration`
         (how the gain was chosen) goes into `info`, hence into config.json."""
-        if not isinstance(gain, (int, float)) or not gain > 0:
-            raise HyperdiffError(f"`gain` must be a positive number, got {gain!r}")
+        check_positive_number("gain", gain)
         self.config = replace(self.config, alpha=self.config.alpha * gain)
         if calibration is not None:
             self.info["calibration"] = calibration

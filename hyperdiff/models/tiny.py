@@ -183,7 +183,8 @@ def _vae(cfg: TinyPipelineConfig) -> AutoencoderKL:
     )
 
 
-def _scheduler(cfg: TinyPipelineConfig) -> DDIMScheduler | DPMSolverMultistepScheduler:
+def tiny_scheduler(cfg: TinyPipelineConfig) -> DDIMScheduler | DPMSolverMultistepScheduler:
+    """The sampling scheduler `cfg.scheduler` names, on the SD noise schedule (no weights to build)."""
     if cfg.scheduler == "ddim":
         return DDIMScheduler(**SD_SCHEDULE, prediction_type=cfg.prediction_type, clip_sample=False,
                              set_alpha_to_one=False, steps_offset=1)
@@ -217,7 +218,7 @@ def tiny_components(seed: int = 0, config: TinyPipelineConfig | None = None) -> 
         "text_encoder": _seeded(seed, "text_encoder", lambda: CLIPTextModel(text_config)),
         "tokenizer": tokenizer,
         "unet": _seeded(seed, "unet", lambda: _unet(cfg)),
-        "scheduler": _scheduler(cfg),
+        "scheduler": tiny_scheduler(cfg),
     }
 
 

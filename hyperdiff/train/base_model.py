@@ -44,7 +44,7 @@ from hyperdiff.data import synthfaces
 from hyperdiff.errors import HyperdiffError, check_number_in, check_positive_int, check_positive_number
 from hyperdiff.files import write_safetensors
 from hyperdiff.metrics import to_batch
-from hyperdiff.models.tiny import SD_SCHEDULE, TinyPipelineConfig, tiny_components
+from hyperdiff.models.tiny import SD_SCHEDULE, TinyPipelineConfig, tiny_components, tiny_scheduler
 from hyperdiff.train import checkpoints
 
 logger = logging.getLogger(__name__)
@@ -435,10 +435,9 @@ def generated_pairs(cfg: BaseTrainConfig, accelerator, vae, unet, text_encoder, 
     cache = Path(cfg.output_dir) / "refine_pairs.safetensors"
     r = cfg.refine
     if accelerator.is_main_process and not cache.exists():
-        scheduler = tiny_components(cfg.seed, cfg.model)["scheduler"]
         pipe = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                              scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                              requires_safety_checker=False)
+                                              scheduler=tiny_scheduler(cfg.model), safety_checker=None,
+                                              feature_extractor=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         gen = _batch_generator(cfg.seed, "refine_pairs", 0)
         index = torch.randperm(len(latents), generator=gen)[: r.pairs]
@@ -581,7 +580,7 @@ def export_pipeline(cfg: BaseTrainConfig, vae, unet, text_encoder, tokenizer, ex
     """A standard diffusers folder, fp16 weights, DPM-Solver++ scheduler; replaced atomically (temp folder + rename)."""
     from diffusers import StableDiffusionPipeline
 
-    scheduler = tiny_components(cfg.seed, cfg.model)["scheduler"]
+    scheduler = tiny_scheduler(cfg.model)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
