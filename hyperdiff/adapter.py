@@ -6,6 +6,8 @@ Contract (DESIGN.md, "Adapter" and "Files"):
   * `lidb`: per layer `(A_train (a, r), B_train (r, b))` plus a `LiDBConfig` whose `aux_seed` regenerates the
     frozen aux bases (see `hyperdiff.lidb`), so a file stores only the trainable factors.
 - ΔW of a layer = (alpha / rank) · up · down. `lora_factors()` gives `(down, up)` for both kinds (scale not folded).
+- Factors live on the CPU (an identity is kilobytes, and files, mixing and exports need no device); whatever binds
+  them to a UNet (`applied`, `fuse`, `hyper_lora(device=...)`) moves them to its device and dtype.
 - Every adapter carries the `LayerTable` fingerprint and target set of its base; applying, fusing or loading it
   onto a UNet of another architecture is a `HyperdiffError`.
 - Use: `applied(unet)` (processors, restored on exit), `fuse(unet)`/`unfuse(unet)` (bit-exact, see

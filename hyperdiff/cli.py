@@ -60,7 +60,7 @@ def _cmd_personalize(args: argparse.Namespace) -> None:
     check_writable(out, "`--out`")
     images = load_images(args.image)  # fail on a bad image before loading any model
     start = time.perf_counter()
-    hdb = HyperDreamBoothPipeline.from_pretrained(args.base, args.hypernet)
+    hdb = HyperDreamBoothPipeline.from_pretrained(args.base, args.hypernet, device=args.device, dtype=args.dtype)
     loaded = time.perf_counter()
     bar = tqdm(total=args.finetune_steps, desc="fast fine-tune", disable=not args.finetune_steps, leave=False)
     adapter = hdb.personalize(images, token=args.token, finetune_steps=args.finetune_steps, seed=args.seed,
@@ -82,7 +82,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise HyperdiffError(f"`--out` '{out}' is a file, expected a folder for the PNG images")
-    hdb = HyperDreamBoothPipeline.from_pretrained(args.base, load_hypernet=False)
+    hdb = HyperDreamBoothPipeline.from_pretrained(args.base, load_hypernet=False, device=args.device, dtype=args.dtype)
     adapter.check_table(hdb.table)
     hdb.pipe.set_progress_bar_config(disable=False, desc="denoise", leave=False)  # diffusers' own tqdm bar
     start = time.perf_counter()
@@ -99,7 +99,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from hyperdiff.demo import run_demo
 
-    run_demo(Path(args.out), base=args.base, hypernet=args.hypernet)
+    run_demo(Path(args.out), base=args.base, hypernet=args.hypernet, device=args.device, dtype=args.dtype)
 
 
 def _cmd_ui(args: argparse.Namespace) -> None:
@@ -107,7 +107,13 @@ def _cmd_ui(args: argparse.Namespace) -> None:
         raise HyperdiffError(f"`--port` must be an integer in [1, 65535], got {args.port}")
     from ui.app import serve
 
-    serve(args.host, args.port, base=args.base, hypernet=args.hypernet)
+    serve(args.host, args.port, base=args.base, hypernet=args.hypernet, device=args.device, dtype=args.dtype)
+
+
+def _add_device_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="where the models run: cpu, cuda, cuda:N or mps (default: cuda, else mps, else cpu)")
+    p.add_argument("--dtype", help="weights' precision: float32, float16 or bfloat16 (default: float16 on a GPU, "
+                   "float32 on cpu)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hypernet", help="hypernet folder made by save_pretrained (default: the embedded SynthFaces one "
                    "when shipped; none for another --base)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fine-tune (default: %(default)s)")
+    _add_device_flags(p)
     p.set_defaults(func=_cmd_personalize)
 
     p = sub.add_parser("generate", help="generate PNG images with an adapter")
@@ -146,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=1.0, help="multiplier of the adapter's weight delta (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (default: %(default)s)")
     p.add_argument("--base", help="base model the adapter was made for (default: embedded SynthFaces)")
+    _add_device_flags(p)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("export", help="convert a native adapter into a LoRA file other tools load")
@@ -170,12 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hypernet", help="hypernet folder made by save_pretrained, for --base (default: the embedded "
                    "SynthFaces hypernet with the embedded base, none with --base alone; without one, Personalize "
                    "fine-tunes from scratch: DreamBooth-LiDB)")
+    _add_device_flags(p)
     p.set_defaults(func=_cmd_ui)
 
     p = sub.add_parser("demo", help="run the main job on the embedded default, offline")
     p.add_argument("--out", default="outputs/demo", help="folder for the images, sheet and adapters (default: %(default)s)")
     p.add_argument("--base", help="run the demo on another base (default: the embedded SynthFaces base)")
     p.add_argument("--hypernet", help="hypernet for --base (default: the embedded one; none = fine-tuning)")
+    _add_device_flags(p)
     p.set_defaults(func=_cmd_demo)
     return parser
 

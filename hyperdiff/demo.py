@@ -39,23 +39,23 @@ def _step(timings: dict, name: str) -> Iterator[None]:
     timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
-def _load(base: str | None, hypernet: str | None):
+def _load(base: str | None, hypernet: str | None, device, dtype):
     """(pipeline, what is running): the arguments, else the embedded base with its hypernet when one is shipped."""
     from hyperdiff.pipeline import HyperDreamBoothPipeline
 
-    hdb = HyperDreamBoothPipeline.from_pretrained(base, hypernet)
+    hdb = HyperDreamBoothPipeline.from_pretrained(base, hypernet, device=device, dtype=dtype)
     if hdb.hypernet is None:
         return hdb, f"base {hdb.base_name}; no hypernet given for it, so identities are fine-tuned (DreamBooth-LiDB)"
     return hdb, f"base {hdb.base_name} + hypernet {hdb.hypernet_name}"
 
 
 def run_demo(out: Path, seed: int = 0, identities: int = 2, base: str | None = None, hypernet: str | None = None,
-             finetune_steps: int = 40, steps: int = 20, dreambooth_steps: int = 300) -> dict:
+             finetune_steps: int = 40, steps: int = 20, dreambooth_steps: int = 300, device=None, dtype=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     with _step(timings, "load models"):
-        hdb, what = _load(base, hypernet)
-    print(f"hyperdiff demo: {what}")
+        hdb, what = _load(base, hypernet, device, dtype)
+    print(f"hyperdiff demo: {what}, on {hdb.describe()['device']} in {hdb.describe()['dtype']}")
     size = hdb.pipe.unet.config.sample_size * hdb.pipe.vae_scale_factor
     seeds = list(synthfaces.eval_seeds(identities))
     refs = [synthfaces.render(synthfaces.Identity.from_seed(s), REFERENCE_SCENE, size) for s in seeds]

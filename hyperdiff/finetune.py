@@ -11,6 +11,9 @@ Contract:
 - New factors start as a no-op that still learns: `up`/B_train = 0, `down`/A_train random.
 - Returns one Adapter per identity; with `start`, the exact concatenation `start[i] + learned[i]` (rank r + r', no
   SVD): the rank-relaxed fast fine-tune. Deterministic in `config.seed` on CPU; progress via tqdm.
+- Runs on the UNet's device: every random draw comes from one CPU generator (so a seed means the same noise on any
+  device), the trainable factors are float32 there, and a float16 UNet's loss is scaled (`torch.amp.GradScaler`)
+  so its small gradients do not underflow. Adapters come back on the CPU.
 Uses: (a) DreamBooth-LiDB from scratch, (b) stage-1 targets for hypernet training, (c) rank-relaxed fine-tune.
 """
 
@@ -100,17 +103,34 @@ def encode_images(pipe, images: Sequence[Image.Image]) -> torch.Tensor:
     return pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
 
 
+def initial_latents(pipe, generator: torch.Generator | list[torch.Generator], n: int) -> torch.Tensor:
+    """The starting noise of a pipeline call for `n` images at the base's own size, drawn as diffusers draws it (one
+    CPU generator for the batch, or one per image) but always in float32, then moved to the UNet's device and dtype:
+    a seed gives the same image on every device and in every precision. (Given a CPU generator, diffusers draws in
+    the UNet's dtype, and float16/bfloat16 draws are other numbers.) Pass it as the call's `latents`."""
+    side = pipe.unet.config.sample_size
+    shape = (pipe.unet.config.in_channels, side, side)
+    if isinstance(generator, list):
+        noise = torch.cat([torch.randn((1, *shape), generator=g) for g in generator])  # (n, C, h, w)
+    else:
+        noise = torch.randn((n, *shape), generator=generator)
+    return noise.to(pipe.device, pipe.unet.dtype)
+
+
 @torch.no_grad()
 def make_prior(pipe, config: FinetuneConfig) -> Prior:
     """`config.prior_images` images of the base model over the varied class prompts (seeded, no adapter)."""
     prompts = [config.prior_prompts[i % len(config.prior_prompts)] for i in range(config.prior_images)]
     gen = torch.Generator().manual_seed(config.seed)
     latents = pipe(prompts, num_inference_steps=config.prior_steps, guidance_scale=config.prior_guidance,
-                   generator=gen, output_type="latent").images
+                   latents=initial_latents(pipe, gen, len(prompts)), output_type="latent").images
     return Prior(latents, encode_prompts(pipe, prompts))
 
 
-def _init_factors(table: LayerTable, n: int, config: FinetuneConfig, gen: torch.Generator) -> dict[str, list[torch.Tensor]]:
+def _init_factors(
+    table: LayerTable, n: int, config: FinetuneConfig, gen: torch.Generator, device: torch.device
+) -> dict[str, list[torch.Tensor]]:
+    """Float32 leaf tensors on `device`, drawn on the CPU from `gen`."""
     factors = {}
     for row in table:
         if config.kind == "lora":
@@ -120,19 +140,19 @@ def _init_factors(table: LayerTable, n: int, config: FinetuneConfig, gen: torch.
             lidb = config.lidb
             first = torch.randn(n, lidb.a, lidb.rank, generator=gen) * config.init_std  # A_train
             second = torch.zeros(n, lidb.rank, lidb.b)  # B_train = 0
-        factors[row.name] = [first.requires_grad_(), second.requires_grad_()]
+        factors[row.name] = [first.to(device).requires_grad_(), second.to(device).requires_grad_()]
     return factors
 
 
-def _deltas(table: LayerTable, factors, config: FinetuneConfig, scale: float) -> dict[str, LowRankDelta]:
+def _deltas(table: LayerTable, factors, config: FinetuneConfig, scale: float, aux: dict) -> dict[str, LowRankDelta]:
+    """Per-sample deltas of the trainable factors; `aux`: the LiDB aux bases per layer, already on the device."""
     out = {}
     for row in table:
         first, second = factors[row.name]
         if config.kind == "lora":
             down, up = first, second  # (B, r, in), (B, out, r)
         else:
-            a_aux, b_aux = aux_bases(row.name, row.in_features, row.out_features, config.lidb)
-            down, up = compose(first, second, a_aux, b_aux)
+            down, up = compose(first, second, *aux[row.name])
         out[row.name] = LowRankDelta(down, up, scale)
     return out
 
@@ -195,12 +215,21 @@ def finetune(
     texts = [encode_prompts(pipe, p if prompts is not None else [instance] * len(refs)) for refs, p in zip(references, prompts or [None] * n)]
     if config.prior_weight > 0 and prior is None:
         prior = make_prior(pipe, config)
-    factors = _init_factors(table, n, config, gen)
+    device = pipe.unet.device
+    factors = _init_factors(table, n, config, gen, device)
+    aux = {} if config.kind == "lora" else {
+        row.name: tuple(t.to(device) for t in aux_bases(row.name, row.in_features, row.out_features, config.lidb))
+        for row in table
+    }
     rank = config.rank if config.kind == "lora" else config.lidb.rank
     alpha = float(config.alpha if config.alpha is not None else rank)
     params = [t for pair in factors.values() for t in pair]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    fixed = Adapter.stack(start, table) if start is not None else None
+    # float16 on cuda: scale the loss so the UNet's small gradients do not underflow. 2**10 rather than the default
+    # 2**16 keeps the first steps from overflowing (each overflow skips a step, and a fast fine-tune has 40).
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10,
+                                  enabled=pipe.unet.dtype == torch.float16 and device.type == "cuda")
+    fixed = Adapter.stack(start, table).to(device) if start is not None else None
     unet_grad = [p.requires_grad for p in pipe.unet.parameters()]
     pipe.unet.requires_grad_(False)
     try:
@@ -209,15 +238,16 @@ def finetune(
                 pick = [step % lat.shape[0] for lat in latents]
                 x = torch.cat([lat[i : i + 1] for lat, i in zip(latents, pick)])  # (n, C, h, w)
                 txt = torch.cat([t[i : i + 1] for t, i in zip(texts, pick)])  # (n, T, d)
-                learned = HyperLoRA(_deltas(table, factors, config, alpha / rank))
+                learned = HyperLoRA(_deltas(table, factors, config, alpha / rank, aux))
                 active = [learned] + ([fixed] if fixed is not None else [])
                 loss = diffusion_loss(pipe, noise_scheduler, x, txt, active, gen)
                 if config.prior_weight > 0:
                     j = torch.randint(0, prior.latents.shape[0], (n,), generator=gen)
                     loss = loss + config.prior_weight * diffusion_loss(pipe, noise_scheduler, prior.latents[j], prior.text[j], active, gen)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)  # a step whose scaled gradients overflowed is skipped, the scale lowered
+                scaler.update()
                 if callback is not None:
                     callback(step, loss.item())
     finally:
@@ -227,7 +257,7 @@ def finetune(
     info = AdapterInfo(token=config.token, source=source, architecture=table.architecture)
     out = []
     for i in range(n):
-        trained = {name: (f[i].detach().clone(), s[i].detach().clone()) for name, (f, s) in factors.items()}
+        trained = {name: (f[i].detach().cpu().clone(), s[i].detach().cpu().clone()) for name, (f, s) in factors.items()}
         ad = (Adapter.from_factors(trained, table, alpha=alpha, info=info) if config.kind == "lora"
               else Adapter.from_lidb(trained, table, config.lidb, alpha=alpha, info=info))
         out.append(Adapter.concat([start[i], ad]) if start is not None else ad)

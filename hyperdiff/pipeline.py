@@ -4,7 +4,8 @@ Contract:
 - `from_pretrained(base=None, hypernet=None, device=None, dtype=None)`: with no arguments, the embedded SynthFaces
   base and its hypernet when one is shipped; otherwise any base `load_base` accepts and a hypernet folder made by
   `save_pretrained` for that base (the layer fingerprints must match), or none. Device: cuda, then mps, then cpu;
-  dtype: fp16 on cuda/mps, fp32 on cpu; both overridable.
+  dtype: fp16 on cuda/mps, fp32 on cpu; both overridable by object or name ("cuda:1", "bfloat16"), and a device
+  this machine lacks is a one-line error. The hypernet stays float32 (it is small); adapters live on the CPU.
 - `personalize(images, token, finetune_steps, seed)` → Adapter: the hypernet's zero-shot LiDB prediction, then, with
   `finetune_steps > 0`, the rank-relaxed fast fine-tune (a rank-r' LoRA trained on top, returned as the exact
   concatenation). Without a hypernet (none given, none shipped for the base), `finetune_steps > 0` fine-tunes LiDB
@@ -13,7 +14,8 @@ Contract:
   `info.source` records it.
 - `generate(prompt, adapter, ...)` → list of PIL images. One adapter is fused for the call (zero overhead) and unfused
   after, also on an error; a list of adapters (one per image) runs as one batch through the per-sample processors.
-  Image i uses the generator seeded `seed + i`, so any image can be reproduced alone.
+  Image i uses the generator seeded `seed + i`, so any image can be reproduced alone; the noise is drawn in float32
+  on the CPU, so a seed gives the same image (within rounding) on every device and in every precision.
 - `sample_adapters(image, n, prompt)` → (images of n sampled adapters, per-pixel spread map of the image's size).
 - `mix(adapters, weights)` → `Adapter.mix`.
 - `encoder_view(images)` → the reference images as the hypernet's image encoder sees them (its own preprocessing).
@@ -34,7 +36,7 @@ from PIL import Image
 
 from hyperdiff.adapter import Adapter
 from hyperdiff.errors import HyperdiffError, check_int_in, check_number_in
-from hyperdiff.finetune import FinetuneConfig, finetune, make_prior
+from hyperdiff.finetune import FinetuneConfig, finetune, initial_latents, make_prior
 from hyperdiff.hypernet import HyperNetwork
 from hyperdiff.layers import LayerTable
 from hyperdiff.processors import hyper_lora_processors
@@ -63,12 +65,50 @@ def _check_caption(caption: object, token: str) -> None:
         raise HyperdiffError(f"`caption` must name the subject by the token {token!r} (or {{token}}), got {caption!r}")
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`None` → `default_device()`; otherwise a cpu, cuda[:N] or mps device that this machine has."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise HyperdiffError(f"`device` must be cpu, cuda, cuda:N or mps, got {device!r}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            raise HyperdiffError(f"`device` {str(dev)!r} is not available: this machine has {count} CUDA device(s); use cpu")
+    elif dev.type == "mps":
+        if not _mps_available():
+            raise HyperdiffError(f"`device` {str(dev)!r} is not available on this machine; use cpu")
+    elif dev.type != "cpu":
+        raise HyperdiffError(f"`device` must be cpu, cuda, cuda:N or mps, got {device!r}")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """`None` → float16 on cuda/mps, float32 on cpu; otherwise one of `DTYPES` (by name or object)."""
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    raise HyperdiffError(f"`dtype` must be one of {list(DTYPES)}, got {dtype!r}")
 
 
 def load_images(
@@ -127,12 +167,12 @@ class HyperDreamBoothPipeline:
     @classmethod
     def from_pretrained(
         cls, base: str | None = None, hypernet: str | Path | None = None, device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None, load_hypernet: bool = True,
+        dtype: str | torch.dtype | None = None, load_hypernet: bool = True,
     ) -> "HyperDreamBoothPipeline":
         from hyperdiff.models import load_base
 
-        device = torch.device(device) if device is not None else default_device()
-        dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
         pipe = load_base(base, dtype=dtype, device=device)
         if hypernet is None and (base is not None or not EMBEDDED_HYPERNET.is_dir()):
             load_hypernet = False  # the embedded hypernet belongs to the embedded base, and only when shipped
@@ -229,11 +269,12 @@ class HyperDreamBoothPipeline:
             adapters = None
         gens = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
         kwargs = dict(prompt=[prompt] * num_images, negative_prompt=[negative_prompt] * num_images if negative_prompt else None,
-                      num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pil")
+                      num_inference_steps=steps, guidance_scale=guidance, latents=initial_latents(self.pipe, gens, num_images),
+                      output_type="pil")
         if adapters is not None:  # one adapter per image: per-sample deltas, laid out like the CFG batch
             for ad in adapters:
                 ad.check_table(self.table)
-            deltas = Adapter.stack(adapters, self.table, strength).repeat_for(1, guidance=guidance > 1)
+            deltas = Adapter.stack(adapters, self.table, strength).repeat_for(1, guidance=guidance > 1).to(self.device)
             with hyper_lora_processors(self.pipe.unet, self.table):
                 return self.pipe(**kwargs, cross_attention_kwargs={"hyper_lora": deltas}).images
         if adapter is None:

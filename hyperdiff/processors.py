@@ -64,6 +64,10 @@ class LowRankDelta:
             return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), up.T).view(y.shape)
         return torch.baddbmm(y, h, up.transpose(-1, -2))  # per sample: (B, N, r) @ (B, r, out)
 
+    def to(self, device=None, dtype=None) -> "LowRankDelta":
+        """The same delta with both factors on `device` (and in `dtype`), e.g. once before many UNet calls."""
+        return LowRankDelta(self.down.to(device=device, dtype=dtype), self.up.to(device=device, dtype=dtype), self.scale)
+
     def repeat_for(self, num_images_per_prompt: int, guidance: bool) -> "LowRankDelta":
         if self.batch is None:
             return self
@@ -96,6 +100,10 @@ class HyperLoRA:
             raise HyperdiffError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt}")
         layers = {k: d.repeat_for(num_images_per_prompt, guidance) for k, d in self.layers.items()}
         return HyperLoRA(layers, self.strength)
+
+    def to(self, device=None, dtype=None) -> "HyperLoRA":
+        """Every layer's delta moved once (the processors would otherwise copy them on every UNet call)."""
+        return HyperLoRA({k: d.to(device, dtype) for k, d in self.layers.items()}, self.strength)
 
     def scaled(self, strength: float) -> "HyperLoRA":
         return HyperLoRA(self.layers, self.strength * strength)

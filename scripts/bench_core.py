@@ -1,4 +1,4 @@
-"""Core benchmark: injection overhead and adapter swap cost on the SD1.5 UNet shape (random init, fp32).
+"""Core benchmark: injection overhead and adapter swap cost on the SD1.5 UNet shape (random init).
 
 Measures, side by side in one run (interleaved repeats; the best of N is the figure, the median is kept too, since
 a busy 2-core machine only ever adds time):
@@ -6,7 +6,9 @@ a busy 2-core machine only ever adds time):
 - swapping an identity in and out: hyperdiff's fuse+unfuse and applied() enter+exit, against diffusers'
   load_lora_weights + fuse_lora + unfuse_lora + unload_lora_weights of the same adapter exported to diffusers format;
 - file sizes of the native LiDB adapter and its exports.
-Prints a table with ratios and writes JSON. Usage: python scripts/bench_core.py --out bench/core.json [--latent 64]
+Runs on the CPU in float32 by default; `--device cuda --dtype float16` measures a GPU (times are taken after the
+device has finished: synchronised). Prints a table with ratios and writes JSON.
+Usage: python scripts/bench_core.py --out bench/core.json [--latent 64] [--device cuda --dtype float16]
 """
 
 from __future__ import annotations
@@ -14,10 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # before diffusers is imported
@@ -28,16 +28,10 @@ import torch  # noqa: E402
 from hyperdiff import LayerTable  # noqa: E402
 from hyperdiff.models import tiny_pipeline  # noqa: E402
 from hyperdiff.models.configs import build_unet  # noqa: E402
+from hyperdiff.pipeline import resolve_device, resolve_dtype  # noqa: E402
 from hyperdiff.random_adapters import random_lidb  # noqa: E402
 
-
-def _time(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
+from _bench import describe_device, time_calls  # noqa: E402
 
 
 def main() -> None:
@@ -46,18 +40,22 @@ def main() -> None:
     parser.add_argument("--latent", type=int, default=32, help="latent side (64 = 512 px images)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per measurement")
     parser.add_argument("--swaps", type=int, default=3, help="repeats of each swap path")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: %(default)s)")
+    parser.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float32 on cpu, float16 on a GPU)")
     args = parser.parse_args()
     torch.manual_seed(0)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
 
-    print("building SD1.5-shaped UNet (random init, fp32)...", flush=True)
-    unet = build_unet("sd15", device="cpu", seed=0).eval()
+    print(f"building SD1.5-shaped UNet (random init, {dtype}, {device})...", flush=True)
+    unet = build_unet("sd15", device=device, seed=0).to(dtype).eval()
     table = LayerTable.from_unet(unet)
     adapter = random_lidb(table, seed=1)
     adapter.lora_factors()  # compose LiDB once (aux bases are cached), as a loaded adapter would before use
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, args.latent, args.latent, generator=gen)
-    t = torch.tensor([500, 500])
-    text = torch.randn(2, 77, 768, generator=gen)
+    x = torch.randn(2, 4, args.latent, args.latent, generator=gen).to(device, dtype)
+    t = torch.tensor([500, 500], device=device)
+    text = torch.randn(2, 77, 768, generator=gen).to(device, dtype)
 
     def step():
         with torch.no_grad():
@@ -66,11 +64,11 @@ def main() -> None:
     step()  # warm-up
     times = {"base": [], "injected": [], "fused": []}
     for _ in range(args.repeats):  # interleaved so drift hits every path alike
-        times["base"] += _time(step, 1)
+        times["base"] += time_calls(step, 1, device)
         with adapter.applied(unet):
-            times["injected"] += _time(step, 1)
+            times["injected"] += time_calls(step, 1, device)
         adapter.fuse(unet)
-        times["fused"] += _time(step, 1)
+        times["fused"] += time_calls(step, 1, device)
         adapter.unfuse(unet)
     step_s = {k: min(v) for k, v in times.items()}
     step_median_s = {k: statistics.median(v) for k, v in times.items()}
@@ -100,18 +98,16 @@ def main() -> None:
 
         ours_fuse()  # the first fuse copies the base weights once; later swaps reuse the copy
         swap_runs = {
-            "hyperdiff_fuse_unfuse": _time(ours_fuse, args.swaps),
-            "hyperdiff_applied_enter_exit": _time(ours_processors, args.swaps),
-            "diffusers_load_fuse_unfuse_unload": _time(diffusers_swap, args.swaps),
+            "hyperdiff_fuse_unfuse": time_calls(ours_fuse, args.swaps, device),
+            "hyperdiff_applied_enter_exit": time_calls(ours_processors, args.swaps, device),
+            "diffusers_load_fuse_unfuse_unload": time_calls(diffusers_swap, args.swaps, device),
         }
         swap_s = {k: min(v) for k, v in swap_runs.items()}
 
     result = {
-        "device": "cpu",
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
+        **describe_device(device),
         "torch": torch.__version__,
-        "shape": "sd15 UNet, fp32, random init",
+        "shape": f"sd15 UNet, {str(dtype).replace('torch.', '')}, random init",
         "latent": args.latent,
         "batch": 2,
         "layers": len(table),
@@ -130,7 +126,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
 
-    print(f"\nSD1.5 UNet step (batch 2, latent {args.latent}x{args.latent}, {result['threads']} threads, best of {args.repeats}):")
+    where = result.get("gpu") or f"{result['threads']} CPU threads"
+    print(f"\nSD1.5 UNet step (batch 2, latent {args.latent}x{args.latent}, {result['shape']}, {where}, best of {args.repeats}):")
     for k, v in step_s.items():
         print(f"  {k:<9} {v * 1000:9.1f} ms   {v / step_s['base']:.3f}x base")
     print(f"swap one identity in and out (best of {args.swaps}):")

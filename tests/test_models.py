@@ -186,6 +186,25 @@ def test_unet_config_unknown_name() -> None:
         unet_config("x")
 
 
+def test_build_pipeline_and_clip_vision_have_the_published_parameter_counts() -> None:
+    """The counts of runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1 and laion/CLIP-ViT-H-14's
+    image tower (with its projection), built on the meta device."""
+    from hyperdiff.models.configs import build_clip_vision, build_pipeline
+
+    def count(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    for name, counts, prediction in [("sd15", (859_520_964, 83_653_863, 123_060_480), "epsilon"),
+                                     ("sd21", (865_910_724, 83_653_863, 340_387_840), "v_prediction")]:
+        pipe = build_pipeline(name)
+        assert (count(pipe.unet), count(pipe.vae), count(pipe.text_encoder)) == counts, name
+        assert pipe.scheduler.config.prediction_type == prediction and pipe.vae_scale_factor == 8
+    vision, processor = build_clip_vision("clip-vit-h-14")
+    assert count(vision) == 632_076_800 and processor.crop_size == {"height": 224, "width": 224}
+    with pytest.raises(HyperdiffError, match=r"^`name` must be one of 'clip-vit-h-14', 'clip-vit-l-14', got 'vit'$"):
+        build_clip_vision("vit")
+
+
 def test_build_unet_cpu_seeded() -> None:
     cfg = tiny_pipeline(seed=0).unet.config
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}

@@ -164,6 +164,9 @@ def test_cli_bad_inputs_exit_2_and_leave_no_file(hypernet_dir, tmp_path):
         (["personalize", "--image", good, "--out", tmp_path / "a.safetensors", "--base", TINY_BASE, "--hypernet", hypernet_dir,
           "--finetune-steps", "2", "--caption", "a face"], "`caption` must name the subject"),
         (["generate", "--adapter", text, "--prompt", "a sks face", "--out", tmp_path / "o"], "is not a safetensors file"),
+        (["personalize", "--image", good, "--out", tmp_path / "a.safetensors", "--device", "cuda:7"], "`device` 'cuda:7' is not available"),
+        (["personalize", "--image", good, "--out", tmp_path / "a.safetensors", "--device", "tpu"], "`device` must be cpu, cuda"),
+        (["personalize", "--image", good, "--out", tmp_path / "a.safetensors", "--dtype", "half"], "`dtype` must be one of"),
     ]
     for args, needle in cases:
         res = run(*args)

@@ -440,14 +440,15 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, **kwargs)
         raise HyperdiffError(f"`--port` {port} on {host} cannot be used ({str(e).splitlines()[0]})") from None
 
 
-def serve(host: str = "127.0.0.1", port: int = 7860, base: str | None = None, hypernet: str | None = None) -> None:
+def serve(host: str = "127.0.0.1", port: int = 7860, base: str | None = None, hypernet: str | None = None,
+          device: str | None = None, dtype: str | None = None) -> None:
     """Load the pipeline (default: the embedded SynthFaces pair) and serve the UI until interrupted."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()  # a server's terminal: its own lines only, errors in one line
     transformers_logging.disable_progress_bar()
-    pipeline = HyperDreamBoothPipeline.from_pretrained(base, hypernet)
+    pipeline = HyperDreamBoothPipeline.from_pretrained(base, hypernet, device=device, dtype=dtype)
     if pipeline.hypernet is None:
         print("hyperdiff ui: no hypernet for this base (pass --hypernet PATH): Personalize fine-tunes "
               "from scratch (DreamBooth-LiDB, fine-tune steps > 0)")

@@ -153,7 +153,7 @@ class ClipImageEncoder(_Viewable, nn.Module):
         self.dim = self.model.config.hidden_size
 
     def preprocess(self, images) -> torch.Tensor:
-        x = _to_tensor(images)
+        x = _to_tensor(images).to(self.mean.device)  # resized where the tower runs
         h, w = x.shape[-2:]
         # short side → `resize`, long side truncated as transformers' `get_resize_output_image_size` does
         size = (self.resize, int(self.resize * w / h)) if h <= w else (int(self.resize * h / w), self.resize)

@@ -160,7 +160,7 @@ class HyperNetwork(nn.Module):
         )
         return [
             Adapter.from_lidb(
-                {row.name: (a_train[b, i].detach().float(), b_train[b, i].detach().float()) for i, row in enumerate(self.table)},
+                {row.name: (a_train[b, i].detach().float().cpu(), b_train[b, i].detach().float().cpu()) for i, row in enumerate(self.table)},
                 self.table, self.config.lidb, alpha=self.config.alpha, info=info,
             )
             for b in range(a_train.shape[0])
