@@ -15,8 +15,9 @@ reported along `config.dreambooth_curve`, so convergence is visible), and for ev
 `write_fidelity(result, out)` writes JSON and a Markdown table.
 
 `calibrate_gain(pipe, hypernet, gains, config, tolerance)` picks a hypernet's output gain on *validation* identities
-(`VAL_SEEDS`, never the evaluation range): the zero-shot adapters times each gain are scored like a table row, and the
-gain with the highest ID similarity wins among those whose scene fidelity stays within `tolerance` of gain 1. A
+(`VAL_SEEDS`, never the evaluation range): the base model and the zero-shot adapters times each gain are scored like
+table rows, and the gain with the highest ID similarity wins among those that keep the base model's editability:
+scene fidelity within `tolerance` of the base model's (or of gain 1's, where that is lower). A
 distilled hypernet regresses to its teachers' conditional mean, which shrinks the identity-specific part of ΔW; the
 gain undoes part of that shrinkage (`HyperNetwork.set_gain` stores it in `alpha`).
 """
@@ -133,7 +134,8 @@ def run_fidelity(pipe, hypernets: dict, config: FidelityConfig = FidelityConfig(
 def calibrate_gain(
     pipe, hypernet, gains: Sequence[float], config: FidelityConfig | None = None, tolerance: float = 0.02,
 ) -> dict:
-    """{"gain": chosen, "rows": [{"gain", "id_similarity", "scene_fidelity"}, ...], "identities": seeds}."""
+    """{"gain": chosen, "base": {"id_similarity", "scene_fidelity"}, "rows": [{"gain", "id_similarity",
+    "scene_fidelity"}, ...], "identities": seeds}."""
     config = config or FidelityConfig()
     for g in gains:
         check_positive_number("gains", g)
@@ -143,10 +145,12 @@ def calibrate_gain(
     seeds = list(synthfaces.VAL_SEEDS[: config.identities])
     refs = _references(pipe, seeds, config)
     adapters = [hypernet.predict([r], token=config.token) for r in refs]
+    base = _score(pipe, [None] * len(refs), refs, config)
     rows = [{"gain": g, **_score(pipe, [g * ad for ad in adapters], refs, config)} for g in gains]
-    floor = next(r for r in rows if r["gain"] == 1.0)["scene_fidelity"] - tolerance
+    unit = next(r for r in rows if r["gain"] == 1.0)
+    floor = min(base["scene_fidelity"], unit["scene_fidelity"]) - tolerance
     best = max((r for r in rows if r["scene_fidelity"] >= floor), key=lambda r: r["id_similarity"])
-    return {"gain": best["gain"], "tolerance": tolerance, "identities": seeds, "rows": rows}
+    return {"gain": best["gain"], "tolerance": tolerance, "identities": seeds, "base": base, "rows": rows}
 
 
 def write_fidelity(result: dict, out: Path, command: str = "") -> dict[str, Path]:

@@ -144,15 +144,15 @@ def _init_factors(
     return factors
 
 
-def _deltas(table: LayerTable, factors, config: FinetuneConfig, scale: float, aux: dict) -> dict[str, LowRankDelta]:
-    """Per-sample deltas of the trainable factors; `aux`: the LiDB aux bases per layer, already on the device."""
+def _deltas(table: LayerTable, factors, config: FinetuneConfig, scale: float) -> dict[str, LowRankDelta]:
     out = {}
     for row in table:
         first, second = factors[row.name]
         if config.kind == "lora":
             down, up = first, second  # (B, r, in), (B, out, r)
         else:
-            down, up = compose(first, second, *aux[row.name])
+            aux = aux_bases(row.name, row.in_features, row.out_features, config.lidb, first.device)
+            down, up = compose(first, second, *aux)
         out[row.name] = LowRankDelta(down, up, scale)
     return out
 
@@ -217,10 +217,6 @@ def finetune(
         prior = make_prior(pipe, config)
     device = pipe.unet.device
     factors = _init_factors(table, n, config, gen, device)
-    aux = {} if config.kind == "lora" else {
-        row.name: tuple(t.to(device) for t in aux_bases(row.name, row.in_features, row.out_features, config.lidb))
-        for row in table
-    }
     rank = config.rank if config.kind == "lora" else config.lidb.rank
     alpha = float(config.alpha if config.alpha is not None else rank)
     params = [t for pair in factors.values() for t in pair]
@@ -238,7 +234,7 @@ def finetune(
                 pick = [step % lat.shape[0] for lat in latents]
                 x = torch.cat([lat[i : i + 1] for lat, i in zip(latents, pick)])  # (n, C, h, w)
                 txt = torch.cat([t[i : i + 1] for t, i in zip(texts, pick)])  # (n, T, d)
-                learned = HyperLoRA(_deltas(table, factors, config, alpha / rank, aux))
+                learned = HyperLoRA(_deltas(table, factors, config, alpha / rank))
                 active = [learned] + ([fixed] if fixed is not None else [])
                 loss = diffusion_loss(pipe, noise_scheduler, x, txt, active, gen)
                 if config.prior_weight > 0:

@@ -14,6 +14,8 @@ with trainable A_train (a × r) and B_train (r × b), and frozen auxiliary bases
   on 2 cores the threaded QR is also 50× slower) with the sign fixed by diag(R), then rounds to float32.
   Python's `hash()` is never used.
 - `compose` accepts leading batch dimensions on the trainable factors: A_train (..., a, r) → down (..., r, in).
+- `aux_bases(..., device=...)` also keeps a copy on that device (cached like the CPU basis), so training on a GPU
+  copies each basis there once, not on every step.
 """
 
 from __future__ import annotations
@@ -90,20 +92,31 @@ def _orthonormal_rows(rows: int, cols: int, seed: int) -> torch.Tensor:
     return basis
 
 
-def aux_basis(rows: int, cols: int, seed: int) -> torch.Tensor:
-    """Frozen (rows × cols) float32 basis with unit-norm rows; orthonormal rows when rows ≤ cols.
+@lru_cache(maxsize=1024)
+def _aux_basis_on(rows: int, cols: int, seed: int, device: torch.device) -> torch.Tensor:
+    return _aux_basis_cached(rows, cols, seed).to(device)
+
+
+def aux_basis(rows: int, cols: int, seed: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Frozen (rows × cols) float32 basis with unit-norm rows; orthonormal rows when rows ≤ cols. Computed on the
+    CPU; with another `device`, a copy there.
 
     The returned tensor is shared (cached): never modify it in place.
     """
     check_positive_int("rows", rows)
     check_positive_int("cols", cols)
-    return _aux_basis_cached(rows, cols, seed)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cpu":
+        return _aux_basis_cached(rows, cols, seed)
+    return _aux_basis_on(rows, cols, seed, device)
 
 
-def aux_bases(name: str, in_features: int, out_features: int, config: LiDBConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A_aux (a × in), B_aux (b × out)) for one layer, from `(aux_seed, name)`."""
-    a_aux = aux_basis(config.a, in_features, stable_seed(config.aux_seed, name, "A"))
-    b_aux = aux_basis(config.b, out_features, stable_seed(config.aux_seed, name, "B"))
+def aux_bases(
+    name: str, in_features: int, out_features: int, config: LiDBConfig, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A_aux (a × in), B_aux (b × out)) for one layer, from `(aux_seed, name)`, on `device` (default: CPU)."""
+    a_aux = aux_basis(config.a, in_features, stable_seed(config.aux_seed, name, "A"), device)
+    b_aux = aux_basis(config.b, out_features, stable_seed(config.aux_seed, name, "B"), device)
     return a_aux, b_aux
 
 

@@ -3,9 +3,9 @@
     python scripts/calibrate_hypernet.py --hypernet runs/hypernet_d2 --out hyperdiff/assets/synthfaces/hypernet \
         [--gains 1,1.5,2,2.5,3] [--identities 8] [--tolerance 0.02] [--base PATH] [--dtype fp16]
 
-Scores the zero-shot adapters × each gain on `--identities` validation identities (never the evaluation seeds) in the
-fidelity benchmark's scenes, keeps the gain with the best ID similarity whose scene fidelity is within `--tolerance`
-of gain 1, and saves the hypernet with that gain in its `alpha` (the choice and every score go into its config.json).
+Scores the base model and the zero-shot adapters × each gain on `--identities` validation identities (never the
+evaluation seeds) in the fidelity benchmark's scenes, keeps the gain with the best ID similarity whose scene fidelity
+is within `--tolerance` of the base model's (of gain 1's where that is lower), and saves the hypernet with that gain in its `alpha` (the choice and every score go into its config.json).
 Logic: hyperdiff.fidelity.calibrate_gain, HyperNetwork.set_gain.
 """
 
@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     except HyperdiffError as e:
         print(f"calibrate_hypernet: error: {e}", file=sys.stderr)
         return 2
+    base = result["base"]
+    print(f"base model: ID similarity {base['id_similarity']:.3f}, scene fidelity {base['scene_fidelity']:.1%}")
     for row in result["rows"]:
         print(f"gain {row['gain']:g}: ID similarity {row['id_similarity']:.3f}, scene fidelity {row['scene_fidelity']:.1%}")
     print(f"chose gain {result['gain']:g}; wrote {args.out}")

@@ -74,8 +74,11 @@ def test_gain_calibration_picks_the_best_gain_within_the_scene_tolerance(tmp_pat
     assert train_hypernet.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--output_dir", str(run), "--max_train_steps", "1"]) == 0
     hp = HyperNetwork.from_pretrained(run)
     plain = {}
+    base = {"scene_fidelity": 0.9}
 
     def score(pipe, adapters, refs, config):
+        if adapters[0] is None:  # the base model's row
+            return {"id_similarity": 0.0, **base}
         name = adapters[0].layer_names[0]
         if not plain:
             plain["delta"] = adapters[0].delta_weight(name)  # gain 1 comes first
@@ -89,6 +92,11 @@ def test_gain_calibration_picks_the_best_gain_within_the_scene_tolerance(tmp_pat
     assert result["gain"] == 2.0  # 2.5 and 3 lose 5 points of scene fidelity: more than the tolerance
     assert result["identities"] == list(synthfaces.VAL_SEEDS[:2])  # validation identities, never evaluation ones
     assert fidelity.calibrate_gain(tiny_pipeline(seed=0), hp, [3], fidelity.FidelityConfig(identities=2), 0.1)["gain"] == 3.0
+    base["scene_fidelity"] = 0.86  # the base model itself obeys fewer scene words: 0.85 keeps its editability
+    result = fidelity.calibrate_gain(tiny_pipeline(seed=0), hp, [3, 2, 2.5], fidelity.FidelityConfig(identities=2))
+    assert result["gain"] == 3.0 and result["base"]["scene_fidelity"] == 0.86
+    base["scene_fidelity"] = 0.95  # above gain 1's: gain 1 stays the reference
+    assert fidelity.calibrate_gain(tiny_pipeline(seed=0), hp, [3, 2, 2.5], fidelity.FidelityConfig(identities=2))["gain"] == 2.0
 
 
 def test_calibrate_script_writes_a_hypernet_whose_deltas_carry_the_gain(tmp_path):

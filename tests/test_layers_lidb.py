@@ -96,6 +96,15 @@ def test_aux_bases_regenerate_bit_identically_in_another_process():
     assert not torch.allclose(a, reseeded)
 
 
+def test_aux_bases_on_another_device_are_one_cached_copy_of_the_cpu_basis():
+    name, cfg = "mid_block.attentions.0.transformer_blocks.0.attn2.to_v", LiDBConfig(a=6, b=5)
+    cpu = aux_bases(name, 16, 12, cfg)
+    assert aux_bases(name, 16, 12, cfg, "cpu")[0] is cpu[0]
+    meta = aux_bases(name, 16, 12, cfg, "meta")  # stands in for a GPU: copied once, then served from the cache
+    assert all(t.device.type == "meta" for t in meta) and [t.shape for t in meta] == [t.shape for t in cpu]
+    assert aux_bases(name, 16, 12, cfg, torch.device("meta"))[1] is meta[1]
+
+
 def test_compose_matches_reference_einsum():
     g = torch.Generator().manual_seed(0)
     a_aux, b_aux = aux_basis(10, 24, 1), aux_basis(6, 16, 2)

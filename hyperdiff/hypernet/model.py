@@ -148,7 +148,7 @@ class HyperNetwork(nn.Module):
         lidb = self.config.lidb
         layers = {}
         for i, row in enumerate(self.table):
-            a_aux, b_aux = aux_bases(row.name, row.in_features, row.out_features, lidb)
+            a_aux, b_aux = aux_bases(row.name, row.in_features, row.out_features, lidb, a_train.device)
             down, up = compose(a_train[:, i], b_train[:, i], a_aux, b_aux)
             layers[row.name] = LowRankDelta(down, up, self.config.alpha / lidb.rank)
         return HyperLoRA(layers, strength)
