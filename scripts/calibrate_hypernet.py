@@ -1,7 +1,7 @@
 """Choose a trained hypernet's output gain on validation identities and write the calibrated hypernet.
 
     python scripts/calibrate_hypernet.py --hypernet runs/hypernet_d2 --out hyperdiff/assets/synthfaces/hypernet \
-        [--gains 1,1.5,2,2.5,3] [--identities 8] [--tolerance 0.02] [--base PATH] [--dtype fp16]
+        [--gains 1,1.5,2,2.5,3] [--identities 8] [--tolerance 0.02] [--base PATH] [--dtype float16]
 
 Scores the base model and the zero-shot adapters × each gain on `--identities` validation identities (never the
 evaluation seeds) in the fidelity benchmark's scenes, keeps the gain with the best ID similarity whose scene fidelity
@@ -14,15 +14,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.fidelity import FidelityConfig, calibrate_gain
 from hyperdiff.hypernet import HyperNetwork
 from hyperdiff.layers import LayerTable
 from hyperdiff.models import load_base
-
-DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+from hyperdiff.pipeline import DTYPES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tolerance", type=float, default=0.02, help="largest scene-fidelity loss accepted against gain 1")
     p.add_argument("--steps", type=int, default=25, help="sampling steps per image")
     p.add_argument("--base", help="base model (default: the embedded SynthFaces base)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="dtype of the written weights")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="dtype of the written weights")
     args = p.parse_args(argv)
     try:
         try:

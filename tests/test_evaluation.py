@@ -113,7 +113,7 @@ def test_calibrate_script_writes_a_hypernet_whose_deltas_carry_the_gain(tmp_path
         assert calibrate_hypernet.main(["--base", "hyperdiff:tiny", "--hypernet", str(run), "--out", str(out), "--steps", "2", *bad]) == 2, bad
     assert not out.exists()  # a refused call writes nothing
     assert calibrate_hypernet.main(["--base", "hyperdiff:tiny", "--hypernet", str(run), "--out", str(out), "--gains", "2",
-                                    "--identities", "1", "--steps", "2", "--tolerance", "1", "--dtype", "fp32"]) == 0
+                                    "--identities", "1", "--steps", "2", "--tolerance", "1", "--dtype", "float32"]) == 0
     saved = json.loads((out / "config.json").read_text())
     gain = saved["info"]["calibration"]["gain"]
     assert gain in (1.0, 2.0) and [r["gain"] for r in saved["info"]["calibration"]["rows"]] == [1.0, 2.0]
