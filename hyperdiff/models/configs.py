@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from hyperdiff.errors import HyperdiffError
@@ -73,14 +73,7 @@ def build_unet(
 ) -> UNet2DConditionModel:
     """Build a UNet from a config name or dict: on "meta" (no weights; shapes only) or on a real device, seeded."""
     cfg = unet_config(name_or_cfg) if isinstance(name_or_cfg, str) else dict(name_or_cfg)
-    device = torch.device(device)
-    if device.type == "meta":
-        with torch.device("meta"):
-            return UNet2DConditionModel(**cfg)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**cfg)
-    return unet.to(device)
+    return _build(torch.device(device), seed, lambda: UNet2DConditionModel(**cfg))
 
 
 # The SD VAE (1.x and 2.x alike: 83.65M parameters) and text encoders (CLIP ViT-L/14's, OpenCLIP ViT-H/14's).
@@ -131,7 +124,7 @@ def build_pipeline(
     name: str, device: str | torch.device = "meta", seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> StableDiffusionPipeline:
     """A `StableDiffusionPipeline` with the architecture of base `name` and random weights (see the module docstring)."""
-    from hyperdiff.models.tiny import SD_SCHEDULE
+    from hyperdiff.models.tiny import sd_ddim_scheduler
     from hyperdiff.models.tokenizer import build_tokenizer
 
     _check_name(name, NAMES)
@@ -141,16 +134,14 @@ def build_pipeline(
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **_TEXT[name])
     unet_cfg = unet_config(name)
     parts = {
-        "unet": _build(device, seed, lambda: UNet2DConditionModel(**unet_cfg)),
+        "unet": build_unet(unet_cfg, device, seed),
         "vae": _build(device, seed + 1, lambda: AutoencoderKL(**_VAE, sample_size=unet_cfg["sample_size"] * 8)),
         "text_encoder": _build(device, seed + 2, lambda: CLIPTextModel(text)),
     }
     if device.type != "meta":
         parts = {k: m.to(dtype) for k, m in parts.items()}
-    scheduler = DDIMScheduler(**SD_SCHEDULE, prediction_type=_PREDICTION[name], clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(**parts, tokenizer=tokenizer, scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    return StableDiffusionPipeline(**parts, tokenizer=tokenizer, scheduler=sd_ddim_scheduler(_PREDICTION[name]),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def build_clip_vision(

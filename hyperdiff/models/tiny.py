@@ -183,11 +183,16 @@ def _vae(cfg: TinyPipelineConfig) -> AutoencoderKL:
     )
 
 
+def sd_ddim_scheduler(prediction_type: str) -> DDIMScheduler:
+    """DDIM on the Stable Diffusion noise schedule, configured as SD checkpoints ship it."""
+    return DDIMScheduler(**SD_SCHEDULE, prediction_type=prediction_type, clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
+
+
 def tiny_scheduler(cfg: TinyPipelineConfig) -> DDIMScheduler | DPMSolverMultistepScheduler:
     """The sampling scheduler `cfg.scheduler` names, on the SD noise schedule (no weights to build)."""
     if cfg.scheduler == "ddim":
-        return DDIMScheduler(**SD_SCHEDULE, prediction_type=cfg.prediction_type, clip_sample=False,
-                             set_alpha_to_one=False, steps_offset=1)
+        return sd_ddim_scheduler(cfg.prediction_type)
     return DPMSolverMultistepScheduler(**SD_SCHEDULE, prediction_type=cfg.prediction_type,
                                        algorithm_type="dpmsolver++", solver_order=2, steps_offset=1)
 
