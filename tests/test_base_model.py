@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 
 from hyperdiff import LayerTable
 from hyperdiff.data import synthfaces
@@ -23,8 +24,13 @@ def test_bundle_is_small_and_loads_as_a_plain_diffusers_folder():
     assert len(LayerTable.from_unet(pipe.unet)) > 0
 
 
-def test_generated_background_matches_the_word():
+@pytest.mark.parametrize("swap", [None, DDIMScheduler, EulerAncestralDiscreteScheduler])
+def test_generated_background_matches_the_word(swap):
+    """Also after the usual scheduler swap, `X.from_config(pipe.scheduler.config)`: the shipped config carries SD's
+    `clip_sample=False`, without which DDIM clips the latents and loses most backgrounds."""
     pipe = load_base()  # the embedded default, fp32 on CPU
+    if swap is not None:
+        pipe.scheduler = swap.from_config(pipe.scheduler.config)
     hits, total = 0, 0
     for k, background in enumerate(synthfaces.BACKGROUNDS):
         scene = synthfaces.Scene(background, k % 2 == 0, synthfaces.EXPRESSIONS[k % 4])

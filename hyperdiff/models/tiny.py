@@ -190,11 +190,17 @@ def sd_ddim_scheduler(prediction_type: str) -> DDIMScheduler:
 
 
 def tiny_scheduler(cfg: TinyPipelineConfig) -> DDIMScheduler | DPMSolverMultistepScheduler:
-    """The sampling scheduler `cfg.scheduler` names, on the SD noise schedule (no weights to build)."""
+    """The sampling scheduler `cfg.scheduler` names, on the SD noise schedule (no weights to build).
+
+    The DPM-Solver++ config also records SD's `clip_sample=False, set_alpha_to_one=False`, which it does not use
+    itself: a swap such as `DDIMScheduler.from_config(pipe.scheduler.config)` would otherwise get DDIM's defaults,
+    and `clip_sample=True` clips the predicted latents to [-1, 1], which ruins this VAE's images."""
     if cfg.scheduler == "ddim":
         return sd_ddim_scheduler(cfg.prediction_type)
-    return DPMSolverMultistepScheduler(**SD_SCHEDULE, prediction_type=cfg.prediction_type,
-                                       algorithm_type="dpmsolver++", solver_order=2, steps_offset=1)
+    scheduler = DPMSolverMultistepScheduler(**SD_SCHEDULE, prediction_type=cfg.prediction_type,
+                                            algorithm_type="dpmsolver++", solver_order=2, steps_offset=1)
+    scheduler.register_to_config(clip_sample=False, set_alpha_to_one=False)
+    return scheduler
 
 
 def tiny_components(seed: int = 0, config: TinyPipelineConfig | None = None) -> dict[str, Any]:
