@@ -52,6 +52,7 @@ DEFAULT_PRIOR_PROMPTS = (
 class FinetuneConfig:
     kind: str = "lora"
     steps: int = 40
+    batch_size: int = 1  # samples per identity per step: its images in turn, each with its own noise and timestep
     learning_rate: float = 1e-3
     rank: int = 4  # lora kind: r'
     alpha: float | None = None  # default: the rank (scale 1)
@@ -69,7 +70,7 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise HyperdiffError(f"`kind` must be one of {list(KINDS)}, got {self.kind!r}")
-        for name in ("steps", "rank", "prior_images", "prior_steps"):
+        for name in ("steps", "batch_size", "rank", "prior_images", "prior_steps"):
             check_positive_int(name, getattr(self, name))
         if not self.learning_rate > 0 or self.prior_weight < 0:
             raise HyperdiffError(f"`learning_rate` must be > 0 and `prior_weight` ≥ 0, got {self.learning_rate}, {self.prior_weight}")
@@ -225,20 +226,22 @@ def finetune(
     # 2**16 keeps the first steps from overflowing (each overflow skips a step, and a fast fine-tune has 40).
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10,
                                   enabled=pipe.unet.dtype == torch.float16 and device.type == "cuda")
-    fixed = Adapter.stack(start, table).to(device) if start is not None else None
+    bs = config.batch_size
+    # the starting adapters, laid out like the batch: each identity's deltas repeated for its bs samples
+    fixed = Adapter.stack(start, table).to(device).repeat_for(bs, guidance=False) if start is not None else None
     unet_grad = [p.requires_grad for p in pipe.unet.parameters()]
     pipe.unet.requires_grad_(False)
     try:
         with hyper_lora_processors(pipe.unet, table):
             for step in tqdm(range(config.steps), desc="fine-tune", disable=not progress, leave=False):
-                pick = [step % lat.shape[0] for lat in latents]
-                x = torch.cat([lat[i : i + 1] for lat, i in zip(latents, pick)])  # (n, C, h, w)
-                txt = torch.cat([t[i : i + 1] for t, i in zip(texts, pick)])  # (n, T, d)
+                pick = [[(step * bs + j) % lat.shape[0] for j in range(bs)] for lat in latents]
+                x = torch.cat([lat[i] for lat, i in zip(latents, pick)])  # (n * bs, C, h, w), identity-major
+                txt = torch.cat([t[i] for t, i in zip(texts, pick)])  # (n * bs, T, d)
                 learned = HyperLoRA(_deltas(table, factors, config, alpha / rank))
-                active = [learned] + ([fixed] if fixed is not None else [])
+                active = [learned.repeat_for(bs, guidance=False)] + ([fixed] if fixed is not None else [])
                 loss = diffusion_loss(pipe, noise_scheduler, x, txt, active, gen)
                 if config.prior_weight > 0:
-                    j = torch.randint(0, prior.latents.shape[0], (n,), generator=gen)
+                    j = torch.randint(0, prior.latents.shape[0], (n * bs,), generator=gen)
                     loss = loss + config.prior_weight * diffusion_loss(pipe, noise_scheduler, prior.latents[j], prior.text[j], active, gen)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()

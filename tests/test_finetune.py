@@ -8,7 +8,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from hyperdiff import Adapter, HyperdiffError, LayerTable
-from hyperdiff.finetune import FinetuneConfig, diffusion_loss, encode_images, encode_prompts, finetune, make_prior
+from hyperdiff.finetune import (FinetuneConfig, _init_factors, diffusion_loss, encode_images, encode_prompts, finetune,
+                               make_prior, per_sample_mse)
 from hyperdiff.processors import hyper_lora_processors
 
 from conftest import random_lora, unet_inputs
@@ -130,6 +131,42 @@ def test_finetune_is_deterministic_and_trains_identities_separately(tiny, table)
     assert not _same(first[0], other[0])
 
 
+def test_batch_size_gives_each_identity_its_images_in_turn_under_its_own_weights(tiny, table):
+    """Step 0's loss with `batch_size` 3 and two identities (2 images and 1) equals the loss computed another way: each
+    identity's start adapter fused into the UNet, run on its own 3 samples (images 0, 1, 0 and 0, 0, 0) with the
+    same noise and timestep draws. The new factors are a no-op at step 0, so only the layout is tested."""
+    refs = [[face(**REF), face(11, "green")], [face(11, "yellow", True)]]
+    start = [random_lora(table, seed=1, rank=1), random_lora(table, seed=2, rank=1)]
+    cfg = FinetuneConfig(kind="lora", rank=1, steps=1, batch_size=3, prior_weight=0.0, seed=5)
+    seen: list[float] = []
+    finetune(tiny, refs, cfg, start=start, progress=False, callback=lambda step, loss: seen.append(loss))
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    _init_factors(table, 2, cfg, gen, torch.device("cpu"))  # the same draws as finetune's, in its order
+    picks = [[0, 1, 0], [0, 0, 0]]
+    x = torch.cat([encode_images(tiny, [refs[i][j] for j in pick]) for i, pick in enumerate(picks)])  # (6, C, h, w)
+    text = encode_prompts(tiny, ["a sks face"] * 6)
+    noise = torch.randn(x.shape, generator=gen)
+    t = torch.randint(0, 1000, (6,), generator=gen)
+    sched = DDPMScheduler.from_config(tiny.scheduler.config)
+
+    def reference(order: list[int]) -> float:
+        per_sample = []
+        for i, k in enumerate(order):
+            rows = slice(3 * i, 3 * i + 3)
+            start[k].fuse(tiny.unet)
+            try:
+                with torch.no_grad():
+                    pred = tiny.unet(sched.add_noise(x[rows], noise[rows], t[rows]), t[rows], text[rows]).sample
+            finally:
+                start[k].unfuse(tiny.unet)
+            per_sample.append(per_sample_mse(pred, noise[rows]))
+        return torch.cat(per_sample).mean().item()
+
+    assert seen[0] == pytest.approx(reference([0, 1]), rel=1e-5)
+    assert abs(seen[0] - reference([1, 0])) > 1e-4  # the other layout (identities' weights swapped) is told apart
+
+
 def test_prior_preservation_adds_the_prior_loss(tiny):
     cfg = FinetuneConfig(kind="lora", rank=1, steps=1, prior_weight=1.0, prior_images=2, prior_steps=2)
     prior = make_prior(tiny, cfg)
@@ -149,6 +186,8 @@ def test_finetune_input_errors_are_clear(tiny, table, sd15_unet):
         FinetuneConfig(kind="dora")
     with pytest.raises(HyperdiffError, match="steps"):
         FinetuneConfig(steps=0)
+    with pytest.raises(HyperdiffError, match="`batch_size` must be a positive integer, got 0"):
+        FinetuneConfig(batch_size=0)
     with pytest.raises(HyperdiffError, match="at least one image"):
         finetune(tiny, [[]], FinetuneConfig(prior_weight=0.0), progress=False)
     with pytest.raises(HyperdiffError, match="one adapter per identity"):
