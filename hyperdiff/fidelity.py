@@ -9,9 +9,9 @@ identifier token, and reports per method:
   `seconds_batched`, its batch's time per identity, which flatters it on a CPU), and `adapter_values`/`adapter_bytes`.
 Methods: `base` (no personalization), `dreambooth_lidb` (LiDB fine-tuned from scratch; its ID similarity is also
 reported along `config.dreambooth_curve`, so convergence is visible), and for every hypernet given (name → model):
-`<name>` (zero-shot), `<name>+ft` (the rank-relaxed fast fine-tune of `config.finetune_steps`) and `<name>+ft+caption`
-(the same fine-tune told what the reference shows: its caption instead of "a <token> face"); hypernets given as
-`ablations` get the zero-shot row only (decoder and K comparisons).
+`<name>` (zero-shot), `<name>+ft` (the rank-relaxed fast fine-tune, `config.finetune_steps` steps of
+`config.finetune`) and `<name>+ft+caption` (the same fine-tune told what the reference shows: its caption instead of
+"a <token> face"); hypernets given as `ablations` get the zero-shot row only (decoder and K comparisons).
 `write_fidelity(result, out)` writes JSON and a Markdown table.
 
 `calibrate_gain(pipe, hypernet, gains, config, tolerance)` picks a hypernet's output gain on *validation* identities
@@ -38,7 +38,7 @@ from hyperdiff.errors import check_number_in, check_positive_int, check_positive
 from hyperdiff.files import atomic_path
 from hyperdiff.finetune import FinetuneConfig, finetune
 from hyperdiff.metrics import default_encoder, scene_fidelity
-from hyperdiff.pipeline import DREAMBOOTH_LIDB, HyperDreamBoothPipeline
+from hyperdiff.pipeline import DREAMBOOTH_LIDB, FAST_FINETUNE, HyperDreamBoothPipeline
 
 DEFAULT_SCENES = (
     ("red", False, "smiling"), ("blue", True, "neutral"), ("green", False, "surprised"), ("yellow", True, "sad"),
@@ -55,6 +55,7 @@ class FidelityConfig:
     guidance: float = 4.0
     token: str = "sks"
     finetune_steps: int = 40
+    finetune: FinetuneConfig = field(default_factory=lambda: replace(FAST_FINETUNE))  # the pipeline's fast fine-tune
     dreambooth_curve: tuple[int, ...] = (50, 100, 200, 400)
     dreambooth: FinetuneConfig = field(default_factory=lambda: replace(DREAMBOOTH_LIDB))  # the pipeline's recipe
     seed: int = 0
@@ -123,8 +124,8 @@ def run_fidelity(pipe, hypernets: dict, config: FidelityConfig = FidelityConfig(
         hdb = HyperDreamBoothPipeline(pipe, hp)
         for label, ft_steps, text in labels:
             start = time.perf_counter()
-            adapters = [hdb.personalize([r], token=config.token, finetune_steps=ft_steps, seed=config.seed, caption=text)
-                        for r in refs]
+            adapters = [hdb.personalize([r], token=config.token, finetune_steps=ft_steps, seed=config.seed, caption=text,
+                                        finetune_config=config.finetune) for r in refs]
             seconds = (time.perf_counter() - start) / len(refs)
             rows[label] = {**_score(pipe, adapters, refs, config), "seconds": seconds,
                            "adapter_values": adapters[0].num_values, "adapter_bytes": _size(adapters[0])}
