@@ -55,7 +55,8 @@ def run_demo(out: Path, seed: int = 0, identities: int = 2, base: str | None = N
     timings: dict[str, float] = {}
     with _step(timings, "load models"):
         hdb, what = _load(base, hypernet, device, dtype)
-    print(f"hyperdiff demo: {what}, on {hdb.describe()['device']} in {hdb.describe()['dtype']}")
+    info = hdb.describe()
+    print(f"hyperdiff demo: {what}, on {info['device']} in {info['dtype']}")
     size = hdb.pipe.unet.config.sample_size * hdb.pipe.vae_scale_factor
     seeds = list(synthfaces.eval_seeds(identities))
     refs = [synthfaces.render(synthfaces.Identity.from_seed(s), REFERENCE_SCENE, size) for s in seeds]
