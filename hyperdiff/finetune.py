@@ -8,6 +8,8 @@ Contract:
 - Loss: the diffusion loss (epsilon or v target, as the pipeline's scheduler says) on the identity's reference
   latents with its prompts, plus `prior_weight` × the same loss on the base model's own images of varied class
   prompts (prior preservation, `make_prior`), computed with the identity's weights so they learn not to forget.
+- Each step takes `config.batch_size` samples per identity: its images in turn, each with its own noise and timestep
+  (and as many prior images); more samples per step give a less noisy gradient at a proportional cost.
 - New factors start as a no-op that still learns: `up`/B_train = 0, `down`/A_train random.
 - Returns one Adapter per identity; with `start`, the exact concatenation `start[i] + learned[i]` (rank r + r', no
   SVD): the rank-relaxed fast fine-tune. Deterministic in `config.seed` on CPU; progress via tqdm.
