@@ -254,7 +254,7 @@ def finetune(
     finally:
         for p, g in zip(pipe.unet.parameters(), unet_grad):
             p.requires_grad_(g)
-    source = f"finetune {config.kind} steps={config.steps} lr={config.learning_rate:g}"
+    source = f"finetune {config.kind} steps={config.steps} batch_size={config.batch_size} lr={config.learning_rate:g}"
     info = AdapterInfo(token=config.token, source=source, architecture=table.architecture)
     out = []
     for i in range(n):

@@ -114,6 +114,7 @@ def test_dreambooth_lidb_from_scratch_lowers_the_loss_on_its_reference(tiny, tab
     (adapter,) = finetune(tiny, [[face(**REF)]], cfg, progress=False, callback=lambda step, loss: losses.append(loss))
     assert adapter.kind == "lidb" and adapter.rank == 1 and adapter.lidb == cfg.lidb
     assert adapter.num_values == len(table) * 150 and adapter.scale == 1.0
+    assert adapter.info.source == "finetune lidb steps=20 batch_size=1 lr=0.01"  # the recipe, in the file
     assert len(losses) == 20 and all(isinstance(v, float) for v in losses)
     before, after = fixed_loss(None), fixed_loss(adapter)
     assert after < 0.95 * before, (before, after)  # measured: 1.104 -> 0.931
