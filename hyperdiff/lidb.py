@@ -114,7 +114,17 @@ def aux_basis(rows: int, cols: int, seed: int, device: torch.device | str | None
 def aux_bases(
     name: str, in_features: int, out_features: int, config: LiDBConfig, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A_aux (a × in), B_aux (b × out)) for one layer, from `(aux_seed, name)`, on `device` (default: CPU)."""
+    """(A_aux (a × in), B_aux (b × out)) for one layer, from `(aux_seed, name)`, on `device` (default: CPU).
+
+    Cached per layer and device: the training loops ask for every layer's bases at every step, and the seeds' hashing
+    then runs once, not twice per layer per step."""
+    return _aux_bases_cached(name, in_features, out_features, config, torch.device(device or "cpu"))
+
+
+@lru_cache(maxsize=4096)
+def _aux_bases_cached(
+    name: str, in_features: int, out_features: int, config: LiDBConfig, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     a_aux = aux_basis(config.a, in_features, stable_seed(config.aux_seed, name, "A"), device)
     b_aux = aux_basis(config.b, out_features, stable_seed(config.aux_seed, name, "B"), device)
     return a_aux, b_aux
