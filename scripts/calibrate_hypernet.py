@@ -5,7 +5,8 @@
 
 Scores the base model and the zero-shot adapters × each gain on `--identities` validation identities (never the
 evaluation seeds) in the fidelity benchmark's scenes, keeps the gain with the best ID similarity whose scene fidelity
-is within `--tolerance` of the base model's (of gain 1's where that is lower), and saves the hypernet with that gain in its `alpha` (the choice and every score go into its config.json).
+is within `--tolerance` of the base model's (of gain 1's where that is lower), and saves the hypernet with that gain
+in its `alpha` (the choice and every score go into its config.json).
 Logic: hyperdiff.fidelity.calibrate_gain, HyperNetwork.set_gain.
 """
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="where to write the calibrated hypernet")
     p.add_argument("--gains", default="1,1.5,2,2.5,3", help="comma-separated gains to try (1 is always tried)")
     p.add_argument("--identities", type=int, default=8, help="validation identities (6 scenes each)")
-    p.add_argument("--tolerance", type=float, default=0.02, help="largest scene-fidelity loss accepted against gain 1")
+    p.add_argument("--tolerance", type=float, default=0.02, help="largest scene-fidelity loss accepted against the base model (or gain 1, where that is lower)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps per image")
     p.add_argument("--base", help="base model (default: the embedded SynthFaces base)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="dtype of the written weights")
