@@ -21,6 +21,7 @@ OVERRIDES = {  # flag → dotted field of HypernetTrainConfig
     "cpu": "cpu",
     "validation_steps": "validation_steps",
     "export_dir": "export_dir",
+    "init_from": "init_from",
 }
 
 
@@ -29,6 +30,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file filling HypernetTrainConfig (every flag below overrides it)")
     p.add_argument("--output_dir", help="checkpoints (checkpoint-N) and the final hypernet folder")
     p.add_argument("--export_dir", help="also save the final hypernet here in fp16 ('' = no export)")
+    p.add_argument("--init_from", help="start from this trained hypernet folder's weights (same architecture; fresh"
+                   " optimizer and LR schedule; a checkpoint in --output_dir wins)")
     p.add_argument("--base", help="base model: folder, .safetensors, hub id, 'hyperdiff:tiny' (default: embedded)")
     p.add_argument("--max_train_steps", type=int)
     p.add_argument("--train_batch_size", type=int, help="identities per process per step")

@@ -205,6 +205,31 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_bit_identical(tm
     assert [p.name for _, p in checkpoints.checkpoints(run)] == ["checkpoint-4", "checkpoint-6"]  # newest 2 kept
 
 
+def test_init_from_starts_a_fresh_run_from_a_trained_hypernets_weights(tmp_path, train_script, capsys, caplog):
+    """`--init_from`: a warmed-up first step (lr 0) leaves the copied weights exactly as trained, where a random start
+    differs; another architecture is refused in one line (exit 2); a different alpha is only warned about."""
+    trained = tmp_path / "trained"
+    assert train_script.main(["--config", TINY, "--output_dir", str(trained)]) == 0
+    one_step = ["--config", TINY, "--max_train_steps", "1", "--set", "warmup_steps=1"]  # step 0 runs at lr 0
+    with caplog.at_level("WARNING", logger=trainer.__name__):
+        assert train_script.main(one_step + ["--output_dir", str(tmp_path / "warm"), "--init_from", str(trained),
+                                             "--set", "hypernet.alpha=2.0"]) == 0
+    assert "alpha 1.0; this run trains under alpha 2.0" in caplog.text
+    assert train_script.main(one_step + ["--output_dir", str(tmp_path / "cold")]) == 0
+    source = _weights(trained / "model.safetensors")
+    warm, cold = _weights(tmp_path / "warm" / "model.safetensors"), _weights(tmp_path / "cold" / "model.safetensors")
+    assert all(torch.equal(warm[k], source[k]) for k in source), _max_diff(warm, source)
+    assert _max_diff(cold, source) > 1e-4
+    assert json.loads((tmp_path / "warm" / "config.json").read_text())["info"]["training"]["init_from"] == str(trained)
+
+    capsys.readouterr()
+    assert train_script.main(one_step + ["--output_dir", str(tmp_path / "other"), "--init_from", str(trained),
+                                         "--set", "hypernet.dim=64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train_hypernet: error: `init_from`") and "`hypernet.dim` is 32, this run's 64" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "other" / "model.safetensors").exists()
+
+
 def test_checkpoints_are_found_by_number_and_half_written_ones_are_ignored(tmp_path):
     for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.tmp", "checkpoint-x", "logs"):
         (tmp_path / name).mkdir()

@@ -21,7 +21,8 @@ Contract:
   as in the paper); without, any identity of the source.
 - `save_state` every `checkpointing_steps` into `output_dir/checkpoint-N` (newest `checkpoints_total_limit` kept),
   written as `checkpoint-N.tmp` and renamed once complete, so a run killed mid-save never leaves a half checkpoint;
-  `resume_from_checkpoint="latest"` continues; the final hypernet is `save_pretrained` into `output_dir` itself, and
+  `resume_from_checkpoint="latest"` continues (a checkpoint wins over `init_from`, which only starts a fresh run from
+  a trained hypernet's weights, e.g. to distil new stage-1 targets into it; fresh optimizer and LR schedule); the final hypernet is `save_pretrained` into `output_dir` itself, and
   with `export_dir` set, also in fp16 there (the shipped copy: configs/synthfaces.yaml exports the embedded hypernet).
 - `precompute_targets` (stage 1): DreamBooth-LiDB per identity, many identities per batch, sharded across processes
   (identity i goes to process i mod N), restartable (identities with a file are skipped), one native adapter file
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -82,6 +83,7 @@ class HypernetTrainConfig:
     data: DataSourceConfig = field(default_factory=DataSourceConfig)
     base: str = ""  # "" = embedded SynthFaces base; a folder, .safetensors, hub id, or "hyperdiff:tiny"
     output_dir: str = "runs/hypernet"
+    init_from: str = ""  # a trained hypernet folder (save_pretrained) whose weights start the run; "" = random init
     export_dir: str = ""  # also save the final hypernet here in fp16 ("" = no export)
     max_train_steps: int = 1000
     train_batch_size: int = 8
@@ -162,6 +164,8 @@ def train_hypernet(cfg: HypernetTrainConfig, resume: bool = True) -> Path:
         info = {"base_model": cfg.base or "synthfaces", "name": out.name, "training": cfg.to_dict(),
                 "num_processes": accelerator.num_processes}
         model = HyperNetwork(cfg.hypernet, table, info)
+    if cfg.init_from:
+        _init_from(model, cfg, table)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     # accelerate steps a prepared scheduler once per process at every optimizer step: lay it out over steps × N
     world = accelerator.num_processes
@@ -186,6 +190,22 @@ def train_hypernet(cfg: HypernetTrainConfig, resume: bool = True) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
+
+
+def _init_from(model: HyperNetwork, cfg: HypernetTrainConfig, table: LayerTable) -> None:
+    """Copy the weights of the hypernet at `cfg.init_from` into `model`: same base layers (fingerprint) and same
+    architecture; its `alpha` (a calibrated gain) is not carried over, the run trains under `cfg.hypernet.alpha`."""
+    trained = HyperNetwork.from_pretrained(cfg.init_from, table=table)
+    differ = [f.name for f in fields(HyperNetConfig)
+              if f.name != "alpha" and getattr(trained.config, f.name) != getattr(cfg.hypernet, f.name)]
+    if differ:
+        name = differ[0]
+        raise HyperdiffError(f"`init_from` '{cfg.init_from}' has another architecture: its `hypernet.{name}` is "
+                             f"{getattr(trained.config, name)!r}, this run's {getattr(cfg.hypernet, name)!r}")
+    if trained.config.alpha != cfg.hypernet.alpha:
+        logger.warning("init_from '%s' was saved with alpha %s; this run trains under alpha %s (its gain is not carried "
+                       "over)", cfg.init_from, trained.config.alpha, cfg.hypernet.alpha)
+    model.load_state_dict(trained.state_dict())
 
 
 def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_scheduler, source, keys, targets, table,
