@@ -20,10 +20,8 @@ from PIL import Image
 
 from hyperdiff.data import synthfaces
 from hyperdiff.files import atomic_path
-from hyperdiff.metrics import default_encoder, scene_fidelity
+from hyperdiff.metrics import SCENE_CHECKS as WORDS, default_encoder, scene_fidelity
 from hyperdiff.sheet import contact_sheet, save_png
-
-WORDS = ("background", "hat", "expression")
 
 
 def _generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> list[Image.Image]:

@@ -4,7 +4,8 @@ Contract: `run_fidelity(pipe, hypernets, config)` personalizes `config.identitie
 ≥ 1,000,000, never trained on) from one reference render each, generates every `config.scenes` prompt with the
 identifier token, and reports per method:
 - `id_similarity`: mean identity-encoder cosine between each generation and its reference (the FaceRec column);
-- `scene_fidelity`: fraction of scene words obeyed (background, hat, expression) — editability;
+- `scene_fidelity`: fraction of scene words obeyed (background, hat, expression) — editability; `scene_words`: the
+  same fraction per word, which tells where editability is lost;
 - `seconds`: wall time to personalize one identity alone (model loading excluded; DreamBooth-LiDB also reports
   `seconds_batched`, its batch's time per identity, which flatters it on a CPU), and `adapter_values`/`adapter_bytes`.
 Methods: `base` (no personalization), `dreambooth_lidb` (LiDB fine-tuned from scratch; its ID similarity is also
@@ -37,7 +38,7 @@ from hyperdiff.data import synthfaces
 from hyperdiff.errors import check_number_in, check_positive_int, check_positive_number
 from hyperdiff.files import atomic_path
 from hyperdiff.finetune import FinetuneConfig, finetune
-from hyperdiff.metrics import default_encoder, scene_fidelity
+from hyperdiff.metrics import SCENE_CHECKS as WORDS, default_encoder, scene_fidelity
 from hyperdiff.pipeline import DREAMBOOTH_LIDB, FAST_FINETUNE, HyperDreamBoothPipeline
 
 DEFAULT_SCENES = (
@@ -75,10 +76,11 @@ def _references(pipe, seeds: list[int], config: FidelityConfig) -> list:
 
 
 def _score(pipe, adapters: list[Adapter | None], refs, cfg: FidelityConfig) -> dict[str, float]:
-    """Generate every scene for every identity; identity similarity to the reference and scene-word accuracy."""
+    """Generate every scene for every identity; identity similarity to the reference and scene-word accuracy, overall
+    and per word."""
     hdb = HyperDreamBoothPipeline(pipe, None)
     enc = default_encoder()
-    sims, words = [], []
+    sims, obeyed = [], {w: [] for w in WORDS}
     for i, (ad, ref) in enumerate(zip(adapters, refs)):
         for k, t in enumerate(cfg.scenes):
             scene = _scene(t)
@@ -86,8 +88,11 @@ def _score(pipe, adapters: list[Adapter | None], refs, cfg: FidelityConfig) -> d
             image = hdb.generate(prompt, ad, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed + 1000 * i + k)[0]
             sims.append(float(enc.similarity([image], [ref])[0]))
             fid = scene_fidelity(image, scene)
-            words += [fid["background"], fid["hat"], fid["expression"]]
-    return {"id_similarity": sum(sims) / len(sims), "scene_fidelity": sum(words) / len(words)}
+            for w in WORDS:
+                obeyed[w].append(float(fid[w]))
+    per_word = {w: sum(v) / len(v) for w, v in obeyed.items()}  # every image counts once per word
+    return {"id_similarity": sum(sims) / len(sims), "scene_fidelity": sum(per_word.values()) / len(WORDS),
+            "scene_words": per_word}
 
 
 def _size(adapter: Adapter) -> int:
@@ -112,7 +117,8 @@ def run_fidelity(pipe, hypernets: dict, config: FidelityConfig = FidelityConfig(
         alone = time.perf_counter() - start
         curve.append({"steps": steps, **_score(pipe, adapters, refs, config), "seconds": alone, "seconds_batched": batched})
     last = curve[-1]
-    rows["dreambooth_lidb"] = {**{k: last[k] for k in ("id_similarity", "scene_fidelity", "seconds", "seconds_batched")},
+    rows["dreambooth_lidb"] = {**{k: last[k] for k in ("id_similarity", "scene_fidelity", "scene_words", "seconds",
+                                                       "seconds_batched")},
                                "adapter_values": adapters[0].num_values, "adapter_bytes": _size(adapters[0]), "curve": curve}
 
     caption = synthfaces.caption(_scene(config.reference_scene), config.token)  # what the reference shows, for the captioned fine-tune
@@ -159,10 +165,13 @@ def write_fidelity(result: dict, out: Path, command: str = "") -> dict[str, Path
     paths = {"json": out / "fidelity.json", "markdown": out / "fidelity.md"}
     with atomic_path(paths["json"], "report") as tmp:
         tmp.write_text(json.dumps(result, indent=2))
-    lines = ["| method | ID similarity | scene fidelity | time to personalize | adapter |", "|---|---|---|---|---|"]
+    lines = ["| method | ID similarity | scene fidelity | background / hat / expression | time to personalize | adapter |",
+             "|---|---|---|---|---|---|"]
     for name, row in result["rows"].items():
         size = f"{row['adapter_values']:,} values, {row['adapter_bytes'] / 1000:.0f} KB" if row["adapter_values"] else "-"
-        lines.append(f"| {name} | {row['id_similarity']:.3f} | {row['scene_fidelity']:.1%} | {row['seconds']:.2f} s | {size} |")
+        words = " / ".join(f"{row['scene_words'][w]:.0%}" for w in WORDS)
+        lines.append(f"| {name} | {row['id_similarity']:.3f} | {row['scene_fidelity']:.1%} | {words} | {row['seconds']:.2f} s"
+                     f" | {size} |")
     curve = result["rows"]["dreambooth_lidb"]["curve"]
     lines += ["", "DreamBooth-LiDB convergence (one identity alone; per identity in one batch of all): "
               + ", ".join(f"{c['steps']} steps → {c['id_similarity']:.3f} ({c['seconds']:.1f} s; {c['seconds_batched']:.1f} s)"

@@ -614,6 +614,9 @@ def detect_scene(image: Any, encoder: IdentityEncoder | None = None) -> Scene | 
     return Scene(found["background"], found["hat"], found["expression"])
 
 
+SCENE_CHECKS = ("background", "hat", "expression")  # the scene words `scene_fidelity` checks: its first keys
+
+
 def scene_fidelity(image: Any, scene: Scene | str, encoder: IdentityEncoder | None = None) -> dict[str, Any]:
     """Which scene words of `scene` (a Scene or a caption/prompt) `image` obeys, plus what was detected."""
     if isinstance(scene, str):
@@ -621,11 +624,7 @@ def scene_fidelity(image: Any, scene: Scene | str, encoder: IdentityEncoder | No
     if not isinstance(scene, Scene):
         raise HyperdiffError(f"`scene` must be a Scene or a caption string, got {type(scene).__name__}")
     found = _encoder(encoder).detect(_one_image(image))[0]
-    out = {
-        "background": found["background"] == scene.background,
-        "hat": found["hat"] == scene.hat,
-        "expression": found["expression"] == scene.expression,
-    }
+    out = {word: found[word] == getattr(scene, word) for word in SCENE_CHECKS}
     out["all"] = all(out.values())
     out.update({f"detected_{k}": v for k, v in found.items()})
     return out
@@ -637,6 +636,7 @@ __all__ = [
     "IdentityEncoder",
     "IdentityEncoderConfig",
     "IdentityEncoderTrainingConfig",
+    "SCENE_CHECKS",
     "augment",
     "default_encoder",
     "detect_scene",

@@ -53,7 +53,12 @@ def test_fidelity_benchmark_rows_and_table(tmp_path):
     assert rows["dreambooth_lidb"]["seconds"] == rows["dreambooth_lidb"]["curve"][-1]["seconds"]  # alone, like the hypernet rows
     assert rows["attention"]["adapter_values"] == 32 * 150 and rows["attention+ft"]["adapter_values"] > 32 * 150
     assert min(result["identities"]) >= 1_000_000  # evaluation seeds only
+    for row in rows.values():  # one image counts once for each word: the overall score is the mean of the words'
+        assert list(row["scene_words"]) == ["background", "hat", "expression"]
+        assert abs(sum(row["scene_words"].values()) / 3 - row["scene_fidelity"]) < 1e-12
     md = write_fidelity(result, tmp_path / "out")["markdown"].read_text()
+    base_line = next(line for line in md.splitlines() if line.startswith("| base |"))
+    assert base_line.split(" | ")[3] == " / ".join(f"{rows['base']['scene_words'][w]:.0%}" for w in ("background", "hat", "expression"))
     assert [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| ")][1:] == [f"| {r}" for r in rows]
     assert "DreamBooth-LiDB convergence" in md
     for bad in (["--hypernet", "bad"], ["--ablation", "=x"], ["--curve", "10,x"]):
