@@ -22,8 +22,9 @@ Contract:
 - `save_state` every `checkpointing_steps` into `output_dir/checkpoint-N` (newest `checkpoints_total_limit` kept),
   written as `checkpoint-N.tmp` and renamed once complete, so a run killed mid-save never leaves a half checkpoint;
   `resume_from_checkpoint="latest"` continues (a checkpoint wins over `init_from`, which only starts a fresh run from
-  a trained hypernet's weights, e.g. to distil new stage-1 targets into it; fresh optimizer and LR schedule); the final hypernet is `save_pretrained` into `output_dir` itself, and
-  with `export_dir` set, also in fp16 there (the shipped copy: configs/synthfaces.yaml exports the embedded hypernet).
+  a trained hypernet's weights, e.g. to distil new stage-1 targets into it; fresh optimizer and LR schedule); the
+  final hypernet is `save_pretrained` into `output_dir` itself, and with `export_dir` set, also in fp16 there (the
+  shipped copy: configs/synthfaces.yaml exports the embedded hypernet).
 - `precompute_targets` (stage 1): DreamBooth-LiDB per identity, many identities per batch, sharded across processes
   (identity i goes to process i mod N), restartable (identities with a file are skipped), one native adapter file
   per identity in `targets_dir/<key>.safetensors`.
@@ -194,10 +195,11 @@ def train_hypernet(cfg: HypernetTrainConfig, resume: bool = True) -> Path:
 
 def _init_from(model: HyperNetwork, cfg: HypernetTrainConfig, table: LayerTable) -> None:
     """Copy the weights of the hypernet at `cfg.init_from` into `model`: same base layers (fingerprint) and same
-    architecture; its `alpha` (a calibrated gain) is not carried over, the run trains under `cfg.hypernet.alpha`."""
+    architecture. The run's own `dropout` and `sample_noise` apply, and its `alpha`: a calibrated gain saved with the
+    weights is not carried over."""
     trained = HyperNetwork.from_pretrained(cfg.init_from, table=table)
-    differ = [f.name for f in fields(HyperNetConfig)
-              if f.name != "alpha" and getattr(trained.config, f.name) != getattr(cfg.hypernet, f.name)]
+    differ = [f.name for f in fields(HyperNetConfig) if f.name not in ("alpha", "dropout", "sample_noise")
+              and getattr(trained.config, f.name) != getattr(cfg.hypernet, f.name)]
     if differ:
         name = differ[0]
         raise HyperdiffError(f"`init_from` '{cfg.init_from}' has another architecture: its `hypernet.{name}` is "
