@@ -229,6 +229,14 @@ def test_init_from_starts_a_fresh_run_from_a_trained_hypernets_weights(tmp_path,
     assert err.startswith("train_hypernet: error: `init_from`") and "`hypernet.dim` is 32, this run's 64" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "other" / "model.safetensors").exists()
 
+    # a run with checkpoints continues from them: init_from only starts fresh runs
+    run = tmp_path / "resumed"
+    assert train_script.main(["--config", TINY, "--output_dir", str(run), "--seed", "1"]) == 0  # ends at checkpoint-4
+    first = _weights(run / "model.safetensors")
+    assert train_script.main(["--config", TINY, "--output_dir", str(run), "--seed", "1", "--init_from", str(trained)]) == 0
+    assert all(torch.equal(first[k], v) for k, v in _weights(run / "model.safetensors").items())
+    assert _max_diff(first, source) > 1e-4
+
 
 def test_checkpoints_are_found_by_number_and_half_written_ones_are_ignored(tmp_path):
     for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.tmp", "checkpoint-x", "logs"):
