@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="where to write the calibrated hypernet")
     p.add_argument("--gains", default="1,1.5,2,2.5,3", help="comma-separated gains to try (1 is always tried)")
     p.add_argument("--identities", type=int, default=8, help="validation identities (6 scenes each)")
-    p.add_argument("--tolerance", type=float, default=0.02, help="largest scene-fidelity loss accepted against the base model (or gain 1, where that is lower)")
+    p.add_argument("--tolerance", type=float, default=0.02,
+                   help="largest scene-fidelity loss accepted against the base model (or gain 1, where that is lower)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps per image")
     p.add_argument("--base", help="base model (default: the embedded SynthFaces base)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="dtype of the written weights")
