@@ -312,7 +312,7 @@ def test_precompute_is_restartable_and_training_uses_its_targets(tmp_path, train
 
     before, after = distance(initial), distance(trained)
     assert after < 0.9 * before, (before, after)
-    with pytest.raises(HyperdiffError, match="`diffusion_weight` 0 needs stage-1 targets"):
+    with pytest.raises(HyperdiffError, match="`diffusion_weight` 0 needs another loss term"):
         replace(cfg, targets_dir="")
     with pytest.raises(HyperdiffError, match="no identity of the training data has a stage-1 target"):
         trainer.train_hypernet(replace(cfg, data=replace(cfg.data, seed_start=10, seed_stop=20), output_dir=str(tmp_path / "none")))
@@ -360,6 +360,70 @@ def test_distillation_alone_pulls_the_unet_outputs_towards_the_targets(tmp_path)
     assert after < 0.8 * before, (before, after)
     with pytest.raises(HyperdiffError, match="`distill_weight` > 0 needs stage-1 targets"):
         replace(cfg, targets_dir="")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_identity_loss_reads_the_exact_prediction_like_the_encoder_reads_the_decoded_image(prediction_type):
+    """Given the exact prediction (the noise, or the velocity), x̂₀ is the clean latent itself, so the loss is 1 − the
+    identity encoder's own similarity between the decoded latent (through diffusers' image processor, as PIL) and the
+    target; gradients reach the prediction."""
+    from hyperdiff.metrics import IdentityEncoder
+    from hyperdiff.models import load_base
+
+    pipe = load_base()
+    sched = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    encoder = trainer._frozen_identity_encoder("", "cpu")
+    images = [sf.render(sf.Identity.from_seed(s), sf.Scene(background="red", hat=True), 64) for s in (3, 4)]
+    others = [sf.render(sf.Identity.from_seed(s), sf.Scene(), 64) for s in (5, 6)]
+    with torch.no_grad():
+        latents = encode_images(pipe, images)  # (2, C, h, w)
+    g = torch.Generator().manual_seed(0)
+    noise, t = torch.randn(latents.shape, generator=g), torch.tensor([100, 700])
+    exact = noise if prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+    pred = exact.clone().requires_grad_(True)
+    loss = trainer.identity_loss(pipe, sched, encoder, latents, noise, t, pred, others)
+    with torch.no_grad():
+        decoded = pipe.image_processor.postprocess(pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample,
+                                                   output_type="pil")
+    judge = IdentityEncoder.from_pretrained()
+    expected = 1 - judge.similarity(decoded, others).mean().item()
+    assert abs(loss.item() - expected) < 0.01, (loss.item(), expected)
+    assert 1 - judge.similarity(decoded, images).mean().item() < expected - 0.3  # the decoded faces are the images'
+    loss.backward()
+    assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
+
+
+def test_identity_term_alone_moves_the_estimate_towards_each_identity(tmp_path):
+    """`identity_weight` only (no diffusion, distillation or stage-1 targets): the trained hypernet's weights lower the
+    identity loss on identities, noise and timesteps the trainer never drew."""
+    cfg = load_config(HypernetTrainConfig, TINY, {
+        "output_dir": str(tmp_path / "identity"), "diffusion_weight": 0.0, "weight_weight": 0.0,
+        "identity_weight": 1.0, "max_train_steps": 30, "learning_rate": 1e-3, "report_to": "none",
+    })
+    pipe = trainer._load_base(cfg.base)
+    table = LayerTable.from_unet(pipe.unet)
+    encoder = trainer._frozen_identity_encoder("", "cpu")
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    with torch.random.fork_rng(devices=[]):  # the trainer's own initialisation
+        torch.manual_seed(trainer.stable_seed("hypernet-init", cfg.seed))
+        initial = HyperNetwork(cfg.hypernet, table)
+
+    def identity_distance(hp: HyperNetwork) -> float:
+        keys = range(2000, 2004)  # outside the tiny config's seeds [0, 1000)
+        refs = [sf.render(sf.Identity.from_seed(k), sf.Scene(), 32) for k in keys]
+        targets = [sf.render(sf.Identity.from_seed(k), sf.Scene(background="blue", hat=True), 32) for k in keys]
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad(), hyper_lora_processors(pipe.unet, table):
+            latents = encode_images(pipe, targets)
+            text = encode_prompts(pipe, [sf.caption(sf.Scene(background="blue", hat=True), "sks")] * len(keys))
+            noise, t = torch.randn(latents.shape, generator=g), torch.randint(0, 1000, (len(keys),), generator=g)
+            deltas = Adapter.stack([hp.predict([r]) for r in refs], table)  # one adapter per sample
+            pred, _ = noise_prediction(pipe, sched, latents, text, [deltas], noise, t)
+            return trainer.identity_loss(pipe, sched, encoder, latents, noise, t, pred, targets).item()
+
+    trained = HyperNetwork.from_pretrained(trainer.train_hypernet(cfg), table=table)
+    before, after = identity_distance(initial), identity_distance(trained)
+    assert after < before - 0.01, (before, after)
 
 
 def test_weight_loss_is_a_mean_over_the_local_batch():

@@ -15,8 +15,12 @@ Contract:
   + `distill_weight` · MSE between the UNet's prediction under the predicted weights and under the identity's stage-1
   weights (same noisy target latent, caption and timestep): function-space distillation of stage 1, which does not
   care which of the many equivalent factorisations DreamBooth happened to find (weight regression does, and stage-1
-  factors of one identity from two seeds are nearly orthogonal). With neither the diffusion nor the distillation
-  term (weight regression only, the paper's stage-2 warm start) the UNet is skipped entirely.
+  factors of one identity from two seeds are nearly orthogonal), + `identity_weight` · (1 − cosine) between the
+  identity embeddings of the target image and of the one-step estimate of it that the UNet's prediction under the
+  predicted weights implies (x̂₀ from the same noisy latent, decoded by the VAE; the frozen identity encoder
+  `identity_encoder`, "" = the shipped one): a direct identity signal, which the noise-space terms dilute in errors
+  the identity does not show in. With neither the diffusion, the distillation nor the identity term (weight
+  regression only, the paper's stage-2 warm start) the UNet is skipped entirely.
   With `targets_dir`, batches draw only the identities that have a target (stage 2 trains on stage 1's identities,
   as in the paper); without, any identity of the source.
 - `save_state` every `checkpointing_steps` into `output_dir/checkpoint-N` (newest `checkpoints_total_limit` kept),
@@ -50,6 +54,7 @@ from hyperdiff.finetune import (FinetuneConfig, encode_images, encode_prompts, f
 from hyperdiff.hypernet import HyperNetConfig, HyperNetwork
 from hyperdiff.layers import LayerTable
 from hyperdiff.lidb import stable_seed
+from hyperdiff.metrics import to_batch
 from hyperdiff.processors import hyper_lora_processors
 from hyperdiff.train import checkpoints
 
@@ -94,6 +99,8 @@ class HypernetTrainConfig:
     diffusion_weight: float = 1.0
     weight_weight: float = 0.02
     distill_weight: float = 0.0  # function-space distillation of the stage-1 targets (needs targets_dir)
+    identity_weight: float = 0.0  # identity-encoder loss on the one-step estimate of the target image
+    identity_encoder: str = ""  # the identity_weight term's frozen encoder; "" = the shipped SynthFaces one
     targets_dir: str = ""  # stage-1 targets; "" = none
     checkpointing_steps: int = 250
     checkpoints_total_limit: int = 2
@@ -110,13 +117,14 @@ class HypernetTrainConfig:
                      "precompute_identities", "precompute_batch"):
             check_positive_int(name, getattr(self, name))
         check_positive_number("learning_rate", self.learning_rate)
-        for name in ("diffusion_weight", "weight_weight", "distill_weight"):
+        for name in ("diffusion_weight", "weight_weight", "distill_weight", "identity_weight"):
             check_number_in(name, getattr(self, name), 0.0, 1e6)
         if self.distill_weight > 0 and not self.targets_dir:
             raise HyperdiffError("`distill_weight` > 0 needs stage-1 targets: set `targets_dir`")
-        if self.diffusion_weight == 0 and self.distill_weight == 0 and not (self.targets_dir and self.weight_weight > 0):
-            raise HyperdiffError("`diffusion_weight` 0 needs stage-1 targets: set `targets_dir` and a positive"
-                                 " `weight_weight` or `distill_weight`")
+        if (self.diffusion_weight == 0 and self.distill_weight == 0 and self.identity_weight == 0
+                and not (self.targets_dir and self.weight_weight > 0)):
+            raise HyperdiffError("`diffusion_weight` 0 needs another loss term: a positive `identity_weight`, or stage-1"
+                                 " targets (`targets_dir`) and a positive `weight_weight` or `distill_weight`")
         if not self.max_grad_norm >= 0:
             raise HyperdiffError(f"`max_grad_norm` must be a non-negative number (0 = no clipping), got {self.max_grad_norm!r}")
 
@@ -180,9 +188,10 @@ def train_hypernet(cfg: HypernetTrainConfig, resume: bool = True) -> Path:
         if path is not None:
             accelerator.load_state(str(path))
     hp = accelerator.unwrap_model(model)
+    judge = _frozen_identity_encoder(cfg.identity_encoder, accelerator.device) if cfg.identity_weight > 0 else None
     with hyper_lora_processors(pipe.unet, table):  # per-call deltas reach every attention module
         _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_scheduler, source, keys, targets, table,
-                    start)
+                    start, judge)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         hp.save_pretrained(out)
@@ -211,8 +220,9 @@ def _init_from(model: HyperNetwork, cfg: HypernetTrainConfig, table: LayerTable)
 
 
 def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_scheduler, source, keys, targets, table,
-                start):
-    """`keys`: the identities batches draw from (all of `source`, or those with a stage-1 target)."""
+                start, judge=None):
+    """`keys`: the identities batches draw from (all of `source`, or those with a stage-1 target); `judge`: the frozen
+    identity encoder of the `identity_weight` term."""
     out = Path(cfg.output_dir)
     world, rank, per = accelerator.num_processes, accelerator.process_index, cfg.train_batch_size
     bar = tqdm(range(start, cfg.max_train_steps), desc="hypernet", disable=not accelerator.is_main_process, mininterval=5)
@@ -223,8 +233,8 @@ def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_sc
         mine = slice(rank * per, (rank + 1) * per)
         refs = torch.cat([hp.encoder.preprocess([p[0]]) for p in pairs[mine]]).to(accelerator.device)
         a_train, b_train = model(refs)  # (B, L, a, r), (B, L, r, b)
-        loss = a_train.new_zeros(())
-        if cfg.diffusion_weight > 0 or cfg.distill_weight > 0:
+        terms: dict[str, torch.Tensor] = {}  # unweighted loss terms, logged
+        if cfg.diffusion_weight > 0 or cfg.distill_weight > 0 or judge is not None:
             with torch.no_grad():
                 latents = encode_images(pipe, [p[1] for p in pairs[mine]])
             text = encode_prompts(pipe, [p[2] for p in pairs[mine]])  # (B, T, d)
@@ -235,15 +245,19 @@ def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_sc
             pred, target = noise_prediction(pipe, noise_scheduler, latents, text, [hp.hyper_lora(a_train, b_train)],
                                             noise, t)  # (B, C, h, w) each
             if cfg.diffusion_weight > 0:
-                loss = loss + cfg.diffusion_weight * per_sample_mse(pred, target).mean()
+                terms["diffusion"] = per_sample_mse(pred, target).mean()
             if cfg.distill_weight > 0:
                 with torch.no_grad():
                     teacher = Adapter.stack([targets[str(k)] for k in batch[mine]], table)
                     taught, _ = noise_prediction(pipe, noise_scheduler, latents, text, [teacher], noise, t)
-                loss = loss + cfg.distill_weight * per_sample_mse(pred, taught).mean()
+                terms["distill"] = per_sample_mse(pred, taught).mean()
+            if judge is not None:
+                terms["identity"] = identity_loss(pipe, noise_scheduler, judge, latents, noise, t, pred,
+                                                  [p[1] for p in pairs[mine]])
         weight_loss = _weight_loss(batch[mine], a_train, b_train, targets, table)
         if weight_loss is not None:
-            loss = loss + cfg.weight_weight * weight_loss
+            terms["weight"] = weight_loss
+        loss = sum((getattr(cfg, f"{name}_weight") * value for name, value in terms.items()), a_train.new_zeros(()))
         accelerator.backward(loss)
         if cfg.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -251,12 +265,40 @@ def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_sc
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
         if step % 10 == 0:
-            accelerator.log({"train/loss": loss.item(), "train/lr": lr_sched.get_last_lr()[0]}, step=step)
+            accelerator.log({"train/loss": loss.item(), "train/lr": lr_sched.get_last_lr()[0],
+                             **{f"train/{name}": value.item() for name, value in terms.items()}}, step=step)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.checkpointing_steps == 0 and step + 1 < cfg.max_train_steps:
             checkpoints.save(accelerator, out, step + 1, cfg.checkpoints_total_limit)
         if cfg.validation_steps and (step + 1) % cfg.validation_steps == 0 and accelerator.is_main_process:
             validate(cfg, pipe, hp, source, table, step + 1)
+
+
+def _frozen_identity_encoder(path: str, device):
+    from hyperdiff.metrics import IdentityEncoder
+
+    encoder = IdentityEncoder.from_pretrained(path or None).to(device).eval()
+    return encoder.requires_grad_(False)
+
+
+def identity_loss(pipe, noise_scheduler, encoder, latents, noise, t, pred, images) -> torch.Tensor:
+    """Mean of 1 − cos(identity embedding of `images`, of x̂₀): x̂₀ is the clean latent that the UNet's prediction
+    `pred` (epsilon or v) implies on `latents` noised with `noise` at `t`, decoded by the VAE. Gradients flow through
+    the VAE decoder and `encoder` (both frozen) into `pred`; `images` are the PIL targets (N of them)."""
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    alpha_bar = noise_scheduler.alphas_cumprod.to(latents.device)[t].view(-1, 1, 1, 1).to(pred.dtype)  # (N, 1, 1, 1)
+    if noise_scheduler.config.prediction_type == "epsilon":
+        clean = (noisy - (1 - alpha_bar).sqrt() * pred) / alpha_bar.sqrt()  # (N, C, h, w)
+    else:  # v-prediction
+        clean = alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * pred
+    pixels = pipe.vae.decode(clean.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample  # (N, 3, H, W) in [-1, 1]
+    size = encoder.config.image_size
+    if pixels.shape[-2:] != (size, size):
+        pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    made = encoder(((pixels.float() + 1) / 2).clamp(0, 1))[0]  # (N, e), unit norm
+    with torch.no_grad():
+        wanted = encoder(to_batch(images, size).to(made.device))[0]  # (N, e)
+    return (1 - (made * wanted).sum(dim=1)).mean()
 
 
 VALIDATION_PROMPT = "a {token} face, smiling, wearing a hat, on a purple background"
