@@ -4,6 +4,9 @@ Contract: `run_fidelity(pipe, hypernets, config)` personalizes `config.identitie
 ≥ 1,000,000, never trained on) from one reference render each, generates every `config.scenes` prompt with the
 identifier token, and reports per method:
 - `id_similarity`: mean identity-encoder cosine between each generation and its reference (the FaceRec column);
+  with `config.judge` (another identity encoder's folder) also `id_similarity_judge`, the same mean under that
+  encoder: a hypernet trained against the shipped encoder (`HypernetTrainConfig.identity_weight`) has to be judged
+  by one it never saw, as face-recognition losses in training are judged by another face model;
 - `scene_fidelity`: fraction of scene words obeyed (background, hat, expression) — editability; `scene_words`: the
   same fraction per word, which tells where editability is lost;
 - `seconds`: wall time to personalize one identity alone (model loading excluded; DreamBooth-LiDB also reports
@@ -25,6 +28,7 @@ gain undoes part of that shrinkage (`HyperNetwork.set_gain` stores it in `alpha`
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 import time
@@ -38,7 +42,7 @@ from hyperdiff.data import synthfaces
 from hyperdiff.errors import check_number_in, check_positive_int, check_positive_number
 from hyperdiff.files import atomic_path
 from hyperdiff.finetune import FinetuneConfig, finetune
-from hyperdiff.metrics import SCENE_CHECKS as WORDS, default_encoder, scene_fidelity
+from hyperdiff.metrics import SCENE_CHECKS as WORDS, IdentityEncoder, default_encoder, scene_fidelity
 from hyperdiff.pipeline import DREAMBOOTH_LIDB, FAST_FINETUNE, HyperDreamBoothPipeline
 
 DEFAULT_SCENES = (
@@ -60,6 +64,7 @@ class FidelityConfig:
     dreambooth_curve: tuple[int, ...] = (50, 100, 200, 400)
     dreambooth: FinetuneConfig = field(default_factory=lambda: replace(DREAMBOOTH_LIDB))  # the pipeline's recipe
     seed: int = 0
+    judge: str = ""  # an identity encoder folder that scores ID similarity a second time ("" = none)
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -80,19 +85,28 @@ def _score(pipe, adapters: list[Adapter | None], refs, cfg: FidelityConfig) -> d
     and per word."""
     hdb = HyperDreamBoothPipeline(pipe, None)
     enc = default_encoder()
-    sims, obeyed = [], {w: [] for w in WORDS}
+    judge = _judge(cfg.judge) if cfg.judge else None
+    sims, judged, obeyed = [], [], {w: [] for w in WORDS}
     for i, (ad, ref) in enumerate(zip(adapters, refs)):
         for k, t in enumerate(cfg.scenes):
             scene = _scene(t)
             prompt = synthfaces.caption(scene, cfg.token)
             image = hdb.generate(prompt, ad, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed + 1000 * i + k)[0]
             sims.append(float(enc.similarity([image], [ref])[0]))
+            if judge is not None:
+                judged.append(float(judge.similarity([image], [ref])[0]))
             fid = scene_fidelity(image, scene)
             for w in WORDS:
                 obeyed[w].append(float(fid[w]))
     per_word = {w: sum(v) / len(v) for w, v in obeyed.items()}  # every image counts once per word
-    return {"id_similarity": sum(sims) / len(sims), "scene_fidelity": sum(per_word.values()) / len(WORDS),
-            "scene_words": per_word}
+    row = {"id_similarity": sum(sims) / len(sims), "scene_fidelity": sum(per_word.values()) / len(WORDS),
+           "scene_words": per_word}
+    return {**row, "id_similarity_judge": sum(judged) / len(judged)} if judge is not None else row
+
+
+@functools.lru_cache(maxsize=2)
+def _judge(path: str) -> IdentityEncoder:
+    return IdentityEncoder.from_pretrained(path)
 
 
 def _size(adapter: Adapter) -> int:
@@ -101,6 +115,8 @@ def _size(adapter: Adapter) -> int:
 
 
 def run_fidelity(pipe, hypernets: dict, config: FidelityConfig = FidelityConfig(), ablations: dict | None = None) -> dict:
+    if config.judge:
+        _judge(config.judge)  # a bad folder fails before any work
     seeds = list(synthfaces.eval_seeds(config.identities))
     refs = _references(pipe, seeds, config)
     rows: dict[str, dict] = {}
@@ -117,8 +133,7 @@ def run_fidelity(pipe, hypernets: dict, config: FidelityConfig = FidelityConfig(
         alone = time.perf_counter() - start
         curve.append({"steps": steps, **_score(pipe, adapters, refs, config), "seconds": alone, "seconds_batched": batched})
     last = curve[-1]
-    rows["dreambooth_lidb"] = {**{k: last[k] for k in ("id_similarity", "scene_fidelity", "scene_words", "seconds",
-                                                       "seconds_batched")},
+    rows["dreambooth_lidb"] = {**{k: v for k, v in last.items() if k != "steps"},
                                "adapter_values": adapters[0].num_values, "adapter_bytes": _size(adapters[0]), "curve": curve}
 
     caption = synthfaces.caption(_scene(config.reference_scene), config.token)  # what the reference shows, for the captioned fine-tune
@@ -149,6 +164,8 @@ def calibrate_gain(
     gains = sorted({1.0, *(float(g) for g in gains)})
     check_number_in("tolerance", tolerance, 0.0, 1.0)
     check_positive_int("identities", config.identities)
+    if config.judge:
+        _judge(config.judge)
     seeds = list(synthfaces.VAL_SEEDS[: config.identities])
     refs = _references(pipe, seeds, config)
     adapters = [hypernet.predict([r], token=config.token) for r in refs]
@@ -165,13 +182,16 @@ def write_fidelity(result: dict, out: Path, command: str = "") -> dict[str, Path
     paths = {"json": out / "fidelity.json", "markdown": out / "fidelity.md"}
     with atomic_path(paths["json"], "report") as tmp:
         tmp.write_text(json.dumps(result, indent=2))
-    lines = ["| method | ID similarity | scene fidelity | background / hat / expression | time to personalize | adapter |",
-             "|---|---|---|---|---|---|"]
+    judged = all("id_similarity_judge" in row for row in result["rows"].values())
+    lines = ["| method | ID similarity " + ("| ID similarity (judge) " if judged else "")
+             + "| scene fidelity | background / hat / expression | time to personalize | adapter |",
+             "|---|---|---|---|---|---|" + ("---|" if judged else "")]
     for name, row in result["rows"].items():
         size = f"{row['adapter_values']:,} values, {row['adapter_bytes'] / 1000:.0f} KB" if row["adapter_values"] else "-"
         words = " / ".join(f"{row['scene_words'][w]:.0%}" for w in WORDS)
-        lines.append(f"| {name} | {row['id_similarity']:.3f} | {row['scene_fidelity']:.1%} | {words} | {row['seconds']:.2f} s"
-                     f" | {size} |")
+        judge = f" {row['id_similarity_judge']:.3f} |" if judged else ""
+        lines.append(f"| {name} | {row['id_similarity']:.3f} |{judge} {row['scene_fidelity']:.1%} | {words} |"
+                     f" {row['seconds']:.2f} s | {size} |")
     curve = result["rows"]["dreambooth_lidb"]["curve"]
     lines += ["", "DreamBooth-LiDB convergence (one identity alone; per identity in one batch of all): "
               + ", ".join(f"{c['steps']} steps → {c['id_similarity']:.3f} ({c['seconds']:.1f} s; {c['seconds_batched']:.1f} s)"

@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tolerance", type=float, default=0.02,
                    help="largest scene-fidelity loss accepted against the base model (or gain 1, where that is lower)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps per image")
+    p.add_argument("--judge", default="", help="another identity encoder's folder: also report its ID similarity (the"
+                   " gain is chosen on the shipped encoder's)")
     p.add_argument("--base", help="base model (default: the embedded SynthFaces base)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="dtype of the written weights")
     args = p.parse_args(argv)
@@ -42,17 +44,17 @@ def main(argv: list[str] | None = None) -> int:
             raise HyperdiffError(f"`--gains` must be comma-separated numbers, got {args.gains!r}") from None
         pipe = load_base(args.base)
         hypernet = HyperNetwork.from_pretrained(args.hypernet, LayerTable.from_unet(pipe.unet))
-        result = calibrate_gain(pipe, hypernet, gains, FidelityConfig(identities=args.identities, steps=args.steps),
+        result = calibrate_gain(pipe, hypernet, gains, FidelityConfig(identities=args.identities, steps=args.steps,
+                                                                   judge=args.judge),
                                 args.tolerance)
         hypernet.set_gain(result["gain"], result)
         hypernet.save_pretrained(args.out, dtype=DTYPES[args.dtype])
     except HyperdiffError as e:
         print(f"calibrate_hypernet: error: {e}", file=sys.stderr)
         return 2
-    base = result["base"]
-    print(f"base model: ID similarity {base['id_similarity']:.3f}, scene fidelity {base['scene_fidelity']:.1%}")
-    for row in result["rows"]:
-        print(f"gain {row['gain']:g}: ID similarity {row['id_similarity']:.3f}, scene fidelity {row['scene_fidelity']:.1%}")
+    for name, row in [("base model", result["base"]), *((f"gain {r['gain']:g}", r) for r in result["rows"])]:
+        judged = f" (judge {row['id_similarity_judge']:.3f})" if "id_similarity_judge" in row else ""
+        print(f"{name}: ID similarity {row['id_similarity']:.3f}{judged}, scene fidelity {row['scene_fidelity']:.1%}")
     print(f"chose gain {result['gain']:g}; wrote {args.out}")
     return 0
 

@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--identities", type=int, default=16)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--finetune-steps", type=int, default=40)
+    p.add_argument("--judge", default="", help="another identity encoder's folder: every row also gets its ID similarity"
+                   " (for hypernets trained against the shipped encoder)")
     p.add_argument("--out", default="outputs/fidelity")
     args = p.parse_args(argv)
     try:
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             raise HyperdiffError(f"`--curve` must be comma-separated step counts, got {args.curve!r}") from None
         config = FidelityConfig(identities=args.identities, steps=args.steps, finetune_steps=args.finetune_steps,
-                                dreambooth_curve=curve)
+                                dreambooth_curve=curve, judge=args.judge)
         result = run_fidelity(pipe, hypernets, config, ablations)
     except HyperdiffError as e:
         print(f"eval_fidelity: error: {e}", file=sys.stderr)

@@ -43,7 +43,9 @@ def test_fidelity_benchmark_rows_and_table(tmp_path):
     from hyperdiff.hypernet import HyperNetwork
 
     pipe = tiny_pipeline(seed=0)
-    config = FidelityConfig(identities=2, scenes=(("red", False, "smiling"),), steps=2, finetune_steps=2, dreambooth_curve=(2, 3))
+    judge = str(ROOT / "hyperdiff" / "assets" / "synthfaces" / "identity_encoder")  # the shipped encoder, loaded again
+    config = FidelityConfig(identities=2, scenes=(("red", False, "smiling"),), steps=2, finetune_steps=2, dreambooth_curve=(2, 3),
+                            judge=judge)
     result = run_fidelity(pipe, {"attention": HyperNetwork.from_pretrained(run)}, config, {"k1": HyperNetwork.from_pretrained(run)})
     rows = result["rows"]
     assert list(rows) == ["base", "dreambooth_lidb", "attention", "attention+ft", "attention+ft+caption", "k1"]  # ablations: zero-shot only
@@ -56,12 +58,15 @@ def test_fidelity_benchmark_rows_and_table(tmp_path):
     for row in rows.values():  # one image counts once for each word: the overall score is the mean of the words'
         assert list(row["scene_words"]) == ["background", "hat", "expression"]
         assert abs(sum(row["scene_words"].values()) / 3 - row["scene_fidelity"]) < 1e-12
+        assert row["id_similarity_judge"] == row["id_similarity"]  # the judge scored the same images
     md = write_fidelity(result, tmp_path / "out")["markdown"].read_text()
     base_line = next(line for line in md.splitlines() if line.startswith("| base |"))
-    assert base_line.split(" | ")[3] == " / ".join(f"{rows['base']['scene_words'][w]:.0%}" for w in ("background", "hat", "expression"))
+    assert md.splitlines()[0].startswith("| method | ID similarity | ID similarity (judge) | scene fidelity |")
+    assert base_line.split(" | ")[2] == f"{rows['base']['id_similarity_judge']:.3f}"
+    assert base_line.split(" | ")[4] == " / ".join(f"{rows['base']['scene_words'][w]:.0%}" for w in ("background", "hat", "expression"))
     assert [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| ")][1:] == [f"| {r}" for r in rows]
     assert "DreamBooth-LiDB convergence" in md
-    for bad in (["--hypernet", "bad"], ["--ablation", "=x"], ["--curve", "10,x"]):
+    for bad in (["--hypernet", "bad"], ["--ablation", "=x"], ["--curve", "10,x"], ["--judge", str(tmp_path / "none"), "--curve", "1"]):
         assert eval_fidelity.main(["--base", "hyperdiff:tiny", *bad, "--out", str(tmp_path)]) == 2
 
 
