@@ -169,9 +169,11 @@ def noise_prediction(pipe, noise_scheduler, latents, text, hyper_loras, noise: t
     return pred, noise if eps else noise_scheduler.get_velocity(latents, noise, timesteps)
 
 
-def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(N, ...) x2 -> (N,) mean squared difference per sample, in float32."""
-    return F.mse_loss(a.float(), b.float(), reduction="none").mean(dim=tuple(range(1, a.dim())))
+def per_sample_mse(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, ...) x2 -> (N,) mean squared difference per sample, in float32; `weight` (broadcast to the elements, e.g.
+    (1, 1, h, w)) multiplies each squared difference first."""
+    squared = F.mse_loss(a.float(), b.float(), reduction="none")
+    return (squared if weight is None else squared * weight).mean(dim=tuple(range(1, a.dim())))
 
 
 def diffusion_loss(pipe, noise_scheduler, latents, text, hyper_loras, gen: torch.Generator | None = None,

@@ -426,6 +426,35 @@ def test_identity_term_alone_moves_the_estimate_towards_each_identity(tmp_path):
     assert after < before - 0.01, (before, after)
 
 
+def test_expression_weight_reweights_the_noise_space_terms_on_the_latent_grid(tmp_path, monkeypatch):
+    """`expression_weight` multiplies the diffusion (and distillation) errors by `expression_weight_map` on the latent
+    grid: the trainer hands exactly that map to the per-sample MSE, which weights each squared error before the mean."""
+    from hyperdiff.finetune import per_sample_mse
+    from hyperdiff.train.base_model import expression_weight_map
+
+    seen = []
+
+    def spy(a, b, weight=None):
+        seen.append(weight)
+        return per_sample_mse(a, b, weight)
+
+    monkeypatch.setattr(trainer, "per_sample_mse", spy)
+    cfg = load_config(HypernetTrainConfig, TINY, {"output_dir": str(tmp_path / "expr"), "expression_weight": 8.0,
+                                                  "max_train_steps": 2, "report_to": "none"})
+    trainer.train_hypernet(cfg)
+    pipe = trainer._load_base(cfg.base)
+    side = pipe.unet.config.sample_size
+    expected = expression_weight_map(8.0, cfg.data.image_size, cfg.seed, pipe.vae)
+    assert expected.shape == (1, 1, side, side) and abs(expected.mean().item() - 1) < 1e-5
+    assert expected.max() > 1.5 * expected.min()  # not uniform
+    assert len(seen) == 2 and all(w is not None and torch.equal(w, expected) for w in seen)  # one diffusion term a step
+    g = torch.Generator().manual_seed(0)
+    a, b, w = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g), torch.rand(1, 1, 3, 3, generator=g)
+    torch.testing.assert_close(per_sample_mse(a, b, w), ((a - b) ** 2 * w).flatten(1).mean(1))
+    with pytest.raises(HyperdiffError, match="`expression_weight` > 0 needs SynthFaces data"):
+        replace(cfg, data=replace(cfg.data, kind="folder", path=str(tmp_path)))
+
+
 def test_weight_loss_is_a_mean_over_the_local_batch():
     """Identities without a target count 0, so equal shards averaged by DDP give the global batch's mean."""
     from hyperdiff.lidb import LiDBConfig

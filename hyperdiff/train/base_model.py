@@ -377,7 +377,7 @@ def train_decoder(cfg: BaseTrainConfig, accelerator, vae, images: torch.Tensor, 
     if (final / "config.json").exists():
         return AutoencoderKL.from_pretrained(final)
 
-    weight = _pixel_weight(cfg.decoder.expression_weight, images.shape[-1], cfg.seed)
+    weight = expression_weight_map(cfg.decoder.expression_weight, images.shape[-1], cfg.seed)
 
     def batch_loss(vae, gen):
         return _crop_loss(vae, images, weight, cfg.decoder.batch_size, min(cfg.vae.crop, images.shape[-1]), gen,
@@ -386,11 +386,13 @@ def train_decoder(cfg: BaseTrainConfig, accelerator, vae, images: torch.Tensor, 
     return _fit_decoder(cfg, accelerator, vae, cfg.decoder, "decoder", resume, batch_loss, final)
 
 
-def _pixel_weight(expression_weight: float, size: int, seed: int) -> torch.Tensor:
-    """(1, 1, S, S): 1 + expression_weight · (pixel) `expression_map`, normalised to mean 1."""
-    weight = torch.ones(1, 1, size, size)
-    if expression_weight > 0:
-        weight = 1 + expression_weight * expression_map(None, size, seed=seed)[None, None]
+def expression_weight_map(expression_weight: float, size: int, seed: int, vae=None) -> torch.Tensor:
+    """(1, 1, h, w): 1 + expression_weight · `expression_map`, normalised to mean 1 (the loss keeps its scale); on the
+    latent grid of `vae` for renders of `size` px, or on the pixels without one."""
+    if expression_weight <= 0:
+        side = size if vae is None else size // 2 ** (len(vae.config.block_out_channels) - 1)
+        return torch.ones(1, 1, side, side)
+    weight = 1 + expression_weight * expression_map(vae, size, seed=seed)[None, None]
     return weight / weight.mean()
 
 
@@ -466,7 +468,7 @@ def train_refine(cfg: BaseTrainConfig, accelerator, vae, images: torch.Tensor, p
     if (final / "config.json").exists():
         return AutoencoderKL.from_pretrained(final)
     index, made = pairs
-    weight = _pixel_weight(cfg.refine.expression_weight, images.shape[-1], cfg.seed)
+    weight = expression_weight_map(cfg.refine.expression_weight, images.shape[-1], cfg.seed)
 
     def batch_loss(vae, gen):
         real, real_mse = _crop_loss(vae, images, weight, cfg.refine.batch_size, min(cfg.vae.crop, images.shape[-1]),
@@ -537,10 +539,9 @@ def train_unet(
             accelerator.load_state(str(path))
             _load_ema(ema, names, path)
     device = accelerator.device
-    pixel_weight = 1.0  # scalar, or (h, w) when the expression region is up-weighted
+    pixel_weight = 1.0  # scalar, or (1, 1, h, w) when the expression region is up-weighted
     if cfg.unet.expression_weight > 0 and not export_only:
-        pixel_weight = (1 + cfg.unet.expression_weight * expression_map(vae, cfg.model.image_size, seed=cfg.seed)).to(device)
-        pixel_weight = pixel_weight / pixel_weight.mean()  # the loss keeps its scale
+        pixel_weight = expression_weight_map(cfg.unet.expression_weight, cfg.model.image_size, cfg.seed, vae).to(device)
     bar = tqdm(range(start, start if export_only else cfg.unet.steps), desc="unet", disable=not accelerator.is_main_process, mininterval=5)
     for step in bar:
         gen = _batch_generator(cfg.seed, "unet", step)

@@ -57,6 +57,7 @@ from hyperdiff.lidb import stable_seed
 from hyperdiff.metrics import to_batch
 from hyperdiff.processors import hyper_lora_processors
 from hyperdiff.train import checkpoints
+from hyperdiff.train.base_model import expression_weight_map
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class HypernetTrainConfig:
     distill_weight: float = 0.0  # function-space distillation of the stage-1 targets (needs targets_dir)
     identity_weight: float = 0.0  # identity-encoder loss on the one-step estimate of the target image
     identity_encoder: str = ""  # the identity_weight term's frozen encoder; "" = the shipped SynthFaces one
+    expression_weight: float = 0.0  # SynthFaces: diffusion/distillation errors × (1 + w · expression_map), mean 1
     targets_dir: str = ""  # stage-1 targets; "" = none
     checkpointing_steps: int = 250
     checkpoints_total_limit: int = 2
@@ -117,7 +119,7 @@ class HypernetTrainConfig:
                      "precompute_identities", "precompute_batch"):
             check_positive_int(name, getattr(self, name))
         check_positive_number("learning_rate", self.learning_rate)
-        for name in ("diffusion_weight", "weight_weight", "distill_weight", "identity_weight"):
+        for name in ("diffusion_weight", "weight_weight", "distill_weight", "identity_weight", "expression_weight"):
             check_number_in(name, getattr(self, name), 0.0, 1e6)
         if self.distill_weight > 0 and not self.targets_dir:
             raise HyperdiffError("`distill_weight` > 0 needs stage-1 targets: set `targets_dir`")
@@ -125,6 +127,9 @@ class HypernetTrainConfig:
                 and not (self.targets_dir and self.weight_weight > 0)):
             raise HyperdiffError("`diffusion_weight` 0 needs another loss term: a positive `identity_weight`, or stage-1"
                                  " targets (`targets_dir`) and a positive `weight_weight` or `distill_weight`")
+        if self.expression_weight > 0 and self.data.kind != "synthfaces":
+            raise HyperdiffError("`expression_weight` > 0 needs SynthFaces data (`data.kind` 'synthfaces'): its map comes"
+                                 f" from renders, got `data.kind` {self.data.kind!r}")
         if not self.max_grad_norm >= 0:
             raise HyperdiffError(f"`max_grad_norm` must be a non-negative number (0 = no clipping), got {self.max_grad_norm!r}")
 
@@ -189,9 +194,13 @@ def train_hypernet(cfg: HypernetTrainConfig, resume: bool = True) -> Path:
             accelerator.load_state(str(path))
     hp = accelerator.unwrap_model(model)
     judge = _frozen_identity_encoder(cfg.identity_encoder, accelerator.device) if cfg.identity_weight > 0 else None
+    cells = None  # (1, 1, h, w) loss weight on the latent grid, where the expression words act
+    if cfg.expression_weight > 0:
+        with torch.no_grad():
+            cells = expression_weight_map(cfg.expression_weight, cfg.data.image_size, cfg.seed, pipe.vae).to(accelerator.device)
     with hyper_lora_processors(pipe.unet, table):  # per-call deltas reach every attention module
         _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_scheduler, source, keys, targets, table,
-                    start, judge)
+                    start, judge, cells)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         hp.save_pretrained(out)
@@ -220,9 +229,9 @@ def _init_from(model: HyperNetwork, cfg: HypernetTrainConfig, table: LayerTable)
 
 
 def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_scheduler, source, keys, targets, table,
-                start, judge=None):
+                start, judge=None, cells=None):
     """`keys`: the identities batches draw from (all of `source`, or those with a stage-1 target); `judge`: the frozen
-    identity encoder of the `identity_weight` term."""
+    identity encoder of the `identity_weight` term; `cells`: the noise-space terms' weight map (None = uniform)."""
     out = Path(cfg.output_dir)
     world, rank, per = accelerator.num_processes, accelerator.process_index, cfg.train_batch_size
     bar = tqdm(range(start, cfg.max_train_steps), desc="hypernet", disable=not accelerator.is_main_process, mininterval=5)
@@ -245,12 +254,12 @@ def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_sc
             pred, target = noise_prediction(pipe, noise_scheduler, latents, text, [hp.hyper_lora(a_train, b_train)],
                                             noise, t)  # (B, C, h, w) each
             if cfg.diffusion_weight > 0:
-                terms["diffusion"] = per_sample_mse(pred, target).mean()
+                terms["diffusion"] = per_sample_mse(pred, target, cells).mean()
             if cfg.distill_weight > 0:
                 with torch.no_grad():
                     teacher = Adapter.stack([targets[str(k)] for k in batch[mine]], table)
                     taught, _ = noise_prediction(pipe, noise_scheduler, latents, text, [teacher], noise, t)
-                terms["distill"] = per_sample_mse(pred, taught).mean()
+                terms["distill"] = per_sample_mse(pred, taught, cells).mean()
             if judge is not None:
                 terms["identity"] = identity_loss(pipe, noise_scheduler, judge, latents, noise, t, pred,
                                                   [p[1] for p in pairs[mine]])
