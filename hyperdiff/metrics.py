@@ -56,6 +56,9 @@ from hyperdiff.errors import HyperdiffError, check_number_in, check_positive_int
 from hyperdiff.files import atomic_path, read_safetensors, write_safetensors
 
 DEFAULT_ENCODER_DIR: Path = Path(__file__).resolve().parent / "assets" / "synthfaces" / "identity_encoder"
+# A second encoder, trained like the first with another seed (`train_identity_encoder.py --seed 1`): it judges the ID
+# similarity of hypernets trained against the first one (`HypernetTrainConfig.identity_weight`)
+JUDGE_ENCODER_DIR: Path = DEFAULT_ENCODER_DIR.with_name("judge_encoder")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
@@ -636,6 +639,7 @@ __all__ = [
     "IdentityEncoder",
     "IdentityEncoderConfig",
     "IdentityEncoderTrainingConfig",
+    "JUDGE_ENCODER_DIR",
     "SCENE_CHECKS",
     "augment",
     "default_encoder",

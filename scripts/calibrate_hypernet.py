@@ -19,6 +19,7 @@ from hyperdiff.errors import HyperdiffError
 from hyperdiff.fidelity import FidelityConfig, calibrate_gain
 from hyperdiff.hypernet import HyperNetwork
 from hyperdiff.layers import LayerTable
+from hyperdiff.metrics import JUDGE_ENCODER_DIR
 from hyperdiff.models import load_base
 from hyperdiff.pipeline import DTYPES
 
@@ -32,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tolerance", type=float, default=0.02,
                    help="largest scene-fidelity loss accepted against the base model (or gain 1, where that is lower)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps per image")
-    p.add_argument("--judge", default="", help="another identity encoder's folder: also report its ID similarity (the"
-                   " gain is chosen on the shipped encoder's)")
+    p.add_argument("--judge", default=str(JUDGE_ENCODER_DIR), help="a second identity encoder's folder: also report its"
+                   " ID similarity (default: the shipped judge; '' = none); the gain is chosen on the shipped encoder's")
     p.add_argument("--base", help="base model (default: the embedded SynthFaces base)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="dtype of the written weights")
     args = p.parse_args(argv)

@@ -18,6 +18,7 @@ from hyperdiff.errors import HyperdiffError
 from hyperdiff.fidelity import FidelityConfig, run_fidelity, write_fidelity
 from hyperdiff.hypernet import HyperNetwork
 from hyperdiff.layers import LayerTable
+from hyperdiff.metrics import JUDGE_ENCODER_DIR
 from hyperdiff.models import load_base
 
 
@@ -42,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--identities", type=int, default=16)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--finetune-steps", type=int, default=40)
-    p.add_argument("--judge", default="", help="another identity encoder's folder: every row also gets its ID similarity"
-                   " (for hypernets trained against the shipped encoder)")
+    p.add_argument("--judge", default=str(JUDGE_ENCODER_DIR), help="a second identity encoder's folder: every row also"
+                   " gets its ID similarity (default: the shipped judge, which no hypernet trains against; '' = none)")
     p.add_argument("--out", default="outputs/fidelity")
     args = p.parse_args(argv)
     try:
