@@ -20,7 +20,8 @@ Contract:
   predicted weights implies (x̂₀ from the same noisy latent, decoded by the VAE; the frozen identity encoder
   `identity_encoder`, "" = the shipped one): a direct identity signal, which the noise-space terms dilute in errors
   the identity does not show in. With neither the diffusion, the distillation nor the identity term (weight
-  regression only, the paper's stage-2 warm start) the UNet is skipped entirely.
+  regression only, the paper's stage-2 warm start) the UNet is skipped entirely. `expression_weight` (SynthFaces)
+  multiplies the noise-space errors by the base trainer's map of where the expression words act (mean 1).
   With `targets_dir`, batches draw only the identities that have a target (stage 2 trains on stage 1's identities,
   as in the paper); without, any identity of the source.
 - `save_state` every `checkpointing_steps` into `output_dir/checkpoint-N` (newest `checkpoints_total_limit` kept),
@@ -193,14 +194,15 @@ def train_hypernet(cfg: HypernetTrainConfig, resume: bool = True) -> Path:
         if path is not None:
             accelerator.load_state(str(path))
     hp = accelerator.unwrap_model(model)
-    judge = _frozen_identity_encoder(cfg.identity_encoder, accelerator.device) if cfg.identity_weight > 0 else None
+    id_encoder = _frozen_identity_encoder(cfg.identity_encoder, accelerator.device) if cfg.identity_weight > 0 else None
     cells = None  # (1, 1, h, w) loss weight on the latent grid, where the expression words act
     if cfg.expression_weight > 0:
         with torch.no_grad():
-            cells = expression_weight_map(cfg.expression_weight, cfg.data.image_size, cfg.seed, pipe.vae).to(accelerator.device)
+            cells = expression_weight_map(cfg.expression_weight, cfg.data.image_size, cfg.seed, pipe.vae)
+        cells = cells.to(accelerator.device)
     with hyper_lora_processors(pipe.unet, table):  # per-call deltas reach every attention module
         _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_scheduler, source, keys, targets, table,
-                    start, judge, cells)
+                    start, id_encoder, cells)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         hp.save_pretrained(out)
@@ -229,9 +231,9 @@ def _init_from(model: HyperNetwork, cfg: HypernetTrainConfig, table: LayerTable)
 
 
 def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_scheduler, source, keys, targets, table,
-                start, judge=None, cells=None):
-    """`keys`: the identities batches draw from (all of `source`, or those with a stage-1 target); `judge`: the frozen
-    identity encoder of the `identity_weight` term; `cells`: the noise-space terms' weight map (None = uniform)."""
+                start, id_encoder=None, cells=None):
+    """`keys`: the identities batches draw from (all of `source`, or those with a stage-1 target); `id_encoder`: the
+    frozen identity encoder of the `identity_weight` term; `cells`: the noise-space terms' weight map (None = uniform)."""
     out = Path(cfg.output_dir)
     world, rank, per = accelerator.num_processes, accelerator.process_index, cfg.train_batch_size
     bar = tqdm(range(start, cfg.max_train_steps), desc="hypernet", disable=not accelerator.is_main_process, mininterval=5)
@@ -243,7 +245,7 @@ def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_sc
         refs = torch.cat([hp.encoder.preprocess([p[0]]) for p in pairs[mine]]).to(accelerator.device)
         a_train, b_train = model(refs)  # (B, L, a, r), (B, L, r, b)
         terms: dict[str, torch.Tensor] = {}  # unweighted loss terms, logged
-        if cfg.diffusion_weight > 0 or cfg.distill_weight > 0 or judge is not None:
+        if cfg.diffusion_weight > 0 or cfg.distill_weight > 0 or id_encoder is not None:
             with torch.no_grad():
                 latents = encode_images(pipe, [p[1] for p in pairs[mine]])
             text = encode_prompts(pipe, [p[2] for p in pairs[mine]])  # (B, T, d)
@@ -260,8 +262,8 @@ def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_sc
                     teacher = Adapter.stack([targets[str(k)] for k in batch[mine]], table)
                     taught, _ = noise_prediction(pipe, noise_scheduler, latents, text, [teacher], noise, t)
                 terms["distill"] = per_sample_mse(pred, taught, cells).mean()
-            if judge is not None:
-                terms["identity"] = identity_loss(pipe, noise_scheduler, judge, latents, noise, t, pred,
+            if id_encoder is not None:
+                terms["identity"] = identity_loss(pipe, noise_scheduler, id_encoder, latents, noise, t, pred,
                                                   [p[1] for p in pairs[mine]])
         weight_loss = _weight_loss(batch[mine], a_train, b_train, targets, table)
         if weight_loss is not None:
