@@ -16,6 +16,8 @@ Contract:
 - Runs on the UNet's device: every random draw comes from one CPU generator (so a seed means the same noise on any
   device), the trainable factors are float32 there, and a float16 UNet's loss is scaled (`torch.amp.GradScaler`)
   so its small gradients do not underflow. Adapters come back on the CPU.
+- Loss helpers shared with hypernet training: `noise_prediction`, `per_sample_mse` (optionally weighted per
+  element) and `identity_loss` (an identity encoder's 1 − cosine on the one-step estimate x̂₀, decoded).
 Uses: (a) DreamBooth-LiDB from scratch, (b) stage-1 targets for hypernet training, (c) rank-relaxed fine-tune.
 """
 
@@ -34,6 +36,7 @@ from hyperdiff.config import to_dict
 from hyperdiff.errors import HyperdiffError, check_positive_int
 from hyperdiff.layers import LayerTable
 from hyperdiff.lidb import LiDBConfig, aux_bases, compose
+from hyperdiff.metrics import to_batch
 from hyperdiff.processors import HyperLoRA, LowRankDelta, hyper_lora_processors
 
 KINDS = ("lora", "lidb")
@@ -174,6 +177,26 @@ def per_sample_mse(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None
     (1, 1, h, w)) multiplies each squared difference first."""
     squared = F.mse_loss(a.float(), b.float(), reduction="none")
     return (squared if weight is None else squared * weight).mean(dim=tuple(range(1, a.dim())))
+
+
+def identity_loss(pipe, noise_scheduler, encoder, latents, noise, t, pred, images) -> torch.Tensor:
+    """Mean of 1 − cos(identity embedding of `images`, of x̂₀): x̂₀ is the clean latent that the UNet's prediction
+    `pred` (epsilon or v) implies on `latents` noised with `noise` at `t`, decoded by the VAE. Gradients flow through
+    the VAE decoder and `encoder` (both frozen) into `pred`; `images` are the PIL targets (N of them)."""
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    alpha_bar = noise_scheduler.alphas_cumprod.to(latents.device)[t].view(-1, 1, 1, 1).to(pred.dtype)  # (N, 1, 1, 1)
+    if noise_scheduler.config.prediction_type == "epsilon":
+        clean = (noisy - (1 - alpha_bar).sqrt() * pred) / alpha_bar.sqrt()  # (N, C, h, w)
+    else:  # v-prediction
+        clean = alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * pred
+    pixels = pipe.vae.decode(clean.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample  # (N, 3, H, W) in [-1, 1]
+    size = encoder.config.image_size
+    if pixels.shape[-2:] != (size, size):
+        pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    made = encoder(((pixels.float() + 1) / 2).clamp(0, 1))[0]  # (N, e), unit norm
+    with torch.no_grad():
+        wanted = encoder(to_batch(images, size).to(made.device))[0]  # (N, e)
+    return (1 - (made * wanted).sum(dim=1)).mean()
 
 
 def diffusion_loss(pipe, noise_scheduler, latents, text, hyper_loras, gen: torch.Generator | None = None,

@@ -31,7 +31,7 @@ from hyperdiff import Adapter, HyperdiffError, LayerTable
 from hyperdiff.config import load_config
 from hyperdiff.data import synthfaces as sf
 from hyperdiff.data.identities import FolderIdentities, SynthFacesIdentities
-from hyperdiff.finetune import encode_images, encode_prompts, noise_prediction
+from hyperdiff.finetune import encode_images, encode_prompts, identity_loss, noise_prediction
 from hyperdiff.hypernet import HyperNetwork
 from hyperdiff.processors import hyper_lora_processors
 from hyperdiff.train import checkpoints
@@ -381,14 +381,14 @@ def test_identity_loss_reads_the_exact_prediction_like_the_encoder_reads_the_dec
     noise, t = torch.randn(latents.shape, generator=g), torch.tensor([100, 700])
     exact = noise if prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
     pred = exact.clone().requires_grad_(True)
-    loss = trainer.identity_loss(pipe, sched, encoder, latents, noise, t, pred, others)
+    loss = identity_loss(pipe, sched, encoder, latents, noise, t, pred, others)
     with torch.no_grad():
         decoded = pipe.image_processor.postprocess(pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample,
                                                    output_type="pil")
-    judge = IdentityEncoder.from_pretrained()
-    expected = 1 - judge.similarity(decoded, others).mean().item()
+    reader = IdentityEncoder.from_pretrained()  # the same shipped encoder, through its public API
+    expected = 1 - reader.similarity(decoded, others).mean().item()
     assert abs(loss.item() - expected) < 0.01, (loss.item(), expected)
-    assert 1 - judge.similarity(decoded, images).mean().item() < expected - 0.3  # the decoded faces are the images'
+    assert 1 - reader.similarity(decoded, images).mean().item() < expected - 0.3  # the decoded faces are the images'
     loss.backward()
     assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
 
@@ -419,7 +419,7 @@ def test_identity_term_alone_moves_the_estimate_towards_each_identity(tmp_path):
             noise, t = torch.randn(latents.shape, generator=g), torch.randint(0, 1000, (len(keys),), generator=g)
             deltas = Adapter.stack([hp.predict([r]) for r in refs], table)  # one adapter per sample
             pred, _ = noise_prediction(pipe, sched, latents, text, [deltas], noise, t)
-            return trainer.identity_loss(pipe, sched, encoder, latents, noise, t, pred, targets).item()
+            return identity_loss(pipe, sched, encoder, latents, noise, t, pred, targets).item()
 
     trained = HyperNetwork.from_pretrained(trainer.train_hypernet(cfg), table=table)
     before, after = identity_distance(initial), identity_distance(trained)

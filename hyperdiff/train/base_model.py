@@ -389,9 +389,8 @@ def train_decoder(cfg: BaseTrainConfig, accelerator, vae, images: torch.Tensor, 
 def expression_weight_map(expression_weight: float, size: int, seed: int, vae=None) -> torch.Tensor:
     """(1, 1, h, w): 1 + expression_weight · `expression_map`, normalised to mean 1 (the loss keeps its scale); on the
     latent grid of `vae` for renders of `size` px, or on the pixels without one."""
-    if expression_weight <= 0:
-        side = size if vae is None else size // 2 ** (len(vae.config.block_out_channels) - 1)
-        return torch.ones(1, 1, side, side)
+    if expression_weight <= 0 and vae is None:  # uniform: no renders needed
+        return torch.ones(1, 1, size, size)
     weight = 1 + expression_weight * expression_map(vae, size, seed=seed)[None, None]
     return weight / weight.mean()
 

@@ -50,12 +50,11 @@ from hyperdiff.adapter import Adapter
 from hyperdiff.config import to_dict
 from hyperdiff.data.identities import FolderIdentities, SynthFacesIdentities
 from hyperdiff.errors import HyperdiffError, check_number_in, check_positive_int, check_positive_number
-from hyperdiff.finetune import (FinetuneConfig, encode_images, encode_prompts, finetune, make_prior, noise_prediction,
-                                per_sample_mse)
+from hyperdiff.finetune import (FinetuneConfig, encode_images, encode_prompts, finetune, identity_loss, make_prior,
+                                noise_prediction, per_sample_mse)
 from hyperdiff.hypernet import HyperNetConfig, HyperNetwork
 from hyperdiff.layers import LayerTable
 from hyperdiff.lidb import stable_seed
-from hyperdiff.metrics import to_batch
 from hyperdiff.processors import hyper_lora_processors
 from hyperdiff.train import checkpoints
 from hyperdiff.train.base_model import expression_weight_map
@@ -290,26 +289,6 @@ def _frozen_identity_encoder(path: str, device):
 
     encoder = IdentityEncoder.from_pretrained(path or None).to(device).eval()
     return encoder.requires_grad_(False)
-
-
-def identity_loss(pipe, noise_scheduler, encoder, latents, noise, t, pred, images) -> torch.Tensor:
-    """Mean of 1 − cos(identity embedding of `images`, of x̂₀): x̂₀ is the clean latent that the UNet's prediction
-    `pred` (epsilon or v) implies on `latents` noised with `noise` at `t`, decoded by the VAE. Gradients flow through
-    the VAE decoder and `encoder` (both frozen) into `pred`; `images` are the PIL targets (N of them)."""
-    noisy = noise_scheduler.add_noise(latents, noise, t)
-    alpha_bar = noise_scheduler.alphas_cumprod.to(latents.device)[t].view(-1, 1, 1, 1).to(pred.dtype)  # (N, 1, 1, 1)
-    if noise_scheduler.config.prediction_type == "epsilon":
-        clean = (noisy - (1 - alpha_bar).sqrt() * pred) / alpha_bar.sqrt()  # (N, C, h, w)
-    else:  # v-prediction
-        clean = alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * pred
-    pixels = pipe.vae.decode(clean.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample  # (N, 3, H, W) in [-1, 1]
-    size = encoder.config.image_size
-    if pixels.shape[-2:] != (size, size):
-        pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    made = encoder(((pixels.float() + 1) / 2).clamp(0, 1))[0]  # (N, e), unit norm
-    with torch.no_grad():
-        wanted = encoder(to_batch(images, size).to(made.device))[0]  # (N, e)
-    return (1 - (made * wanted).sum(dim=1)).mean()
 
 
 VALIDATION_PROMPT = "a {token} face, smiling, wearing a hat, on a purple background"
