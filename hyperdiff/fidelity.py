@@ -43,7 +43,7 @@ from hyperdiff.errors import check_number_in, check_positive_int, check_positive
 from hyperdiff.files import atomic_path
 from hyperdiff.finetune import FinetuneConfig, finetune
 from hyperdiff.metrics import SCENE_CHECKS as WORDS, IdentityEncoder, default_encoder, scene_fidelity
-from hyperdiff.pipeline import DREAMBOOTH_LIDB, FAST_FINETUNE, HyperDreamBoothPipeline
+from hyperdiff.pipeline import DREAMBOOTH_LIDB, SYNTHFACES_FAST_FINETUNE, HyperDreamBoothPipeline
 
 DEFAULT_SCENES = (
     ("red", False, "smiling"), ("blue", True, "neutral"), ("green", False, "surprised"), ("yellow", True, "sad"),
@@ -60,7 +60,7 @@ class FidelityConfig:
     guidance: float = 4.0
     token: str = "sks"
     finetune_steps: int = 40
-    finetune: FinetuneConfig = field(default_factory=lambda: replace(FAST_FINETUNE))  # the pipeline's fast fine-tune
+    finetune: FinetuneConfig = field(default_factory=lambda: replace(SYNTHFACES_FAST_FINETUNE))  # the embedded base's
     dreambooth_curve: tuple[int, ...] = (50, 100, 200, 400)
     dreambooth: FinetuneConfig = field(default_factory=lambda: replace(DREAMBOOTH_LIDB))  # the pipeline's recipe
     seed: int = 0

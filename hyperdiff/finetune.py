@@ -10,6 +10,9 @@ Contract:
   prompts (prior preservation, `make_prior`), computed with the identity's weights so they learn not to forget.
 - Each step takes `config.batch_size` samples per identity: its images in turn, each with its own noise and timestep
   (and as many prior images); more samples per step give a less noisy gradient at a proportional cost.
+- `identity_weight` > 0 adds that weight × `identity_loss` on the identity's samples, its reference image as the
+  target (a frozen identity encoder, `identity_encoder`, "" = the shipped SynthFaces one): the denoising error on one
+  reference says little about identity, the encoder says it directly. It costs a VAE decode per sample and step.
 - New factors start as a no-op that still learns: `up`/B_train = 0, `down`/A_train random.
 - Returns one Adapter per identity; with `start`, the exact concatenation `start[i] + learned[i]` (rank r + r', no
   SVD): the rank-relaxed fast fine-tune. Deterministic in `config.seed` on CPU; progress via tqdm.
@@ -33,7 +36,7 @@ from tqdm.auto import tqdm
 
 from hyperdiff.adapter import Adapter, AdapterInfo
 from hyperdiff.config import to_dict
-from hyperdiff.errors import HyperdiffError, check_positive_int
+from hyperdiff.errors import HyperdiffError, check_number_in, check_positive_int
 from hyperdiff.layers import LayerTable
 from hyperdiff.lidb import LiDBConfig, aux_bases, compose
 from hyperdiff.metrics import to_batch
@@ -70,6 +73,8 @@ class FinetuneConfig:
     prior_prompts: tuple[str, ...] = DEFAULT_PRIOR_PROMPTS
     instance_prompt: str = "a {token} face"
     token: str = "sks"
+    identity_weight: float = 0.0  # identity-encoder loss on the one-step estimate x̂₀ of each reference sample
+    identity_encoder: str = ""  # the identity_weight term's frozen encoder folder; "" = the shipped SynthFaces one
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -79,6 +84,7 @@ class FinetuneConfig:
             check_positive_int(name, getattr(self, name))
         if not self.learning_rate > 0 or self.prior_weight < 0:
             raise HyperdiffError(f"`learning_rate` must be > 0 and `prior_weight` ≥ 0, got {self.learning_rate}, {self.prior_weight}")
+        check_number_in("identity_weight", self.identity_weight, 0.0, 1e6)
         self.prior_prompts = tuple(self.prior_prompts)
 
     def to_dict(self) -> dict:
@@ -199,16 +205,29 @@ def identity_loss(pipe, noise_scheduler, encoder, latents, noise, t, pred, image
     return (1 - (made * wanted).sum(dim=1)).mean()
 
 
+def frozen_identity_encoder(path: str, device):
+    """The identity encoder at `path` ("" = the shipped SynthFaces one) on `device`, in eval mode, without gradients."""
+    from hyperdiff.metrics import IdentityEncoder
+
+    return IdentityEncoder.from_pretrained(path or None).to(device).eval().requires_grad_(False)
+
+
+def draw_noise(noise_scheduler, latents: torch.Tensor, gen: torch.Generator | None):
+    """Noise like `latents` (N, C, h, w) and N training timesteps, drawn from `gen` in that order on the CPU."""
+    noise = torch.randn(latents.shape, generator=gen).to(latents)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+    return noise, t.to(latents.device)
+
+
 def diffusion_loss(pipe, noise_scheduler, latents, text, hyper_loras, gen: torch.Generator | None = None,
                    reduce: bool = True, noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None):
     """Per-sample MSE of the UNet's prediction with the given per-call deltas: latents (N, C, h, w), text (N, T, d).
-    Noise and timesteps are drawn from `gen` (noise first) unless given."""
-    if noise is None:
-        noise = torch.randn(latents.shape, generator=gen).to(latents)
-    t = timesteps
-    if t is None:
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(latents.device)
-    per_sample = per_sample_mse(*noise_prediction(pipe, noise_scheduler, latents, text, hyper_loras, noise, t))
+    Noise and timesteps are drawn from `gen` (`draw_noise`) unless given."""
+    if noise is None or timesteps is None:
+        drawn_noise, drawn_t = draw_noise(noise_scheduler, latents, gen)
+        noise = drawn_noise if noise is None else noise
+        timesteps = drawn_t if timesteps is None else timesteps
+    per_sample = per_sample_mse(*noise_prediction(pipe, noise_scheduler, latents, text, hyper_loras, noise, timesteps))
     return per_sample.mean() if reduce else per_sample
 
 
@@ -244,6 +263,7 @@ def finetune(
     if config.prior_weight > 0 and prior is None:
         prior = make_prior(pipe, config)
     device = pipe.unet.device
+    encoder = frozen_identity_encoder(config.identity_encoder, device) if config.identity_weight > 0 else None
     factors = _init_factors(table, n, config, gen, device)
     rank = config.rank if config.kind == "lora" else config.lidb.rank
     alpha = float(config.alpha if config.alpha is not None else rank)
@@ -256,8 +276,12 @@ def finetune(
     bs = config.batch_size
     # the starting adapters, laid out like the batch: each identity's deltas repeated for its bs samples
     fixed = Adapter.stack(start, table).to(device).repeat_for(bs, guidance=False) if start is not None else None
-    unet_grad = [p.requires_grad for p in pipe.unet.parameters()]
-    pipe.unet.requires_grad_(False)
+    # the UNet and the VAE (whose decoder the identity term runs backward through) are frozen for the run: no weight
+    # gradients are computed or left behind in them
+    frozen = [p for module in (pipe.unet, pipe.vae) for p in module.parameters()]
+    wanted_grad = [p.requires_grad for p in frozen]
+    for p in frozen:
+        p.requires_grad_(False)
     try:
         with hyper_lora_processors(pipe.unet, table):
             for step in tqdm(range(config.steps), desc="fine-tune", disable=not progress, leave=False):
@@ -266,7 +290,14 @@ def finetune(
                 txt = torch.cat([t[i] for t, i in zip(texts, pick)])  # (n * bs, T, d)
                 learned = HyperLoRA(_deltas(table, factors, config, alpha / rank))
                 active = [learned.repeat_for(bs, guidance=False)] + ([fixed] if fixed is not None else [])
-                loss = diffusion_loss(pipe, noise_scheduler, x, txt, active, gen)
+                if encoder is None:
+                    loss = diffusion_loss(pipe, noise_scheduler, x, txt, active, gen)
+                else:
+                    noise, t = draw_noise(noise_scheduler, x, gen)
+                    pred, target = noise_prediction(pipe, noise_scheduler, x, txt, active, noise, t)
+                    wanted = [refs[k] for refs, i in zip(references, pick) for k in i]  # the samples' own references
+                    loss = (per_sample_mse(pred, target).mean() + config.identity_weight
+                            * identity_loss(pipe, noise_scheduler, encoder, x, noise, t, pred, wanted))
                 if config.prior_weight > 0:
                     j = torch.randint(0, prior.latents.shape[0], (n * bs,), generator=gen)
                     loss = loss + config.prior_weight * diffusion_loss(pipe, noise_scheduler, prior.latents[j], prior.text[j], active, gen)
@@ -277,9 +308,11 @@ def finetune(
                 if callback is not None:
                     callback(step, loss.item())
     finally:
-        for p, g in zip(pipe.unet.parameters(), unet_grad):
+        for p, g in zip(frozen, wanted_grad):
             p.requires_grad_(g)
     source = f"finetune {config.kind} steps={config.steps} batch_size={config.batch_size} lr={config.learning_rate:g}"
+    if encoder is not None:
+        source += f" identity_weight={config.identity_weight:g}"
     info = AdapterInfo(token=config.token, source=source, architecture=table.architecture)
     out = []
     for i in range(n):

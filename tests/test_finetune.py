@@ -9,7 +9,7 @@ from diffusers import DDPMScheduler
 
 from hyperdiff import Adapter, HyperdiffError, LayerTable
 from hyperdiff.finetune import (FinetuneConfig, _init_factors, diffusion_loss, encode_images, encode_prompts, finetune,
-                               make_prior, per_sample_mse)
+                               identity_loss, make_prior, per_sample_mse)
 from hyperdiff.processors import hyper_lora_processors
 
 from conftest import random_lora, unet_inputs
@@ -132,6 +132,34 @@ def test_finetune_is_deterministic_and_trains_identities_separately(tiny, table)
     assert not _same(first[0], other[0])
 
 
+def _step_zero(tiny, table, refs, start, cfg, picks):
+    """What `finetune`'s first step computes, another way: the batch (identity-major, `picks[i]` the images of
+    identity i), the same noise and timestep draws, and `predict(order)`, the UNet's prediction with the start adapter
+    `start[order[i]]` fused for identity i's samples. The new factors are a no-op at step 0."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    _init_factors(table, len(refs), cfg, gen, torch.device("cpu"))  # the same draws as finetune's, in its order
+    bs = len(picks[0])
+    x = torch.cat([encode_images(tiny, [refs[i][j] for j in pick]) for i, pick in enumerate(picks)])  # (n * bs, C, h, w)
+    text = encode_prompts(tiny, ["a sks face"] * x.shape[0])
+    noise = torch.randn(x.shape, generator=gen)
+    t = torch.randint(0, 1000, (x.shape[0],), generator=gen)
+    sched = DDPMScheduler.from_config(tiny.scheduler.config)
+
+    def predict(order: list[int]) -> torch.Tensor:
+        preds = []
+        for i, k in enumerate(order):
+            rows = slice(bs * i, bs * (i + 1))
+            start[k].fuse(tiny.unet)
+            try:
+                with torch.no_grad():
+                    preds.append(tiny.unet(sched.add_noise(x[rows], noise[rows], t[rows]), t[rows], text[rows]).sample)
+            finally:
+                start[k].unfuse(tiny.unet)
+        return torch.cat(preds)  # (n * bs, C, h, w)
+
+    return x, noise, t, sched, predict
+
+
 def test_batch_size_gives_each_identity_its_images_in_turn_under_its_own_weights(tiny, table):
     """Step 0's loss with `batch_size` 3 and two identities (2 images and 1) equals the loss computed another way: each
     identity's start adapter fused into the UNet, run on its own 3 samples (images 0, 1, 0 and 0, 0, 0) with the
@@ -141,31 +169,33 @@ def test_batch_size_gives_each_identity_its_images_in_turn_under_its_own_weights
     cfg = FinetuneConfig(kind="lora", rank=1, steps=1, batch_size=3, prior_weight=0.0, seed=5)
     seen: list[float] = []
     finetune(tiny, refs, cfg, start=start, progress=False, callback=lambda step, loss: seen.append(loss))
+    _, noise, _, _, predict = _step_zero(tiny, table, refs, start, cfg, [[0, 1, 0], [0, 0, 0]])
+    assert seen[0] == pytest.approx(per_sample_mse(predict([0, 1]), noise).mean().item(), rel=1e-5)
+    assert abs(seen[0] - per_sample_mse(predict([1, 0]), noise).mean().item()) > 1e-4  # swapped weights are told apart
 
-    gen = torch.Generator().manual_seed(cfg.seed)
-    _init_factors(table, 2, cfg, gen, torch.device("cpu"))  # the same draws as finetune's, in its order
-    picks = [[0, 1, 0], [0, 0, 0]]
-    x = torch.cat([encode_images(tiny, [refs[i][j] for j in pick]) for i, pick in enumerate(picks)])  # (6, C, h, w)
-    text = encode_prompts(tiny, ["a sks face"] * 6)
-    noise = torch.randn(x.shape, generator=gen)
-    t = torch.randint(0, 1000, (6,), generator=gen)
-    sched = DDPMScheduler.from_config(tiny.scheduler.config)
 
-    def reference(order: list[int]) -> float:
-        per_sample = []
-        for i, k in enumerate(order):
-            rows = slice(3 * i, 3 * i + 3)
-            start[k].fuse(tiny.unet)
-            try:
-                with torch.no_grad():
-                    pred = tiny.unet(sched.add_noise(x[rows], noise[rows], t[rows]), t[rows], text[rows]).sample
-            finally:
-                start[k].unfuse(tiny.unet)
-            per_sample.append(per_sample_mse(pred, noise[rows]))
-        return torch.cat(per_sample).mean().item()
+def test_identity_weight_adds_the_identity_term_with_each_samples_own_reference(tiny, table):
+    """Step 0's loss with `identity_weight` 0.5 is the diffusion loss + 0.5 × `identity_loss` of the same prediction,
+    each sample's target being the reference image it was drawn from (computed another way, as above, with the
+    shipped identity encoder loaded through its public API)."""
+    from hyperdiff.metrics import IdentityEncoder
 
-    assert seen[0] == pytest.approx(reference([0, 1]), rel=1e-5)
-    assert abs(seen[0] - reference([1, 0])) > 1e-4  # the other layout (identities' weights swapped) is told apart
+    refs = [[face(**REF), face(11, "green")], [face(12, "yellow", True)]]
+    start = [random_lora(table, seed=1, rank=1), random_lora(table, seed=2, rank=1)]
+    cfg = FinetuneConfig(kind="lora", rank=1, steps=1, batch_size=3, prior_weight=0.0, seed=5, identity_weight=0.5)
+    seen: list[float] = []
+    finetune(tiny, refs, cfg, start=start, progress=False, callback=lambda step, loss: seen.append(loss))
+    x, noise, t, sched, predict = _step_zero(tiny, table, refs, start, cfg, [[0, 1, 0], [0, 0, 0]])
+    pred = predict([0, 1])
+    encoder = IdentityEncoder.from_pretrained()
+    with torch.no_grad():
+        own = [refs[0][0], refs[0][1], refs[0][0]] + [refs[1][0]] * 3
+        term = identity_loss(tiny, sched, encoder, x, noise, t, pred, own).item()
+        other = identity_loss(tiny, sched, encoder, x, noise, t, pred, own[3:] + own[:3]).item()
+    assert seen[0] == pytest.approx(per_sample_mse(pred, noise).mean().item() + 0.5 * term, rel=1e-5)
+    assert abs(term - other) > 1e-3  # another sample-to-reference pairing is told apart
+    with pytest.raises(HyperdiffError, match="`identity_weight` must be"):
+        FinetuneConfig(identity_weight=-1.0)
 
 
 def test_prior_preservation_adds_the_prior_loss(tiny):

@@ -31,7 +31,7 @@ from hyperdiff import Adapter, HyperdiffError, LayerTable
 from hyperdiff.config import load_config
 from hyperdiff.data import synthfaces as sf
 from hyperdiff.data.identities import FolderIdentities, SynthFacesIdentities
-from hyperdiff.finetune import encode_images, encode_prompts, identity_loss, noise_prediction
+from hyperdiff.finetune import encode_images, encode_prompts, frozen_identity_encoder, identity_loss, noise_prediction
 from hyperdiff.hypernet import HyperNetwork
 from hyperdiff.processors import hyper_lora_processors
 from hyperdiff.train import checkpoints
@@ -372,7 +372,7 @@ def test_identity_loss_reads_the_exact_prediction_like_the_encoder_reads_the_dec
 
     pipe = load_base()
     sched = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
-    encoder = trainer._frozen_identity_encoder("", "cpu")
+    encoder = frozen_identity_encoder("", "cpu")
     images = [sf.render(sf.Identity.from_seed(s), sf.Scene(background="red", hat=True), 64) for s in (3, 4)]
     others = [sf.render(sf.Identity.from_seed(s), sf.Scene(), 64) for s in (5, 6)]
     with torch.no_grad():
@@ -402,7 +402,7 @@ def test_identity_term_alone_moves_the_estimate_towards_each_identity(tmp_path):
     })
     pipe = trainer._load_base(cfg.base)
     table = LayerTable.from_unet(pipe.unet)
-    encoder = trainer._frozen_identity_encoder("", "cpu")
+    encoder = frozen_identity_encoder("", "cpu")
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     with torch.random.fork_rng(devices=[]):  # the trainer's own initialisation
         torch.manual_seed(trainer.stable_seed("hypernet-init", cfg.seed))

@@ -50,8 +50,8 @@ from hyperdiff.adapter import Adapter
 from hyperdiff.config import to_dict
 from hyperdiff.data.identities import FolderIdentities, SynthFacesIdentities
 from hyperdiff.errors import HyperdiffError, check_number_in, check_positive_int, check_positive_number
-from hyperdiff.finetune import (FinetuneConfig, encode_images, encode_prompts, finetune, identity_loss, make_prior,
-                                noise_prediction, per_sample_mse)
+from hyperdiff.finetune import (FinetuneConfig, encode_images, encode_prompts, finetune, frozen_identity_encoder,
+                                identity_loss, make_prior, noise_prediction, per_sample_mse)
 from hyperdiff.hypernet import HyperNetConfig, HyperNetwork
 from hyperdiff.layers import LayerTable
 from hyperdiff.lidb import stable_seed
@@ -193,7 +193,7 @@ def train_hypernet(cfg: HypernetTrainConfig, resume: bool = True) -> Path:
         if path is not None:
             accelerator.load_state(str(path))
     hp = accelerator.unwrap_model(model)
-    id_encoder = _frozen_identity_encoder(cfg.identity_encoder, accelerator.device) if cfg.identity_weight > 0 else None
+    id_encoder = frozen_identity_encoder(cfg.identity_encoder, accelerator.device) if cfg.identity_weight > 0 else None
     cells = None  # (1, 1, h, w) loss weight on the latent grid, where the expression words act
     if cfg.expression_weight > 0:
         with torch.no_grad():
@@ -282,13 +282,6 @@ def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_sc
             checkpoints.save(accelerator, out, step + 1, cfg.checkpoints_total_limit)
         if cfg.validation_steps and (step + 1) % cfg.validation_steps == 0 and accelerator.is_main_process:
             validate(cfg, pipe, hp, source, table, step + 1)
-
-
-def _frozen_identity_encoder(path: str, device):
-    from hyperdiff.metrics import IdentityEncoder
-
-    encoder = IdentityEncoder.from_pretrained(path or None).to(device).eval()
-    return encoder.requires_grad_(False)
 
 
 VALIDATION_PROMPT = "a {token} face, smiling, wearing a hat, on a purple background"
