@@ -156,16 +156,18 @@ def _init_factors(
     return factors
 
 
-def _deltas(table: LayerTable, factors, config: FinetuneConfig, scale: float) -> dict[str, LowRankDelta]:
+def _deltas(table: LayerTable, factors, config: FinetuneConfig, scale: float, shared: bool) -> dict[str, LowRankDelta]:
+    """Per-identity deltas (n, r, in), (n, out, r); `shared` (n = 1): that one identity's (r, in), (out, r), which the
+    processors apply to the whole batch at once."""
     out = {}
     for row in table:
         first, second = factors[row.name]
         if config.kind == "lora":
-            down, up = first, second  # (B, r, in), (B, out, r)
+            down, up = first, second  # (n, r, in), (n, out, r)
         else:
             aux = aux_bases(row.name, row.in_features, row.out_features, config.lidb, first.device)
             down, up = compose(first, second, *aux)
-        out[row.name] = LowRankDelta(down, up, scale)
+        out[row.name] = LowRankDelta(down[0], up[0], scale) if shared else LowRankDelta(down, up, scale)
     return out
 
 
@@ -274,8 +276,13 @@ def finetune(
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10,
                                   enabled=pipe.unet.dtype == torch.float16 and device.type == "cuda")
     bs = config.batch_size
-    # the starting adapters, laid out like the batch: each identity's deltas repeated for its bs samples
-    fixed = Adapter.stack(start, table).to(device).repeat_for(bs, guidance=False) if start is not None else None
+    # One identity: its deltas serve every sample of the batch as they are (the processors' shared form: one addmm,
+    # nothing repeated or batched). Several: each identity's deltas repeated for its bs samples (per-sample form).
+    shared = n == 1
+    fixed = None  # the starting adapters, laid out like the batch
+    if start is not None:
+        fixed = (start[0].hyper_lora(device=device) if shared
+                 else Adapter.stack(start, table).to(device).repeat_for(bs, guidance=False))
     # the UNet and the VAE (whose decoder the identity term runs backward through) are frozen for the run: no weight
     # gradients are computed or left behind in them
     frozen = [p for module in (pipe.unet, pipe.vae) for p in module.parameters()]
@@ -288,8 +295,8 @@ def finetune(
                 pick = [[(step * bs + j) % lat.shape[0] for j in range(bs)] for lat in latents]
                 x = torch.cat([lat[i] for lat, i in zip(latents, pick)])  # (n * bs, C, h, w), identity-major
                 txt = torch.cat([t[i] for t, i in zip(texts, pick)])  # (n * bs, T, d)
-                learned = HyperLoRA(_deltas(table, factors, config, alpha / rank))
-                active = [learned.repeat_for(bs, guidance=False)] + ([fixed] if fixed is not None else [])
+                learned = HyperLoRA(_deltas(table, factors, config, alpha / rank, shared))
+                active = [learned if shared else learned.repeat_for(bs, guidance=False)] + ([fixed] if fixed is not None else [])
                 if encoder is None:
                     loss = diffusion_loss(pipe, noise_scheduler, x, txt, active, gen)
                 else:

@@ -174,6 +174,18 @@ def test_batch_size_gives_each_identity_its_images_in_turn_under_its_own_weights
     assert abs(seen[0] - per_sample_mse(predict([1, 0]), noise).mean().item()) > 1e-4  # swapped weights are told apart
 
 
+def test_one_identity_applies_its_deltas_to_the_whole_batch(tiny, table):
+    """Alone, an identity's deltas go to the processors in their shared form (no per-sample copies): step 0's loss
+    still equals its start adapter fused into the UNet over its samples (images 0, 1, 0)."""
+    refs = [[face(**REF), face(11, "green")]]
+    start = [random_lora(table, seed=1, rank=1)]
+    cfg = FinetuneConfig(kind="lora", rank=1, steps=1, batch_size=3, prior_weight=0.0, seed=5)
+    seen: list[float] = []
+    finetune(tiny, refs, cfg, start=start, progress=False, callback=lambda step, loss: seen.append(loss))
+    _, noise, _, _, predict = _step_zero(tiny, table, refs, start, cfg, [[0, 1, 0]])
+    assert seen[0] == pytest.approx(per_sample_mse(predict([0]), noise).mean().item(), rel=1e-5)
+
+
 def test_identity_weight_adds_the_identity_term_with_each_samples_own_reference(tiny, table):
     """Step 0's loss with `identity_weight` 0.5 is the diffusion loss + 0.5 × `identity_loss` of the same prediction,
     each sample's target being the reference image it was drawn from (computed another way, as above, with the
