@@ -1,13 +1,13 @@
-"""The shipped SynthFaces hypernet, zero-shot, on held-out identities (evaluation seeds, never trained on).
+"""The shipped SynthFaces hypernet, zero-shot and fast fine-tuned, on held-out identities (evaluation seeds, never trained on).
 
 Four identities × two scenes, 25 steps, guidance 4, the same seeds with and without the adapter. The identity-encoder
-similarity to the reference is measured for each image, by the shipped encoder (which the hypernet was trained
-against: `identity_weight`) and by the judge (another seed's encoder, which it never saw). Measured when the hypernet
-was shipped, shipped encoder / judge: personalized images are 0.441 / 0.420 closer to their reference than the base
-model's (4 of 4 identities closer under both), and 0.316 / 0.252 closer to their own reference than to the other
-three; the asserted margins are about half of that. The embedded base's 40-step fast fine-tune (identity term,
-told the reference's caption) added 0.188 / 0.232 on top of zero-shot (4 of 4 identities, per identity 0.07 to 0.50
-under the judge); asserted 0.09.
+similarity to the reference is measured for each image, by the shipped encoder (which the hypernet and the embedded
+base's fast fine-tune train against: `identity_weight`) and by the judge (another seed's encoder, which neither
+saw). Measured when the hypernet was shipped, shipped encoder / judge: personalized images are 0.534 / 0.489 closer to
+their reference than the base model's (4 of 4 identities closer under both), and 0.384 / 0.323 closer to their own
+reference than to the other three (fine-tuned: 0.541 / 0.528). The 40-step fast fine-tune, told the reference's
+caption, added 0.126 / 0.191 on top of zero-shot (3 of 4 identities gained, by 0.05 to 0.43; the fourth lost 0.03).
+The asserted margins are about half of these.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def sims(request, images):
 
 def test_personalized_images_are_closer_to_their_reference_than_the_base_models(sims):
     own, base = sims["zero-shot"].diagonal(), sims["base"].diagonal()
-    assert (own - base).mean() >= 0.2, (own, base)
+    assert (own - base).mean() >= 0.25, (own, base)
     assert int((own > base).sum()) >= 3, (own, base)  # not one identity carrying the mean
 
 
@@ -77,7 +77,7 @@ def test_the_prediction_is_specific_to_the_identity(sims):
     personalized = sims["zero-shot"]
     own = personalized.diagonal()
     others = (personalized.sum(1) - own) / (len(SEEDS) - 1)
-    assert (own - others).mean() >= 0.12, personalized
+    assert (own - others).mean() >= 0.15, personalized
 
 
 def test_the_fast_fine_tune_brings_the_identity_closer_than_zero_shot(sims):
@@ -85,10 +85,10 @@ def test_the_fast_fine_tune_brings_the_identity_closer_than_zero_shot(sims):
     as the judge reads it, and keeps the images specific to their own reference."""
     tuned, zero = sims["fine-tuned"], sims["zero-shot"]
     gain = tuned.diagonal() - zero.diagonal()
-    assert gain.mean() >= 0.09, (tuned, zero)
+    assert gain.mean() >= 0.06, (tuned, zero)
     assert int((gain > 0).sum()) >= 3, (tuned, zero)
     others = (tuned.sum(1) - tuned.diagonal()) / (len(SEEDS) - 1)
-    assert (tuned.diagonal() - others).mean() >= 0.12, tuned
+    assert (tuned.diagonal() - others).mean() >= 0.25, tuned
 
 
 def test_the_cli_fine_tunes_on_the_embedded_base_with_the_identity_term(hdb, tmp_path):
