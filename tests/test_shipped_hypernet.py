@@ -1,4 +1,5 @@
-"""The shipped SynthFaces hypernet, zero-shot and fast fine-tuned, on held-out identities (evaluation seeds, never trained on).
+"""The shipped SynthFaces hypernet, zero-shot and fast fine-tuned, on held-out identities (evaluation seeds, never
+trained on).
 
 Four identities × two scenes, 25 steps, guidance 4, the same seeds with and without the adapter. The identity-encoder
 similarity to the reference is measured for each image, by the shipped encoder (which the hypernet and the embedded
