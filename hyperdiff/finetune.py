@@ -20,7 +20,8 @@ Contract:
   device), the trainable factors are float32 there, and a float16 UNet's loss is scaled (`torch.amp.GradScaler`)
   so its small gradients do not underflow. Adapters come back on the CPU.
 - Loss helpers shared with hypernet training: `noise_prediction`, `per_sample_mse` (optionally weighted per
-  element) and `identity_loss` (an identity encoder's 1 − cosine on the one-step estimate x̂₀, decoded).
+  element) and `identity_loss` (an identity encoder's 1 − cosine on the one-step estimate x̂₀, decoded, against
+  targets embedded by `identity_embeddings`: once per run in the fine-tune, whose references do not change).
 Uses: (a) DreamBooth-LiDB from scratch, (b) stage-1 targets for hypernet training, (c) rank-relaxed fine-tune.
 """
 
@@ -187,10 +188,16 @@ def per_sample_mse(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None
     return (squared if weight is None else squared * weight).mean(dim=tuple(range(1, a.dim())))
 
 
-def identity_loss(pipe, noise_scheduler, encoder, latents, noise, t, pred, images) -> torch.Tensor:
-    """Mean of 1 − cos(identity embedding of `images`, of x̂₀): x̂₀ is the clean latent that the UNet's prediction
-    `pred` (epsilon or v) implies on `latents` noised with `noise` at `t`, decoded by the VAE. Gradients flow through
-    the VAE decoder and `encoder` (both frozen) into `pred`; `images` are the PIL targets (N of them)."""
+@torch.no_grad()
+def identity_embeddings(encoder, images: Sequence[Image.Image]) -> torch.Tensor:
+    """The targets of `identity_loss`: `encoder`'s unit-norm embeddings of PIL `images`, (N, e) on its device."""
+    return encoder(to_batch(images, encoder.config.image_size).to(next(encoder.parameters()).device))[0]
+
+
+def identity_loss(pipe, noise_scheduler, encoder, latents, noise, t, pred, wanted: torch.Tensor) -> torch.Tensor:
+    """Mean of 1 − cos(`wanted`, identity embedding of x̂₀): x̂₀ is the clean latent that the UNet's prediction `pred`
+    (epsilon or v) implies on `latents` noised with `noise` at `t`, decoded by the VAE. Gradients flow through the VAE
+    decoder and `encoder` (both frozen) into `pred`; `wanted` (N, e) are the targets' `identity_embeddings`."""
     noisy = noise_scheduler.add_noise(latents, noise, t)
     alpha_bar = noise_scheduler.alphas_cumprod.to(latents.device)[t].view(-1, 1, 1, 1).to(pred.dtype)  # (N, 1, 1, 1)
     if noise_scheduler.config.prediction_type == "epsilon":
@@ -202,9 +209,7 @@ def identity_loss(pipe, noise_scheduler, encoder, latents, noise, t, pred, image
     if pixels.shape[-2:] != (size, size):
         pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     made = encoder(((pixels.float() + 1) / 2).clamp(0, 1))[0]  # (N, e), unit norm
-    with torch.no_grad():
-        wanted = encoder(to_batch(images, size).to(made.device))[0]  # (N, e)
-    return (1 - (made * wanted).sum(dim=1)).mean()
+    return (1 - (made * wanted.to(made)).sum(dim=1)).mean()
 
 
 def frozen_identity_encoder(path: str, device):
@@ -224,11 +229,11 @@ def draw_noise(noise_scheduler, latents: torch.Tensor, gen: torch.Generator | No
 def diffusion_loss(pipe, noise_scheduler, latents, text, hyper_loras, gen: torch.Generator | None = None,
                    reduce: bool = True, noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None):
     """Per-sample MSE of the UNet's prediction with the given per-call deltas: latents (N, C, h, w), text (N, T, d).
-    Noise and timesteps are drawn from `gen` (`draw_noise`) unless given."""
-    if noise is None or timesteps is None:
-        drawn_noise, drawn_t = draw_noise(noise_scheduler, latents, gen)
-        noise = drawn_noise if noise is None else noise
-        timesteps = drawn_t if timesteps is None else timesteps
+    Noise and timesteps are given together, or drawn together from `gen` (`draw_noise`)."""
+    if (noise is None) != (timesteps is None):
+        raise HyperdiffError("`noise` and `timesteps` must be given together (or neither, to draw both from `gen`)")
+    if noise is None:
+        noise, timesteps = draw_noise(noise_scheduler, latents, gen)
     per_sample = per_sample_mse(*noise_prediction(pipe, noise_scheduler, latents, text, hyper_loras, noise, timesteps))
     return per_sample.mean() if reduce else per_sample
 
@@ -266,6 +271,8 @@ def finetune(
         prior = make_prior(pipe, config)
     device = pipe.unet.device
     encoder = frozen_identity_encoder(config.identity_encoder, device) if config.identity_weight > 0 else None
+    # the identity term's targets, embedded once: per identity (n_i, e), indexed like `latents` each step
+    embedded = [identity_embeddings(encoder, refs) for refs in references] if encoder is not None else None
     factors = _init_factors(table, n, config, gen, device)
     rank = config.rank if config.kind == "lora" else config.lidb.rank
     alpha = float(config.alpha if config.alpha is not None else rank)
@@ -302,7 +309,7 @@ def finetune(
                 else:
                     noise, t = draw_noise(noise_scheduler, x, gen)
                     pred, target = noise_prediction(pipe, noise_scheduler, x, txt, active, noise, t)
-                    wanted = [refs[k] for refs, i in zip(references, pick) for k in i]  # the samples' own references
+                    wanted = torch.cat([e[i] for e, i in zip(embedded, pick)])  # (n * bs, e): each sample's reference
                     loss = (per_sample_mse(pred, target).mean() + config.identity_weight
                             * identity_loss(pipe, noise_scheduler, encoder, x, noise, t, pred, wanted))
                 if config.prior_weight > 0:

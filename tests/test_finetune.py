@@ -9,7 +9,7 @@ from diffusers import DDPMScheduler
 
 from hyperdiff import Adapter, HyperdiffError, LayerTable
 from hyperdiff.finetune import (FinetuneConfig, _init_factors, diffusion_loss, encode_images, encode_prompts, finetune,
-                               identity_loss, make_prior, per_sample_mse)
+                               identity_embeddings, identity_loss, make_prior, per_sample_mse)
 from hyperdiff.processors import hyper_lora_processors
 
 from conftest import random_lora, unet_inputs
@@ -202,8 +202,8 @@ def test_identity_weight_adds_the_identity_term_with_each_samples_own_reference(
     encoder = IdentityEncoder.from_pretrained()
     with torch.no_grad():
         own = [refs[0][0], refs[0][1], refs[0][0]] + [refs[1][0]] * 3
-        term = identity_loss(tiny, sched, encoder, x, noise, t, pred, own).item()
-        other = identity_loss(tiny, sched, encoder, x, noise, t, pred, own[3:] + own[:3]).item()
+        term = identity_loss(tiny, sched, encoder, x, noise, t, pred, identity_embeddings(encoder, own)).item()
+        other = identity_loss(tiny, sched, encoder, x, noise, t, pred, identity_embeddings(encoder, own[3:] + own[:3])).item()
     assert seen[0] == pytest.approx(per_sample_mse(pred, noise).mean().item() + 0.5 * term, rel=1e-5)
     assert abs(term - other) > 1e-3  # another sample-to-reference pairing is told apart
     with pytest.raises(HyperdiffError, match="`identity_weight` must be"):
@@ -231,6 +231,9 @@ def test_finetune_input_errors_are_clear(tiny, table, sd15_unet):
         FinetuneConfig(steps=0)
     with pytest.raises(HyperdiffError, match="`batch_size` must be a positive integer, got 0"):
         FinetuneConfig(batch_size=0)
+    latents = torch.zeros(1, tiny.unet.config.in_channels, 4, 4)
+    with pytest.raises(HyperdiffError, match="`noise` and `timesteps` must be given together"):
+        diffusion_loss(tiny, DDPMScheduler.from_config(tiny.scheduler.config), latents, None, [], noise=latents)
     with pytest.raises(HyperdiffError, match="at least one image"):
         finetune(tiny, [[]], FinetuneConfig(prior_weight=0.0), progress=False)
     with pytest.raises(HyperdiffError, match="one adapter per identity"):

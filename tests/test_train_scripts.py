@@ -31,7 +31,8 @@ from hyperdiff import Adapter, HyperdiffError, LayerTable
 from hyperdiff.config import load_config
 from hyperdiff.data import synthfaces as sf
 from hyperdiff.data.identities import FolderIdentities, SynthFacesIdentities
-from hyperdiff.finetune import encode_images, encode_prompts, frozen_identity_encoder, identity_loss, noise_prediction
+from hyperdiff.finetune import (encode_images, encode_prompts, frozen_identity_encoder, identity_embeddings, identity_loss,
+                               noise_prediction)
 from hyperdiff.hypernet import HyperNetwork
 from hyperdiff.processors import hyper_lora_processors
 from hyperdiff.train import checkpoints
@@ -381,7 +382,7 @@ def test_identity_loss_reads_the_exact_prediction_like_the_encoder_reads_the_dec
     noise, t = torch.randn(latents.shape, generator=g), torch.tensor([100, 700])
     exact = noise if prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
     pred = exact.clone().requires_grad_(True)
-    loss = identity_loss(pipe, sched, encoder, latents, noise, t, pred, others)
+    loss = identity_loss(pipe, sched, encoder, latents, noise, t, pred, identity_embeddings(encoder, others))
     with torch.no_grad():
         decoded = pipe.image_processor.postprocess(pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample,
                                                    output_type="pil")
@@ -419,7 +420,7 @@ def test_identity_term_alone_moves_the_estimate_towards_each_identity(tmp_path):
             noise, t = torch.randn(latents.shape, generator=g), torch.randint(0, 1000, (len(keys),), generator=g)
             deltas = Adapter.stack([hp.predict([r]) for r in refs], table)  # one adapter per sample
             pred, _ = noise_prediction(pipe, sched, latents, text, [deltas], noise, t)
-            return identity_loss(pipe, sched, encoder, latents, noise, t, pred, targets).item()
+            return identity_loss(pipe, sched, encoder, latents, noise, t, pred, identity_embeddings(encoder, targets)).item()
 
     trained = HyperNetwork.from_pretrained(trainer.train_hypernet(cfg), table=table)
     before, after = identity_distance(initial), identity_distance(trained)

@@ -51,7 +51,7 @@ from hyperdiff.config import to_dict
 from hyperdiff.data.identities import FolderIdentities, SynthFacesIdentities
 from hyperdiff.errors import HyperdiffError, check_number_in, check_positive_int, check_positive_number
 from hyperdiff.finetune import (FinetuneConfig, encode_images, encode_prompts, finetune, frozen_identity_encoder,
-                                identity_loss, make_prior, noise_prediction, per_sample_mse)
+                                identity_embeddings, identity_loss, make_prior, noise_prediction, per_sample_mse)
 from hyperdiff.hypernet import HyperNetConfig, HyperNetwork
 from hyperdiff.layers import LayerTable
 from hyperdiff.lidb import stable_seed
@@ -263,7 +263,7 @@ def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_sc
                 terms["distill"] = per_sample_mse(pred, taught, cells).mean()
             if id_encoder is not None:
                 terms["identity"] = identity_loss(pipe, noise_scheduler, id_encoder, latents, noise, t, pred,
-                                                  [p[1] for p in pairs[mine]])
+                                                  identity_embeddings(id_encoder, [p[1] for p in pairs[mine]]))
         weight_loss = _weight_loss(batch[mine], a_train, b_train, targets, table)
         if weight_loss is not None:
             terms["weight"] = weight_loss
