@@ -20,8 +20,9 @@ Contract:
   device), the trainable factors are float32 there, and a float16 UNet's loss is scaled (`torch.amp.GradScaler`)
   so its small gradients do not underflow. Adapters come back on the CPU.
 - Loss helpers shared with hypernet training: `noise_prediction`, `per_sample_mse` (optionally weighted per
-  element) and `identity_loss` (an identity encoder's 1 − cosine on the one-step estimate x̂₀, decoded, against
-  targets embedded by `identity_embeddings`: once per run in the fine-tune, whose references do not change).
+  element) and `identity_loss` (an identity encoder's 1 − cosine on the one-step estimate x̂₀, decoded by
+  `decoded_estimate`, against targets embedded by `identity_embeddings`: once per run in the fine-tune, whose
+  references do not change). The base-model trainer reads `decoded_estimate` with the encoder's expression head.
 Uses: (a) DreamBooth-LiDB from scratch, (b) stage-1 targets for hypernet training, (c) rank-relaxed fine-tune.
 """
 
@@ -194,21 +195,28 @@ def identity_embeddings(encoder, images: Sequence[Image.Image]) -> torch.Tensor:
     return encoder(to_batch(images, encoder.config.image_size).to(next(encoder.parameters()).device))[0]
 
 
-def identity_loss(pipe, noise_scheduler, encoder, latents, noise, t, pred, wanted: torch.Tensor) -> torch.Tensor:
-    """Mean of 1 − cos(`wanted`, identity embedding of x̂₀): x̂₀ is the clean latent that the UNet's prediction `pred`
-    (epsilon or v) implies on `latents` noised with `noise` at `t`, decoded by the VAE. Gradients flow through the VAE
-    decoder and `encoder` (both frozen) into `pred`; `wanted` (N, e) are the targets' `identity_embeddings`."""
+def decoded_estimate(vae, noise_scheduler, latents, noise, t, pred, size: int) -> torch.Tensor:
+    """The one-step estimate x̂₀ as pixels an image encoder reads: (N, 3, size, size) in [0, 1]. x̂₀ is the clean latent
+    that the UNet's prediction `pred` (epsilon or v) implies on scaled `latents` (N, C, h, w) noised with `noise` at
+    `t`, decoded by `vae` (resized to `size` if the VAE makes another size). Differentiable in `pred`."""
     noisy = noise_scheduler.add_noise(latents, noise, t)
     alpha_bar = noise_scheduler.alphas_cumprod.to(latents.device)[t].view(-1, 1, 1, 1).to(pred.dtype)  # (N, 1, 1, 1)
     if noise_scheduler.config.prediction_type == "epsilon":
         clean = (noisy - (1 - alpha_bar).sqrt() * pred) / alpha_bar.sqrt()  # (N, C, h, w)
     else:  # v-prediction
         clean = alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * pred
-    pixels = pipe.vae.decode(clean.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample  # (N, 3, H, W) in [-1, 1]
-    size = encoder.config.image_size
+    pixels = vae.decode(clean.to(vae.dtype) / vae.config.scaling_factor).sample  # (N, 3, H, W) in [-1, 1]
     if pixels.shape[-2:] != (size, size):
         pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    made = encoder(((pixels.float() + 1) / 2).clamp(0, 1))[0]  # (N, e), unit norm
+    return ((pixels.float() + 1) / 2).clamp(0, 1)
+
+
+def identity_loss(pipe, noise_scheduler, encoder, latents, noise, t, pred, wanted: torch.Tensor) -> torch.Tensor:
+    """Mean of 1 − cos(`wanted`, identity embedding of x̂₀), x̂₀ from `decoded_estimate` with the pipeline's VAE.
+    Gradients flow through the VAE decoder and `encoder` (both frozen) into `pred`; `wanted` (N, e) are the targets'
+    `identity_embeddings`."""
+    pixels = decoded_estimate(pipe.vae, noise_scheduler, latents, noise, t, pred, encoder.config.image_size)
+    made = encoder(pixels)[0]  # (N, e), unit norm
     return (1 - (made * wanted.to(made)).sum(dim=1)).mean()
 
 

@@ -21,7 +21,8 @@ MINI = {
     "data": {"images": 48, "seed": 0},
     "vae": {"steps": 3, "batch_size": 4, "crop": 16, "warmup_steps": 0},
     "decoder": {"steps": 2, "batch_size": 4, "warmup_steps": 0, "expression_weight": 5.0},
-    "unet": {"steps": 6, "batch_size": 4, "warmup_steps": 2, "ema_decay": 0.9, "expression_weight": 10.0},
+    "unet": {"steps": 6, "batch_size": 4, "warmup_steps": 2, "ema_decay": 0.9, "expression_weight": 10.0,
+             "classifier_weight": 0.5, "classifier_max_timestep": 1000},
     "refine": {"steps": 2, "batch_size": 4, "warmup_steps": 0, "pairs": 6, "denoise_steps": 4, "strength": [0.25, 0.5],
                "expression_weight": 5.0},
     "checkpointing_steps": 3,
@@ -106,6 +107,82 @@ def test_training_exports_a_diffusers_folder_and_resumes_exactly(train_base, tmp
     a, b = _weights(export), _weights(resumed)
     assert a.keys() == b.keys()
     assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) <= 1e-3
+
+
+def test_init_from_starts_the_unet_stage_from_an_exported_model(train_base, tmp_path, capsys):
+    """A run whose UNet stage starts from an export (`unet.init_from`) and exports before any step writes back exactly
+    the exported UNet and text encoder; a folder without a UNet is a one-line error."""
+    first = _run(train_base, tmp_path, "first")
+    cfg = dict(MINI, output_dir=str(tmp_path / "second"), export_dir=str(tmp_path / "second" / "export"),
+               data=dict(MINI["data"], cache_dir=str(tmp_path / "cache")), refine=dict(MINI["refine"], steps=0))
+    cfg["unet"] = dict(MINI["unet"], init_from=str(first))
+    path = tmp_path / "second.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    (tmp_path / "second").mkdir()
+    shutil.copytree(tmp_path / "first" / "vae", tmp_path / "second" / "vae")  # the same stage-1 VAE, not retrained
+    assert train_base.main(["--config", str(path), "--export_only", "--set", "decoder.steps=0"]) == 0
+    a, b = _weights(first), _weights(tmp_path / "second" / "export")
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("unet.", "text_encoder.")))
+    capsys.readouterr()
+    assert train_base.main(["--config", str(path), "--export_only", "--set", f"unet.init_from={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "`unet.init_from` must be a base-model folder with unet/ and text_encoder/" in err and "\n" not in err
+    embedded = ROOT / "hyperdiff" / "assets" / "synthfaces" / "base"  # another architecture than MINI's
+    assert train_base.main(["--config", str(path), "--export_only", "--set", "decoder.steps=0",
+                            "--set", f"unet.init_from={embedded}"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("train_base: error: `unet.init_from`") and "does not match the configured model" in last, last
+
+
+def test_classifier_samples_name_their_expression_below_the_timestep_limit():
+    from hyperdiff.data import synthfaces as sf
+    from hyperdiff.train.base_model import UNetStageConfig, _classifier_samples, _scene_index
+
+    scenes = [sf.Scene("red", False, "sad"), sf.Scene("blue", True, "neutral"), sf.Scene("gray", False, "smiling"),
+              sf.Scene("green", True, "surprised"), sf.Scene("red", True, "sad"), sf.Scene("blue", False, "neutral")]
+    captions = [sf.caption(scenes[0]), "a face, wearing a hat, on a blue background",  # expression clause dropped
+                "", sf.caption(scenes[3]), sf.caption(scenes[4]), sf.caption(scenes[5])]  # "" = unconditional
+    index = torch.tensor([_scene_index(sc) for sc in scenes])
+    t = torch.tensor([10, 10, 10, 999, 499, 100])
+    stage = UNetStageConfig(classifier_weight=1.0, classifier_samples=8, classifier_max_timestep=500)
+    assert _classifier_samples(captions, index, t, stage).tolist() == [0, 4, 5]
+    stage = UNetStageConfig(classifier_weight=1.0, classifier_samples=2, classifier_max_timestep=1000)
+    assert _classifier_samples(captions, index, t, stage).tolist() == [0, 3]
+
+
+def test_expression_classifier_loss_reads_the_decoded_estimate_like_the_encoder_reads_the_image():
+    """Given the exact noise, x̂₀ is the clean latent, so the term is the cross-entropy of the shipped encoder's
+    expression probabilities (its public `classify`) on the decoded latent; the named expressions score lower than
+    shifted ones, and gradients reach the prediction."""
+    from diffusers import DDPMScheduler
+
+    from hyperdiff.data import synthfaces as sf
+    from hyperdiff.finetune import encode_images, frozen_identity_encoder
+    from hyperdiff.metrics import IdentityEncoder
+    from hyperdiff.models import load_base
+    from hyperdiff.train.base_model import expression_classifier_loss
+
+    pipe = load_base()
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    identity = sf.Identity.from_seed(1_000_003)
+    images = [sf.render(identity, sf.Scene("gray", False, e), 64) for e in sf.EXPRESSIONS]
+    wanted = torch.arange(len(sf.EXPRESSIONS))
+    latents = encode_images(pipe, images)  # (4, C, h, w)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([50, 200, 400, 600])
+    pred = noise.clone().requires_grad_(True)
+    classifier = frozen_identity_encoder("", "cpu")
+    loss = expression_classifier_loss(pipe.vae, sched, classifier, latents, noise, t, pred, wanted)
+    with torch.no_grad():
+        decoded = pipe.image_processor.postprocess(pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample,
+                                                   output_type="pil")
+    probs = IdentityEncoder.from_pretrained().classify(decoded)["expression"]  # (4, 4)
+    expected = -probs[wanted, wanted].log().mean().item()
+    assert abs(loss.item() - expected) < 0.02, (loss.item(), expected)
+    shifted = expression_classifier_loss(pipe.vae, sched, classifier, latents, noise, t, pred.detach(), wanted.roll(1))
+    assert shifted.item() > loss.item() + 1.0
+    loss.backward()
+    assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
 
 
 def test_expression_map_marks_where_expressions_differ():

@@ -15,6 +15,9 @@ Contract:
 - Stage 2 `train_unet`: epsilon prediction with the SD noise schedule, min-SNR-γ loss weights, AdamW with warm-up and
   cosine decay, EMA weights (what is exported). `unet.expression_weight` > 0 up-weights the loss on the latent cells
   where the expression words act (`expression_map`: eyes, brows, mouth), which the plain loss barely sees.
+  `unet.classifier_weight` > 0 adds a frozen identity encoder's expression cross-entropy on the decoded one-step
+  estimate x̂₀ of samples whose caption names an expression (`finetune.decoded_estimate`). `unet.init_from` starts
+  the stage from an exported model's UNet and text encoder (when no UNet checkpoint exists yet).
 - Stage 3 `train_refine` (`refine.steps` > 0, after the UNet): the decoder learns from the UNet's own latents too
   (`generated_pairs`: training renders re-noised and denoised by the trained UNet, img2img on latents), so it decodes
   what generation makes, not only the encoder's means; stage-1b crops stay in every batch.
@@ -43,6 +46,7 @@ from hyperdiff.config import to_dict
 from hyperdiff.data import synthfaces
 from hyperdiff.errors import HyperdiffError, check_number_in, check_positive_int, check_positive_number
 from hyperdiff.files import write_safetensors
+from hyperdiff.finetune import decoded_estimate, frozen_identity_encoder
 from hyperdiff.metrics import to_batch
 from hyperdiff.models.tiny import SD_SCHEDULE, TinyPipelineConfig, tiny_components, tiny_scheduler
 from hyperdiff.train import checkpoints
@@ -166,10 +170,25 @@ class UNetStageConfig(StageConfig):
     # Extra loss weight where the expression words act: weight 1 + expression_weight · map, the map (max 1) being
     # `expression_map` (eyes, brows, mouth: a few latent pixels that the plain loss barely sees).
     expression_weight: float = 0.0
+    # The expression classifier term: weight × cross-entropy of a frozen identity encoder's expression head
+    # (`classifier_encoder`, "" = the shipped one) on the one-step estimate x̂₀, decoded, against the expression the
+    # caption names. It takes up to `classifier_samples` samples of each batch whose caption names an expression and
+    # whose timestep is below `classifier_max_timestep` (where x̂₀ shows a face); each costs a VAE decode, forward and
+    # backward. The denoising error weighs every latent cell alike; this term asks for the expression itself.
+    classifier_weight: float = 0.0
+    classifier_samples: int = 8
+    classifier_max_timestep: int = 500
+    classifier_encoder: str = ""
+    # A base-model folder (diffusers layout) whose UNet and text encoder start the stage when `output_dir` holds no
+    # UNet checkpoint yet: continue training an exported model. "" = fresh weights.
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_number_in("unet.expression_weight", self.expression_weight, 0.0, 1e4)
+        check_number_in("unet.classifier_weight", self.classifier_weight, 0.0, 1e4)
+        check_positive_int("unet.classifier_samples", self.classifier_samples)
+        check_positive_int("unet.classifier_max_timestep", self.classifier_max_timestep)
 
 
 def _default_model() -> TinyPipelineConfig:
@@ -523,6 +542,9 @@ def train_unet(
 
     parts = tiny_components(cfg.seed, cfg.model)
     unet, text_encoder, tokenizer = parts["unet"], parts["text_encoder"], parts["tokenizer"]
+    stage_dir = Path(cfg.output_dir) / "unet"
+    if cfg.unet.init_from and not (resume and checkpoints.latest(stage_dir)[0] is not None):
+        _load_exported(unet, text_encoder, cfg.unet.init_from)
     noise_scheduler = DDPMScheduler(**SD_SCHEDULE, prediction_type=cfg.model.prediction_type)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     names = [f"unet.{n}" for n, _ in unet.named_parameters()] + [f"text_encoder.{n}" for n, _ in text_encoder.named_parameters()]
@@ -530,7 +552,6 @@ def train_unet(
     opt = torch.optim.AdamW(params, lr=cfg.unet.learning_rate, weight_decay=cfg.unet.weight_decay)
     sched = _cosine(opt, cfg.unet.warmup_steps, cfg.unet.steps)
     unet, text_encoder, opt, sched = accelerator.prepare(unet, text_encoder, opt, sched)
-    stage_dir = Path(cfg.output_dir) / "unet"
     start = 0
     if resume:
         path, start = checkpoints.latest(stage_dir)
@@ -541,6 +562,10 @@ def train_unet(
     pixel_weight = 1.0  # scalar, or (1, 1, h, w) when the expression region is up-weighted
     if cfg.unet.expression_weight > 0 and not export_only:
         pixel_weight = expression_weight_map(cfg.unet.expression_weight, cfg.model.image_size, cfg.seed, vae).to(device)
+    classifier = None
+    if cfg.unet.classifier_weight > 0 and not export_only:
+        classifier = frozen_identity_encoder(cfg.unet.classifier_encoder, device)
+        vae.requires_grad_(False).eval()  # the term runs backward through the decoder, which stays as it is
     bar = tqdm(range(start, start if export_only else cfg.unet.steps), desc="unet", disable=not accelerator.is_main_process, mininterval=5)
     for step in bar:
         gen = _batch_generator(cfg.seed, "unet", step)
@@ -559,6 +584,15 @@ def train_unet(
         snr = compute_snr(noise_scheduler, t)
         weight = torch.clamp(snr, max=cfg.unet.min_snr_gamma) / (snr if cfg.model.prediction_type == "epsilon" else snr + 1)
         loss = (weight * per_sample).mean()
+        shown = {}  # logged every 50 steps
+        named = _classifier_samples(captions, scenes[idx], t, cfg.unet) if classifier is not None else []
+        if len(named):
+            i = named.to(device)
+            wanted = scenes[idx[named], SCENE_AXES.index("expression")].to(device)  # (k,) EXPRESSIONS indices
+            expression_loss = expression_classifier_loss(vae, noise_scheduler, classifier, x0[i], noise[i], t[i],
+                                                         pred[i], wanted)
+            loss = loss + cfg.unet.classifier_weight * expression_loss
+            shown["expression_ce"] = expression_loss.item()
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -566,14 +600,54 @@ def train_unet(
         opt.zero_grad(set_to_none=True)
         ema.step(params)
         if step % 50 == 0:
-            accelerator.log({"unet/loss": loss.item(), "unet/lr": sched.get_last_lr()[0]}, step=step)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            shown["loss"] = loss.item()
+            accelerator.log({**{f"unet/{k}": v for k, v in shown.items()}, "unet/lr": sched.get_last_lr()[0]}, step=step)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()})
         # the last step too: a later run may continue this one (a warm restart with more steps or other weights)
         if (step + 1) % cfg.checkpointing_steps == 0 or step + 1 == cfg.unet.steps:
             checkpoints.save(accelerator, stage_dir, step + 1, cfg.checkpoints_total_limit, _ema_saver(ema, names))
     unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
     ema.copy_to(list(unet.parameters()) + list(text_encoder.parameters()))
     return unet, text_encoder, tokenizer
+
+
+def _classifier_samples(captions: list[str], scenes: torch.Tensor, t: torch.Tensor, stage: UNetStageConfig) -> torch.Tensor:
+    """Batch positions (k,) that take the expression classifier term: the caption names the sample's expression (no
+    clause dropout, no empty caption) and the timestep is below `classifier_max_timestep`; the first
+    `classifier_samples` of them."""
+    axis = SCENE_AXES.index("expression")
+    named = [j for j, (caption, scene) in enumerate(zip(captions, scenes.tolist()))
+             if synthfaces.EXPRESSIONS[scene[axis]] in caption.split(", ") and int(t[j]) < stage.classifier_max_timestep]
+    return torch.tensor(named[: stage.classifier_samples], dtype=torch.long)
+
+
+def expression_classifier_loss(vae, noise_scheduler, classifier, x0, noise, t, pred, wanted: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of `classifier`'s expression head (an `IdentityEncoder`) on the decoded one-step estimate x̂₀ of
+    the scaled latents `x0` (k, C, h, w) noised with `noise` at `t`, given the UNet's `pred`, against `wanted` (k,)
+    `EXPRESSIONS` indices. Differentiable in `pred`."""
+    pixels = decoded_estimate(vae, noise_scheduler, x0, noise, t, pred, classifier.config.image_size)  # (k, 3, S, S)
+    return F.cross_entropy(classifier(pixels)[2], wanted)
+
+
+def _check_exported(folder: str) -> None:
+    if not all((Path(folder) / part / "config.json").exists() for part in ("unet", "text_encoder")):
+        raise HyperdiffError(f"`unet.init_from` must be a base-model folder with unet/ and text_encoder/, got {folder!r}")
+
+
+def _load_exported(unet, text_encoder, folder: str) -> None:
+    """Copy an exported base model's UNet and text encoder weights (any dtype) into the fresh `unet`, `text_encoder`."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    _check_exported(folder)
+    for module, loaded in ((unet, UNet2DConditionModel.from_pretrained(folder, subfolder="unet")),
+                           (text_encoder, CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"))):
+        state, own = {k: v.float() for k, v in loaded.state_dict().items()}, module.state_dict()
+        bad = sorted(set(own) ^ set(state)) or [k for k in own if own[k].shape != state[k].shape]
+        if bad:
+            raise HyperdiffError(f"`unet.init_from` {folder!r} does not match the configured model: {bad[0]} "
+                                 f"({len(bad)} tensors differ)")
+        module.load_state_dict(state)
 
 
 def export_pipeline(cfg: BaseTrainConfig, vae, unet, text_encoder, tokenizer, export_dir: Path) -> Path:
@@ -621,6 +695,8 @@ def train(cfg: BaseTrainConfig, resume: bool = True, export_only: bool = False) 
     latest UNet checkpoint without training further (to evaluate a run in progress)."""
     from accelerate.utils import set_seed
 
+    if cfg.unet.init_from:
+        _check_exported(cfg.unet.init_from)  # before any stage runs
     set_seed(cfg.seed)
     images, scenes = render_cache(cfg.data, cfg.model.image_size)
     accelerator = _accelerator(cfg, "vae")
