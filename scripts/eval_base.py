@@ -1,6 +1,6 @@
 """Base-model report on evaluation seeds: scene-word accuracy, identity diversity, sample grid (JSON + Markdown).
 
-    python scripts/eval_base.py [--base PATH] [--out outputs/base_report] [--per-scene 4] [--steps 25]
+    python scripts/eval_base.py [--base PATH] [--out outputs/base_report] [--per-scene 4] [--steps 25] [--judge DIR]
 
 Logic: hyperdiff.evaluation.evaluate_base.
 """
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.evaluation import evaluate_base, write_report
+from hyperdiff.metrics import JUDGE_ENCODER_DIR, IdentityEncoder
 from hyperdiff.models import load_base
 
 
@@ -24,10 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-scene", type=int, default=4, help="images per scene (48 scenes)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--judge", default=str(JUDGE_ENCODER_DIR), help="a second identity encoder's folder whose heads read"
+                   " the hat and expression words again (default: the shipped judge; '' = none)")
     args = p.parse_args(argv)
     try:
+        judge = IdentityEncoder.from_pretrained(args.judge) if args.judge else None
         pipe = load_base(args.base)
-        result, grid = evaluate_base(pipe, per_scene=args.per_scene, steps=args.steps, guidance=args.guidance)
+        result, grid = evaluate_base(pipe, per_scene=args.per_scene, steps=args.steps, guidance=args.guidance, judge=judge)
     except HyperdiffError as e:
         print(f"eval_base: error: {e}", file=sys.stderr)
         return 2

@@ -18,18 +18,33 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_base_report_covers_every_scene_and_writes_its_files(tmp_path):
-    result, grid = evaluate_base(tiny_pipeline(seed=0), per_scene=1, steps=2, diversity_images=4)
+    from hyperdiff.metrics import DEFAULT_ENCODER_DIR, IdentityEncoder
+
+    judge = IdentityEncoder.from_pretrained(DEFAULT_ENCODER_DIR)  # the shipped encoder, loaded again
+    result, grid = evaluate_base(tiny_pipeline(seed=0), per_scene=1, steps=2, diversity_images=4, judge=judge)
     assert result["images"] == 48
     assert set(result["accuracy"]) == {"background", "hat", "expression"}
     assert all(0 <= v <= 1 for v in result["accuracy"].values())
     assert len(result["accuracy_per_value"]) == 6 + 2 + 4
+    # the judge reads the encoder's words (hat, expression) of the same images: the same encoder, the same counts
+    assert result["accuracy_judge"] == {w: result["accuracy"][w] for w in ("hat", "expression")}
+    assert result["accuracy_per_value_judge"] == {k: v for k, v in result["accuracy_per_value"].items()
+                                                  if not k.startswith("background=")}
     div = result["diversity"]
     assert div["same_identity"] > div["different_identity"] + 0.5  # real renders: the encoder's two levels
     paths = write_report(result, grid, tmp_path)
     assert json.loads(paths["json"].read_text())["images"] == 48
-    assert "| background |" in paths["markdown"].read_text()
+    md = paths["markdown"].read_text()
+    assert "| scene word | obeyed | judge | goal |" in md
+    assert f"| expression | {result['accuracy']['expression']:.1%} | {result['accuracy_judge']['expression']:.1%} | ≥ 90 % |" in md
+    assert f"| background | {result['accuracy']['background']:.1%} | – | ≥ 95 % |" in md
     with Image.open(paths["grid"]) as im:
         assert im.size == (8 * 96, 18 + 6 * 96)  # 6 backgrounds × (hat × 4 expressions)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import eval_base
+
+    assert eval_base.main(["--judge", str(tmp_path / "none"), "--out", str(tmp_path / "bad")]) == 2  # before any work
+    assert not (tmp_path / "bad").exists()
 
 
 def test_fidelity_benchmark_rows_and_table(tmp_path):
