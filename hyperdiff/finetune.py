@@ -15,7 +15,9 @@ Contract:
   reference says little about identity, the encoder says it directly. It costs a VAE decode per sample and step.
 - New factors start as a no-op that still learns: `up`/B_train = 0, `down`/A_train random.
 - Returns one Adapter per identity; with `start`, the exact concatenation `start[i] + learned[i]` (rank r + r', no
-  SVD): the rank-relaxed fast fine-tune. Deterministic in `config.seed` on CPU; progress via tqdm.
+  SVD): the rank-relaxed fast fine-tune. One identity's start adapter is fused into the frozen UNet for the run
+  (the processors then carry only the learned factors) and unfused, bit for bit, when it ends. Deterministic in
+  `config.seed` on CPU; progress via tqdm.
 - Runs on the UNet's device: every random draw comes from one CPU generator (so a seed means the same noise on any
   device), the trainable factors are float32 there, and a float16 UNet's loss is scaled (`torch.amp.GradScaler`)
   so its small gradients do not underflow. Adapters come back on the CPU.
@@ -192,7 +194,7 @@ def per_sample_mse(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None
 @torch.no_grad()
 def identity_embeddings(encoder, images: Sequence[Image.Image]) -> torch.Tensor:
     """The targets of `identity_loss`: `encoder`'s unit-norm embeddings of PIL `images`, (N, e) on its device."""
-    return encoder(to_batch(images, encoder.config.image_size).to(next(encoder.parameters()).device))[0]
+    return encoder(to_batch(images, encoder.config.image_size).to(encoder.device))[0]
 
 
 def decoded_estimate(vae, noise_scheduler, latents, noise, t, pred, size: int) -> torch.Tensor:
@@ -294,16 +296,19 @@ def finetune(
     # One identity: its deltas serve every sample of the batch as they are (the processors' shared form: one addmm,
     # nothing repeated or batched). Several: each identity's deltas repeated for its bs samples (per-sample form).
     shared = n == 1
-    fixed = None  # the starting adapters, laid out like the batch
-    if start is not None:
-        fixed = (start[0].hyper_lora(device=device) if shared
-                 else Adapter.stack(start, table).to(device).repeat_for(bs, guidance=False))
+    # The starting adapters: one identity's is fused into the frozen UNet for the run (no processor work per step;
+    # unfused bit for bit at the end); several are laid out like the batch for the processors.
+    fixed = None
+    if start is not None and not shared:
+        fixed = Adapter.stack(start, table).to(device).repeat_for(bs, guidance=False)
     # the UNet and the VAE (whose decoder the identity term runs backward through) are frozen for the run: no weight
     # gradients are computed or left behind in them
     frozen = [p for module in (pipe.unet, pipe.vae) for p in module.parameters()]
     wanted_grad = [p.requires_grad for p in frozen]
     for p in frozen:
         p.requires_grad_(False)
+    if start is not None and shared:
+        start[0].fuse(pipe.unet)
     try:
         with hyper_lora_processors(pipe.unet, table):
             for step in tqdm(range(config.steps), desc="fine-tune", disable=not progress, leave=False):
@@ -330,6 +335,8 @@ def finetune(
                 if callback is not None:
                     callback(step, loss.item())
     finally:
+        if start is not None and shared:
+            start[0].unfuse(pipe.unet)
         for p, g in zip(frozen, wanted_grad):
             p.requires_grad_(g)
     source = f"finetune {config.kind} steps={config.steps} batch_size={config.batch_size} lr={config.learning_rate:g}"

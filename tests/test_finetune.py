@@ -10,6 +10,7 @@ from diffusers import DDPMScheduler
 from hyperdiff import Adapter, HyperdiffError, LayerTable
 from hyperdiff.finetune import (FinetuneConfig, _init_factors, diffusion_loss, encode_images, encode_prompts, finetune,
                                identity_embeddings, identity_loss, make_prior, per_sample_mse)
+from hyperdiff.fusion import fused_count
 from hyperdiff.processors import hyper_lora_processors
 
 from conftest import random_lora, unet_inputs
@@ -175,15 +176,20 @@ def test_batch_size_gives_each_identity_its_images_in_turn_under_its_own_weights
 
 
 def test_one_identity_applies_its_deltas_to_the_whole_batch(tiny, table):
-    """Alone, an identity's deltas go to the processors in their shared form (no per-sample copies): step 0's loss
-    still equals its start adapter fused into the UNet over its samples (images 0, 1, 0)."""
+    """Alone, an identity's learned deltas go to the processors in their shared form (no per-sample copies) and its
+    start adapter is fused into the UNet for the run: step 0's loss equals the start fused into the UNet over its
+    samples (images 0, 1, 0), and the UNet's weights are its own again afterwards, bit for bit."""
     refs = [[face(**REF), face(11, "green")]]
     start = [random_lora(table, seed=1, rank=1)]
     cfg = FinetuneConfig(kind="lora", rank=1, steps=1, batch_size=3, prior_weight=0.0, seed=5)
     seen: list[float] = []
-    finetune(tiny, refs, cfg, start=start, progress=False, callback=lambda step, loss: seen.append(loss))
+    before = {k: v.clone() for k, v in tiny.unet.state_dict().items()}
+    finetune(tiny, refs, cfg, start=start, progress=False,
+             callback=lambda step, loss: seen.append((loss, fused_count(tiny.unet))))
+    assert all(torch.equal(v, tiny.unet.state_dict()[k]) for k, v in before.items())  # the start came back out
     _, noise, _, _, predict = _step_zero(tiny, table, refs, start, cfg, [[0, 1, 0]])
-    assert seen[0] == pytest.approx(per_sample_mse(predict([0]), noise).mean().item(), rel=1e-5)
+    assert seen[0][0] == pytest.approx(per_sample_mse(predict([0]), noise).mean().item(), rel=1e-5)
+    assert seen[0][1] == 1  # the start adapter was fused into the weights for the run, not run by the processors
 
 
 def test_identity_weight_adds_the_identity_term_with_each_samples_own_reference(tiny, table):
