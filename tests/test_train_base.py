@@ -134,20 +134,32 @@ def test_init_from_starts_the_unet_stage_from_an_exported_model(train_base, tmp_
     assert last.startswith("train_base: error: `unet.init_from`") and "does not match the configured model" in last, last
 
 
-def test_classifier_samples_name_their_expression_below_the_timestep_limit():
-    from hyperdiff.data import synthfaces as sf
-    from hyperdiff.train.base_model import UNetStageConfig, _classifier_samples, _scene_index
 
-    scenes = [sf.Scene("red", False, "sad"), sf.Scene("blue", True, "neutral"), sf.Scene("gray", False, "smiling"),
-              sf.Scene("green", True, "surprised"), sf.Scene("red", True, "sad"), sf.Scene("blue", False, "neutral")]
-    captions = [sf.caption(scenes[0]), "a face, wearing a hat, on a blue background",  # expression clause dropped
-                "", sf.caption(scenes[3]), sf.caption(scenes[4]), sf.caption(scenes[5])]  # "" = unconditional
-    index = torch.tensor([_scene_index(sc) for sc in scenes])
+def test_classifier_samples_name_their_expression_below_the_timestep_limit():
+    """`training_caption` says which scene axes its caption names (read back here from the caption's own clauses),
+    and the classifier term takes the samples whose caption names the expression, below the timestep limit."""
+    from hyperdiff.data import synthfaces as sf
+    from hyperdiff.train.base_model import DataConfig, UNetStageConfig, _classifier_samples, training_caption
+
+    gen, data = torch.Generator().manual_seed(0), DataConfig(clause_dropout=0.5, caption_dropout=0.2)
+    seen = set()
+    for k in range(200):
+        scene = sf.Scene(sf.BACKGROUNDS[k % 6], k % 2 == 0, sf.EXPRESSIONS[k % 4])
+        caption, named = training_caption(scene, gen, data)
+        clauses = caption.split(", ")
+        said = {"expression": scene.expression in clauses, "hat": "wearing a hat" in clauses,
+                "background": f"on a {scene.background} background" in clauses}
+        assert named == {axis for axis, yes in said.items() if yes}, (caption, named)
+        seen.add(named)
+    assert frozenset() in seen and frozenset({"expression", "hat", "background"}) in seen and len(seen) == 8
+
+    named = [frozenset({"expression", "background"}), frozenset({"hat", "background"}), frozenset(),
+             frozenset({"expression"}), frozenset({"expression", "hat"}), frozenset({"expression"})]
     t = torch.tensor([10, 10, 10, 999, 499, 100])
     stage = UNetStageConfig(classifier_weight=1.0, classifier_samples=8, classifier_max_timestep=500)
-    assert _classifier_samples(captions, index, t, stage).tolist() == [0, 4, 5]
+    assert _classifier_samples(named, t, stage).tolist() == [0, 4, 5]
     stage = UNetStageConfig(classifier_weight=1.0, classifier_samples=2, classifier_max_timestep=1000)
-    assert _classifier_samples(captions, index, t, stage).tolist() == [0, 3]
+    assert _classifier_samples(named, t, stage).tolist() == [0, 3]
 
 
 def test_expression_classifier_loss_reads_the_decoded_estimate_like_the_encoder_reads_the_image():

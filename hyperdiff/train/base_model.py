@@ -35,7 +35,7 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -264,19 +264,23 @@ def render_cache(data: DataConfig, size: int) -> tuple[torch.Tensor, torch.Tenso
     return images, scenes
 
 
-def training_caption(scene: synthfaces.Scene, gen: torch.Generator, data: DataConfig) -> str:
-    """The canonical caption with clauses dropped at random, or "" (unconditional) for CFG."""
+def training_caption(scene: synthfaces.Scene, gen: torch.Generator, data: DataConfig) -> tuple[str, frozenset[str]]:
+    """The canonical caption with clauses dropped at random, or "" (unconditional) for CFG; and the scene axes
+    (`SCENE_AXES`) whose words it says (a scene without a hat names no hat)."""
     if torch.rand((), generator=gen) < data.caption_dropout:
-        return ""
+        return "", frozenset()
     keep = (torch.rand(3, generator=gen) >= data.clause_dropout).tolist()
-    parts = ["a face"]
+    parts, named = ["a face"], set()
     if keep[0]:
         parts.append(scene.expression)
+        named.add("expression")
     if scene.hat and keep[1]:
         parts.append("wearing a hat")
+        named.add("hat")
     if keep[2]:
         parts.append(f"on a {scene.background} background")
-    return ", ".join(parts)
+        named.add("background")
+    return ", ".join(parts), frozenset(named)
 
 
 def _batch_generator(seed: int, stage: str, step: int) -> torch.Generator:
@@ -571,8 +575,8 @@ def train_unet(
         gen = _batch_generator(cfg.seed, "unet", step)
         idx = torch.randint(len(latents), (cfg.unet.batch_size,), generator=gen)
         x0 = latents[idx].float().to(device) * vae.config.scaling_factor  # (B, C, h, w)
-        captions = [training_caption(_scene_of(scenes[i].tolist()), gen, cfg.data) for i in idx]
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        captions, named = zip(*[training_caption(_scene_of(scenes[i].tolist()), gen, cfg.data) for i in idx])
+        ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen).to(device)
@@ -585,10 +589,10 @@ def train_unet(
         weight = torch.clamp(snr, max=cfg.unet.min_snr_gamma) / (snr if cfg.model.prediction_type == "epsilon" else snr + 1)
         loss = (weight * per_sample).mean()
         shown = {}  # logged every 50 steps
-        named = _classifier_samples(captions, scenes[idx], t, cfg.unet) if classifier is not None else []
-        if len(named):
-            i = named.to(device)
-            wanted = scenes[idx[named], SCENE_AXES.index("expression")].to(device)  # (k,) EXPRESSIONS indices
+        picked = _classifier_samples(named, t, cfg.unet) if classifier is not None else []
+        if len(picked):
+            i = picked.to(device)
+            wanted = scenes[idx[picked], SCENE_AXES.index("expression")].to(device)  # (k,) EXPRESSIONS indices
             expression_loss = expression_classifier_loss(vae, noise_scheduler, classifier, x0[i], noise[i], t[i],
                                                          pred[i], wanted)
             loss = loss + cfg.unet.classifier_weight * expression_loss
@@ -611,14 +615,12 @@ def train_unet(
     return unet, text_encoder, tokenizer
 
 
-def _classifier_samples(captions: list[str], scenes: torch.Tensor, t: torch.Tensor, stage: UNetStageConfig) -> torch.Tensor:
-    """Batch positions (k,) that take the expression classifier term: the caption names the sample's expression (no
-    clause dropout, no empty caption) and the timestep is below `classifier_max_timestep`; the first
-    `classifier_samples` of them."""
-    axis = SCENE_AXES.index("expression")
-    named = [j for j, (caption, scene) in enumerate(zip(captions, scenes.tolist()))
-             if synthfaces.EXPRESSIONS[scene[axis]] in caption.split(", ") and int(t[j]) < stage.classifier_max_timestep]
-    return torch.tensor(named[: stage.classifier_samples], dtype=torch.long)
+def _classifier_samples(named: Sequence[frozenset[str]], t: torch.Tensor, stage: UNetStageConfig) -> torch.Tensor:
+    """Batch positions (k,) that take the expression classifier term: the caption names the sample's expression
+    (`named[j]`, the axes `training_caption` kept: no clause dropout, no empty caption) and the timestep is below
+    `classifier_max_timestep`; the first `classifier_samples` of them."""
+    picked = [j for j, axes in enumerate(named) if "expression" in axes and int(t[j]) < stage.classifier_max_timestep]
+    return torch.tensor(picked[: stage.classifier_samples], dtype=torch.long)
 
 
 def expression_classifier_loss(vae, noise_scheduler, classifier, x0, noise, t, pred, wanted: torch.Tensor) -> torch.Tensor:
