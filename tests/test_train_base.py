@@ -133,6 +133,27 @@ def test_init_from_starts_the_unet_stage_from_an_exported_model(train_base, tmp_
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("train_base: error: `unet.init_from`") and "does not match the configured model" in last, last
 
+    # `unet.init_blend` ends the stage with (1 - blend)·start + blend·trained: here the export of the first run and
+    # the EMA weights of the second one's last checkpoint, read back from their files, to within one rounding of the
+    # export's dtype (fp16 UNet, fp32 text encoder); a blend weight off by 0.05 fails on the tensors that moved.
+    assert train_base.main(["--config", str(path), "--set", "decoder.steps=0"]) == 0
+    assert train_base.main(["--config", str(path), "--export_only", "--set", "decoder.steps=0",
+                            "--set", "unet.init_blend=0.25", "--set", f"export_dir={tmp_path / 'blend'}"]) == 0
+    ema, blended = load_file(tmp_path / "second" / "unet" / "checkpoint-6" / "ema.safetensors"), _weights(tmp_path / "blend")
+
+    def close(x, y, k):
+        return torch.allclose(x.double(), y.double(), rtol=torch.finfo(a[k].dtype).eps, atol=1e-7)
+
+    def mix(w, k):
+        return (a[k].double() * (1 - w) + ema[k].double() * w).to(a[k].dtype)
+
+    assert all(close(blended[k], mix(0.25, k), k) for k in ema)
+    for part in ("unet.", "text_encoder."):
+        assert all(any(not close(blended[k], mix(w, k), k) for k in ema if k.startswith(part)) for w in (0.2, 0.3))
+    assert train_base.main(["--config", str(path), "--export_only", "--set", "unet.init_from=''",
+                            "--set", "unet.init_blend=0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("`unet.init_blend` blends with the `unet.init_from` model, which is not set (init_blend 0.5)"), err
 
 
 def test_classifier_samples_name_their_expression_below_the_timestep_limit():

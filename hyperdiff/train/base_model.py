@@ -17,7 +17,8 @@ Contract:
   where the expression words act (`expression_map`: eyes, brows, mouth), which the plain loss barely sees.
   `unet.classifier_weight` > 0 adds a frozen identity encoder's expression cross-entropy on the decoded one-step
   estimate x̂₀ of samples whose caption names an expression (`finetune.decoded_estimate`). `unet.init_from` starts
-  the stage from an exported model's UNet and text encoder (when no UNet checkpoint exists yet).
+  the stage from an exported model's UNet and text encoder (when no UNet checkpoint exists yet); `unet.init_blend` < 1
+  ends it with a weighted average of those starting weights and the trained ones.
 - Stage 3 `train_refine` (`refine.steps` > 0, after the UNet): the decoder learns from the UNet's own latents too
   (`generated_pairs`: training renders re-noised and denoised by the trained UNet, img2img on latents), so it decodes
   what generation makes, not only the encoder's means; stage-1b crops stay in every batch.
@@ -182,6 +183,10 @@ class UNetStageConfig(StageConfig):
     # A base-model folder (diffusers layout) whose UNet and text encoder start the stage when `output_dir` holds no
     # UNet checkpoint yet: continue training an exported model. "" = fresh weights.
     init_from: str = ""
+    # With `init_from`: the stage ends with (1 - init_blend)·start + init_blend·trained (the EMA weights) for the UNet
+    # and text encoder, weight-space ensembling of the starting and the fine-tuned model (WiSE-FT, Wortsman et al.
+    # 2022), which keeps more of the start's range while taking most of what the run taught. 1 = the trained weights.
+    init_blend: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -189,6 +194,10 @@ class UNetStageConfig(StageConfig):
         check_number_in("unet.classifier_weight", self.classifier_weight, 0.0, 1e4)
         check_positive_int("unet.classifier_samples", self.classifier_samples)
         check_positive_int("unet.classifier_max_timestep", self.classifier_max_timestep)
+        check_number_in("unet.init_blend", self.init_blend, 0.0, 1.0)
+        if self.init_blend != 1 and not self.init_from:
+            raise HyperdiffError(f"`unet.init_blend` blends with the `unet.init_from` model, which is not set "
+                                 f"(init_blend {self.init_blend!r})")
 
 
 def _default_model() -> TinyPipelineConfig:
@@ -548,7 +557,8 @@ def train_unet(
     unet, text_encoder, tokenizer = parts["unet"], parts["text_encoder"], parts["tokenizer"]
     stage_dir = Path(cfg.output_dir) / "unet"
     if cfg.unet.init_from and not (resume and checkpoints.latest(stage_dir)[0] is not None):
-        _load_exported(unet, text_encoder, cfg.unet.init_from)
+        for module, state in zip((unet, text_encoder), _exported_states(unet, text_encoder, cfg.unet.init_from)):
+            module.load_state_dict(state)
     noise_scheduler = DDPMScheduler(**SD_SCHEDULE, prediction_type=cfg.model.prediction_type)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     names = [f"unet.{n}" for n, _ in unet.named_parameters()] + [f"text_encoder.{n}" for n, _ in text_encoder.named_parameters()]
@@ -612,6 +622,12 @@ def train_unet(
             checkpoints.save(accelerator, stage_dir, step + 1, cfg.checkpoints_total_limit, _ema_saver(ema, names))
     unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
     ema.copy_to(list(unet.parameters()) + list(text_encoder.parameters()))
+    if cfg.unet.init_blend != 1:
+        blend = cfg.unet.init_blend
+        for module, start in zip((unet, text_encoder), _exported_states(unet, text_encoder, cfg.unet.init_from)):
+            trained = module.state_dict()
+            module.load_state_dict({k: torch.lerp(start[k].to(v.device), v, blend) if v.is_floating_point() else v
+                                    for k, v in trained.items()})
     return unet, text_encoder, tokenizer
 
 
@@ -636,12 +652,14 @@ def _check_exported(folder: str) -> None:
         raise HyperdiffError(f"`unet.init_from` must be a base-model folder with unet/ and text_encoder/, got {folder!r}")
 
 
-def _load_exported(unet, text_encoder, folder: str) -> None:
-    """Copy an exported base model's UNet and text encoder weights (any dtype) into the fresh `unet`, `text_encoder`."""
+def _exported_states(unet, text_encoder, folder: str) -> tuple[dict, dict]:
+    """An exported base model's UNet and text encoder state dicts (fp32, whatever the file's dtype), checked against
+    the configured `unet` and `text_encoder`: the same tensor names and shapes."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     _check_exported(folder)
+    states = []
     for module, loaded in ((unet, UNet2DConditionModel.from_pretrained(folder, subfolder="unet")),
                            (text_encoder, CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"))):
         state, own = {k: v.float() for k, v in loaded.state_dict().items()}, module.state_dict()
@@ -649,7 +667,8 @@ def _load_exported(unet, text_encoder, folder: str) -> None:
         if bad:
             raise HyperdiffError(f"`unet.init_from` {folder!r} does not match the configured model: {bad[0]} "
                                  f"({len(bad)} tensors differ)")
-        module.load_state_dict(state)
+        states.append(state)
+    return states[0], states[1]
 
 
 def export_pipeline(cfg: BaseTrainConfig, vae, unet, text_encoder, tokenizer, export_dir: Path) -> Path:
