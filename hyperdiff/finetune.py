@@ -307,9 +307,11 @@ def finetune(
     wanted_grad = [p.requires_grad for p in frozen]
     for p in frozen:
         p.requires_grad_(False)
-    if start is not None and shared:
-        start[0].fuse(pipe.unet)
+    fused = None  # one identity's start adapter while it is fused into the UNet
     try:
+        if start is not None and shared:
+            start[0].fuse(pipe.unet)
+            fused = start[0]
         with hyper_lora_processors(pipe.unet, table):
             for step in tqdm(range(config.steps), desc="fine-tune", disable=not progress, leave=False):
                 pick = [[(step * bs + j) % lat.shape[0] for j in range(bs)] for lat in latents]
@@ -335,8 +337,8 @@ def finetune(
                 if callback is not None:
                     callback(step, loss.item())
     finally:
-        if start is not None and shared:
-            start[0].unfuse(pipe.unet)
+        if fused is not None:
+            fused.unfuse(pipe.unet)
         for p, g in zip(frozen, wanted_grad):
             p.requires_grad_(g)
     source = f"finetune {config.kind} steps={config.steps} batch_size={config.batch_size} lr={config.learning_rate:g}"

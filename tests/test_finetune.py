@@ -184,12 +184,21 @@ def test_one_identity_applies_its_deltas_to_the_whole_batch(tiny, table):
     cfg = FinetuneConfig(kind="lora", rank=1, steps=1, batch_size=3, prior_weight=0.0, seed=5)
     seen: list[float] = []
     before = {k: v.clone() for k, v in tiny.unet.state_dict().items()}
+    before_grad = {k: p.requires_grad for k, p in tiny.unet.named_parameters()}
     finetune(tiny, refs, cfg, start=start, progress=False,
              callback=lambda step, loss: seen.append((loss, fused_count(tiny.unet))))
     assert all(torch.equal(v, tiny.unet.state_dict()[k]) for k, v in before.items())  # the start came back out
     _, noise, _, _, predict = _step_zero(tiny, table, refs, start, cfg, [[0, 1, 0]])
     assert seen[0][0] == pytest.approx(per_sample_mse(predict([0]), noise).mean().item(), rel=1e-5)
     assert seen[0][1] == 1  # the start adapter was fused into the weights for the run, not run by the processors
+
+    def interrupt(step, loss):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # a run stopped midway takes the start back out too
+        finetune(tiny, refs, cfg, start=start, progress=False, callback=interrupt)
+    assert fused_count(tiny.unet) == 0 and all(torch.equal(v, tiny.unet.state_dict()[k]) for k, v in before.items())
+    assert all(p.requires_grad == before_grad[k] for k, p in tiny.unet.named_parameters())
 
 
 def test_identity_weight_adds_the_identity_term_with_each_samples_own_reference(tiny, table):
