@@ -11,8 +11,9 @@ identifier token, and reports per method:
   same fraction per word, which tells where editability is lost;
 - `seconds`: wall time to personalize one identity alone (model loading excluded; DreamBooth-LiDB also reports
   `seconds_batched`, its batch's time per identity, which flatters it on a CPU), and `adapter_values`/`adapter_bytes`.
-Methods: `base` (no personalization), `dreambooth_lidb` (LiDB fine-tuned from scratch; its ID similarity is also
-reported along `config.dreambooth_curve`, so convergence is visible), and for every hypernet given (name → model):
+Methods: `base` (no personalization), `dreambooth_lidb` (LiDB fine-tuned from scratch; every row's scores are also
+reported along `config.dreambooth_curve`, so convergence is visible: one run to the longest, its adapters and times
+taken at each point, the last point listed being the row), and for every hypernet given (name → model):
 `<name>` (zero-shot), `<name>+ft` (the rank-relaxed fast fine-tune, `config.finetune_steps` steps of
 `config.finetune`) and `<name>+ft+caption` (the same fine-tune told what the reference shows: its caption instead of
 "a <token> face"); hypernets given as `ablations` get the zero-shot row only (decoder and K comparisons).
@@ -39,7 +40,7 @@ from typing import Sequence
 from hyperdiff.adapter import Adapter
 from hyperdiff.config import to_dict
 from hyperdiff.data import synthfaces
-from hyperdiff.errors import check_number_in, check_positive_int, check_positive_number
+from hyperdiff.errors import HyperdiffError, check_number_in, check_positive_int, check_positive_number
 from hyperdiff.files import atomic_path
 from hyperdiff.finetune import FinetuneConfig, finetune
 from hyperdiff.metrics import SCENE_CHECKS as WORDS, IdentityEncoder, default_encoder, scene_fidelity
@@ -65,6 +66,11 @@ class FidelityConfig:
     dreambooth: FinetuneConfig = field(default_factory=lambda: replace(DREAMBOOTH_LIDB))  # the pipeline's recipe
     seed: int = 0
     judge: str = ""  # an identity encoder folder that scores ID similarity a second time ("" = none)
+
+    def __post_init__(self) -> None:
+        self.dreambooth_curve = tuple(self.dreambooth_curve)
+        if not self.dreambooth_curve or any(not isinstance(k, int) or k < 1 for k in self.dreambooth_curve):
+            raise HyperdiffError(f"`dreambooth_curve` must be positive step counts, got {list(self.dreambooth_curve)}")
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -122,19 +128,26 @@ def run_fidelity(pipe, hypernets: dict, config: FidelityConfig = FidelityConfig(
     rows: dict[str, dict] = {}
     rows["base"] = {**_score(pipe, [None] * len(refs), refs, config), "seconds": 0.0, "adapter_values": 0, "adapter_bytes": 0}
 
-    curve = []
-    for steps in config.dreambooth_curve:  # DreamBooth-LiDB from scratch: the scores from all identities in one batch
-        ft = replace(config.dreambooth, steps=steps, token=config.token, seed=config.seed)
-        start = time.perf_counter()
-        adapters = finetune(pipe, [[r] for r in refs], ft, progress=False)
-        batched = (time.perf_counter() - start) / len(refs)
-        start = time.perf_counter()  # the time a user waits: one identity alone, like every hypernet row
-        finetune(pipe, [[refs[0]]], ft, progress=False)
-        alone = time.perf_counter() - start
-        curve.append({"steps": steps, **_score(pipe, adapters, refs, config), "seconds": alone, "seconds_batched": batched})
+    # DreamBooth-LiDB from scratch: one run to the curve's longest, its adapters taken at every point of the curve
+    # (the state after k steps of a constant-rate run is that of a k-step run); all identities in one batch
+    points = set(config.dreambooth_curve)
+    ft = replace(config.dreambooth, steps=max(points), token=config.token, seed=config.seed)
+
+    def curve_run(identities: list) -> dict[int, tuple[float, list[Adapter]]]:
+        """Step count → (seconds since the run began, the adapters then)."""
+        taken, start = {}, time.perf_counter()
+        finetune(pipe, [[r] for r in identities], ft, progress=False, snapshot_steps=points,
+                 snapshot=lambda k, adapters: taken.__setitem__(k, (time.perf_counter() - start, adapters)))
+        return taken
+
+    batched = curve_run(refs)
+    alone = curve_run(refs[:1])  # the time a user waits: one identity alone, like every hypernet row
+    curve = [{"steps": k, **_score(pipe, batched[k][1], refs, config), "seconds": alone[k][0],
+              "seconds_batched": batched[k][0] / len(refs)} for k in config.dreambooth_curve]
     last = curve[-1]
+    adapter = batched[last["steps"]][1][0]
     rows["dreambooth_lidb"] = {**{k: v for k, v in last.items() if k != "steps"},
-                               "adapter_values": adapters[0].num_values, "adapter_bytes": _size(adapters[0]), "curve": curve}
+                               "adapter_values": adapter.num_values, "adapter_bytes": _size(adapter), "curve": curve}
 
     caption = synthfaces.caption(_scene(config.reference_scene), config.token)  # what the reference shows, for the captioned fine-tune
     steps = config.finetune_steps
@@ -193,9 +206,11 @@ def write_fidelity(result: dict, out: Path, command: str = "") -> dict[str, Path
         lines.append(f"| {name} | {row['id_similarity']:.3f} |{judge} {row['scene_fidelity']:.1%} | {words} |"
                      f" {row['seconds']:.2f} s | {size} |")
     curve = result["rows"]["dreambooth_lidb"]["curve"]
-    lines += ["", "DreamBooth-LiDB convergence (one identity alone; per identity in one batch of all): "
-              + ", ".join(f"{c['steps']} steps → {c['id_similarity']:.3f} ({c['seconds']:.1f} s; {c['seconds_batched']:.1f} s)"
-                          for c in curve)]
+    lines += ["", "DreamBooth-LiDB convergence, one run taken at each point (ID similarity"
+              + (" / judge" if judged else "") + " / scene fidelity; seconds for one identity alone; per identity in"
+              " one batch of all): " + ", ".join(
+                  f"{c['steps']} steps → {c['id_similarity']:.3f}" + (f" / {c['id_similarity_judge']:.3f}" if judged else "")
+                  + f" / {c['scene_fidelity']:.1%} ({c['seconds']:.1f} s; {c['seconds_batched']:.1f} s)" for c in curve)]
     if command:
         lines += ["", f"Command: `{command}`"]
     with atomic_path(paths["markdown"], "report") as tmp:

@@ -15,7 +15,9 @@ Contract:
   reference says little about identity, the encoder says it directly. It costs a VAE decode per sample and step.
 - New factors start as a no-op that still learns: `up`/B_train = 0, `down`/A_train random.
 - Returns one Adapter per identity; with `start`, the exact concatenation `start[i] + learned[i]` (rank r + r', no
-  SVD): the rank-relaxed fast fine-tune. One identity's start adapter is fused into the frozen UNet for the run
+  SVD): the rank-relaxed fast fine-tune. `snapshot(k, adapters)` also receives them, as they stand, after each step
+  count k in `snapshot_steps`: with a constant learning rate and one seeded stream of draws, a run's state after k
+  steps is that of a k-step run, so one run gives a whole convergence curve. One identity's start adapter is fused into the frozen UNet for the run
   (the processors then carry only the learned factors) and unfused, bit for bit, when it ends. Deterministic in
   `config.seed` on CPU; progress via tqdm.
 - Runs on the UNet's device: every random draw comes from one CPU generator (so a seed means the same noise on any
@@ -31,7 +33,7 @@ Uses: (a) DreamBooth-LiDB from scratch, (b) stage-1 targets for hypernet trainin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -257,6 +259,8 @@ def finetune(
     prior: Prior | None = None,
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
+    snapshot_steps: Collection[int] = (),
+    snapshot: Callable[[int, list[Adapter]], None] | None = None,
 ) -> list[Adapter]:
     """Train one adapter per identity (`references[i]`: its images; `prompts[i]`: one prompt per image)."""
     from diffusers import DDPMScheduler
@@ -267,6 +271,10 @@ def finetune(
         raise HyperdiffError(f"`start` must give one adapter per identity, got {len(start)} for {len(references)}")
     if prompts is not None and [len(p) for p in prompts] != [len(r) for r in references]:
         raise HyperdiffError("`prompts` must give one prompt per reference image")
+    if any(not isinstance(k, int) or not 1 <= k <= config.steps for k in snapshot_steps):
+        raise HyperdiffError(f"`snapshot_steps` must be step counts from 1 to `steps` ({config.steps}), got {sorted(snapshot_steps)}")
+    if snapshot_steps and snapshot is None:
+        raise HyperdiffError("`snapshot_steps` needs a `snapshot` callable to receive the adapters")
     n = len(references)
     table = LayerTable.from_unet(pipe.unet)
     if start is not None:
@@ -298,6 +306,21 @@ def finetune(
     shared = n == 1
     # The starting adapters: one identity's is fused into the frozen UNet for the run (no processor work per step;
     # unfused bit for bit at the end); several are laid out like the batch for the processors.
+    def adapters(done: int) -> list[Adapter]:
+        """The factors as they stand after `done` steps, one Adapter per identity (copied to the CPU; the start
+        concatenated)."""
+        source = f"finetune {config.kind} steps={done} batch_size={config.batch_size} lr={config.learning_rate:g}"
+        if encoder is not None:
+            source += f" identity_weight={config.identity_weight:g}"
+        info = AdapterInfo(token=config.token, source=source, architecture=table.architecture)
+        out = []
+        for i in range(n):
+            trained = {name: (f[i].detach().cpu().clone(), s[i].detach().cpu().clone()) for name, (f, s) in factors.items()}
+            ad = (Adapter.from_factors(trained, table, alpha=alpha, info=info) if config.kind == "lora"
+                  else Adapter.from_lidb(trained, table, config.lidb, alpha=alpha, info=info))
+            out.append(Adapter.concat([start[i], ad]) if start is not None else ad)
+        return out
+
     fixed = None
     if start is not None and not shared:
         fixed = Adapter.stack(start, table).to(device).repeat_for(bs, guidance=False)
@@ -336,19 +359,11 @@ def finetune(
                 scaler.update()
                 if callback is not None:
                     callback(step, loss.item())
+                if step + 1 in snapshot_steps:
+                    snapshot(step + 1, adapters(step + 1))
     finally:
         if fused is not None:
             fused.unfuse(pipe.unet)
         for p, g in zip(frozen, wanted_grad):
             p.requires_grad_(g)
-    source = f"finetune {config.kind} steps={config.steps} batch_size={config.batch_size} lr={config.learning_rate:g}"
-    if encoder is not None:
-        source += f" identity_weight={config.identity_weight:g}"
-    info = AdapterInfo(token=config.token, source=source, architecture=table.architecture)
-    out = []
-    for i in range(n):
-        trained = {name: (f[i].detach().cpu().clone(), s[i].detach().cpu().clone()) for name, (f, s) in factors.items()}
-        ad = (Adapter.from_factors(trained, table, alpha=alpha, info=info) if config.kind == "lora"
-              else Adapter.from_lidb(trained, table, config.lidb, alpha=alpha, info=info))
-        out.append(Adapter.concat([start[i], ad]) if start is not None else ad)
-    return out
+    return adapters(config.steps)

@@ -3,8 +3,8 @@
     python scripts/eval_fidelity.py --hypernet shipped=PATH [--ablation mlp=PATH --ablation k1=PATH] \
         [--base PATH] [--identities 16] [--curve 100,200,400] [--out outputs/fidelity]
 
-Rows: base model, DreamBooth-LiDB from scratch (with its convergence curve), each --hypernet zero-shot and with the
-40-step rank-relaxed fine-tune, each --ablation zero-shot. Logic: hyperdiff.fidelity.
+Rows: base model, DreamBooth-LiDB from scratch (with its convergence curve, from one run), each --hypernet zero-shot
+and with the 40-step rank-relaxed fine-tune, each --ablation zero-shot. Logic: hyperdiff.fidelity.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a hypernet: zero-shot and fast fine-tune rows (repeatable)")
     p.add_argument("--ablation", action="append", default=[], metavar="NAME=PATH",
                    help="a hypernet with a zero-shot row only (repeatable)")
-    p.add_argument("--curve", default="50,100,200,400", help="DreamBooth-LiDB steps, comma-separated; the last is its row")
+    p.add_argument("--curve", default="50,100,200,400", help="DreamBooth-LiDB steps, comma-separated: one run to the"
+                   " longest, scored at each; the last listed is its row")
     p.add_argument("--identities", type=int, default=16)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--finetune-steps", type=int, default=40)

@@ -80,8 +80,11 @@ def test_fidelity_benchmark_rows_and_table(tmp_path):
     assert base_line.split(" | ")[2] == f"{rows['base']['id_similarity_judge']:.3f}"
     assert base_line.split(" | ")[4] == " / ".join(f"{rows['base']['scene_words'][w]:.0%}" for w in ("background", "hat", "expression"))
     assert [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| ")][1:] == [f"| {r}" for r in rows]
-    assert "DreamBooth-LiDB convergence" in md
-    for bad in (["--hypernet", "bad"], ["--ablation", "=x"], ["--curve", "10,x"], ["--judge", str(tmp_path / "none"), "--curve", "1"]):
+    curve = rows["dreambooth_lidb"]["curve"]  # one run, taken after 2 and 3 steps
+    assert curve[0]["seconds"] < curve[1]["seconds"] and curve[0]["seconds_batched"] < curve[1]["seconds_batched"]
+    line = next(line for line in md.splitlines() if line.startswith("DreamBooth-LiDB convergence"))
+    assert f"3 steps → {curve[1]['id_similarity']:.3f} / {curve[1]['id_similarity_judge']:.3f} / {curve[1]['scene_fidelity']:.1%}" in line
+    for bad in (["--hypernet", "bad"], ["--ablation", "=x"], ["--curve", "10,x"], ["--curve", "10,0"], ["--judge", str(tmp_path / "none"), "--curve", "1"]):
         assert eval_fidelity.main(["--base", "hyperdiff:tiny", *bad, "--out", str(tmp_path)]) == 2
 
 

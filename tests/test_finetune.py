@@ -133,6 +133,28 @@ def test_finetune_is_deterministic_and_trains_identities_separately(tiny, table)
     assert not _same(first[0], other[0])
 
 
+
+def test_snapshots_of_one_run_are_the_shorter_runs(tiny, table):
+    """One 5-step run, taken after 2 and 5 steps, gives bit for bit what a 2-step and the 5-step run return: the
+    convergence curve of the fidelity benchmark comes from one run. With a start adapter (fused for one identity)
+    the snapshots are concatenations too."""
+    refs = [[face(**REF)], [face(11, "green")]]
+    cfg = FinetuneConfig(kind="lidb", steps=5, learning_rate=1e-2, prior_weight=0.0, seed=2)
+    taken = {}
+    final = finetune(tiny, refs, cfg, progress=False, snapshot_steps=(2, 5), snapshot=lambda k, ads: taken.setdefault(k, ads))
+    assert sorted(taken) == [2, 5] and all(_same(x, y) for x, y in zip(taken[5], final))
+    short = finetune(tiny, refs, FinetuneConfig(kind="lidb", steps=2, learning_rate=1e-2, prior_weight=0.0, seed=2), progress=False)
+    assert all(_same(x, y) for x, y in zip(taken[2], short))
+    assert taken[2][0].info.source == short[0].info.source == "finetune lidb steps=2 batch_size=1 lr=0.01"
+    assert not _same(taken[2][0], taken[5][0])  # it kept training
+    start = [randomise_b_head(make_hypernet(table)).predict([face(**REF)])]
+    lora = FinetuneConfig(kind="lora", rank=1, steps=3, learning_rate=1e-2, prior_weight=0.0)
+    taken = {}
+    finetune(tiny, refs[:1], lora, start=start, progress=False, snapshot_steps={1}, snapshot=lambda k, ads: taken.setdefault(k, ads))
+    (one,) = finetune(tiny, refs[:1], FinetuneConfig(kind="lora", rank=1, steps=1, learning_rate=1e-2, prior_weight=0.0),
+                      start=start, progress=False)
+    assert taken[1][0].rank == one.rank == start[0].rank + 1 and _same(taken[1][0], one)
+
 def _step_zero(tiny, table, refs, start, cfg, picks):
     """What `finetune`'s first step computes, another way: the batch (identity-major, `picks[i]` the images of
     identity i), the same noise and timestep draws, and `predict(order)`, the UNet's prediction with the start adapter
@@ -255,6 +277,12 @@ def test_finetune_input_errors_are_clear(tiny, table, sd15_unet):
         finetune(tiny, [[face(1)]], FinetuneConfig(prior_weight=0.0), start=[], progress=False)
     with pytest.raises(HyperdiffError, match="one prompt per reference"):
         finetune(tiny, [[face(1)]], FinetuneConfig(prior_weight=0.0), prompts=[["a", "b"]], progress=False)
+    with pytest.raises(HyperdiffError, match=r"`snapshot_steps` must be step counts from 1 to `steps` \(40\), got \[0\]"):
+        finetune(tiny, [[face(1)]], FinetuneConfig(prior_weight=0.0), progress=False, snapshot_steps=[0], snapshot=print)
+    with pytest.raises(HyperdiffError, match="`snapshot_steps` must be step counts"):
+        finetune(tiny, [[face(1)]], FinetuneConfig(prior_weight=0.0), progress=False, snapshot_steps=[41], snapshot=print)
+    with pytest.raises(HyperdiffError, match="needs a `snapshot` callable"):
+        finetune(tiny, [[face(1)]], FinetuneConfig(prior_weight=0.0), progress=False, snapshot_steps=[1])
     other_base = random_lora(LayerTable.from_unet(sd15_unet), seed=0, rank=1)
     with pytest.raises(HyperdiffError, match="fingerprint"):
         finetune(tiny, [[face(1)]], FinetuneConfig(prior_weight=0.0), start=[other_base], progress=False)
