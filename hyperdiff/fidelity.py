@@ -13,7 +13,9 @@ identifier token, and reports per method:
   `seconds_batched`, its batch's time per identity, which flatters it on a CPU), and `adapter_values`/`adapter_bytes`.
 Methods: `base` (no personalization), `dreambooth_lidb` (LiDB fine-tuned from scratch; every row's scores are also
 reported along `config.dreambooth_curve`, so convergence is visible: one run to the longest, its adapters and times
-taken at each point, the last point listed being the row), and for every hypernet given (name → model):
+taken at each point, the last point listed being the row; with `config.dreambooth_caption` also
+`dreambooth_lidb+caption`, trained on the reference's caption like the captioned fine-tune below), and for every
+hypernet given (name → model):
 `<name>` (zero-shot), `<name>+ft` (the rank-relaxed fast fine-tune, `config.finetune_steps` steps of
 `config.finetune`) and `<name>+ft+caption` (the same fine-tune told what the reference shows: its caption instead of
 "a <token> face"); hypernets given as `ablations` get the zero-shot row only (decoder and K comparisons).
@@ -64,6 +66,7 @@ class FidelityConfig:
     finetune: FinetuneConfig = field(default_factory=lambda: replace(SYNTHFACES_FAST_FINETUNE))  # the embedded base's
     dreambooth_curve: tuple[int, ...] = (50, 100, 200, 400)
     dreambooth: FinetuneConfig = field(default_factory=lambda: replace(DREAMBOOTH_LIDB))  # the pipeline's recipe
+    dreambooth_caption: bool = False  # also DreamBooth-LiDB told the reference's caption, like the captioned fine-tune
     seed: int = 0
     judge: str = ""  # an identity encoder folder that scores ID similarity a second time ("" = none)
 
@@ -120,18 +123,12 @@ def _size(adapter: Adapter) -> int:
         return adapter.save(Path(tmp) / "a.safetensors").stat().st_size
 
 
-def run_fidelity(pipe, hypernets: dict, config: FidelityConfig = FidelityConfig(), ablations: dict | None = None) -> dict:
-    if config.judge:
-        _judge(config.judge)  # a bad folder fails before any work
-    seeds = list(synthfaces.eval_seeds(config.identities))
-    refs = _references(pipe, seeds, config)
-    rows: dict[str, dict] = {}
-    rows["base"] = {**_score(pipe, [None] * len(refs), refs, config), "seconds": 0.0, "adapter_values": 0, "adapter_bytes": 0}
-
-    # DreamBooth-LiDB from scratch: one run to the curve's longest, its adapters taken at every point of the curve
-    # (the state after k steps of a constant-rate run is that of a k-step run); all identities in one batch
+def _dreambooth(pipe, refs, config: FidelityConfig, prompt: str) -> dict:
+    """DreamBooth-LiDB from scratch on `prompt` (the instance prompt or the reference's caption): one run to the
+    curve's longest, its adapters taken at every point of the curve (the state after k steps of a constant-rate run is
+    that of a k-step run), all identities in one batch; then one identity alone, for the time a user waits."""
     points = set(config.dreambooth_curve)
-    ft = replace(config.dreambooth, steps=max(points), token=config.token, seed=config.seed)
+    ft = replace(config.dreambooth, steps=max(points), token=config.token, seed=config.seed, instance_prompt=prompt)
 
     def curve_run(identities: list) -> dict[int, tuple[float, list[Adapter]]]:
         """Step count → (seconds since the run began, the adapters then)."""
@@ -141,15 +138,28 @@ def run_fidelity(pipe, hypernets: dict, config: FidelityConfig = FidelityConfig(
         return taken
 
     batched = curve_run(refs)
-    alone = curve_run(refs[:1])  # the time a user waits: one identity alone, like every hypernet row
+    alone = curve_run(refs[:1])
     curve = [{"steps": k, **_score(pipe, batched[k][1], refs, config), "seconds": alone[k][0],
               "seconds_batched": batched[k][0] / len(refs)} for k in config.dreambooth_curve]
     last = curve[-1]
     adapter = batched[last["steps"]][1][0]
-    rows["dreambooth_lidb"] = {**{k: v for k, v in last.items() if k != "steps"},
-                               "adapter_values": adapter.num_values, "adapter_bytes": _size(adapter), "curve": curve}
+    return {**{k: v for k, v in last.items() if k != "steps"}, "adapter_values": adapter.num_values,
+            "adapter_bytes": _size(adapter), "curve": curve}
 
-    caption = synthfaces.caption(_scene(config.reference_scene), config.token)  # what the reference shows, for the captioned fine-tune
+
+def run_fidelity(pipe, hypernets: dict, config: FidelityConfig = FidelityConfig(), ablations: dict | None = None) -> dict:
+    if config.judge:
+        _judge(config.judge)  # a bad folder fails before any work
+    seeds = list(synthfaces.eval_seeds(config.identities))
+    refs = _references(pipe, seeds, config)
+    rows: dict[str, dict] = {}
+    rows["base"] = {**_score(pipe, [None] * len(refs), refs, config), "seconds": 0.0, "adapter_values": 0, "adapter_bytes": 0}
+
+    caption = synthfaces.caption(_scene(config.reference_scene), config.token)  # what the reference shows, for the captioned rows
+    rows["dreambooth_lidb"] = _dreambooth(pipe, refs, config, config.dreambooth.instance_prompt)
+    if config.dreambooth_caption:
+        rows["dreambooth_lidb+caption"] = _dreambooth(pipe, refs, config, caption)
+
     steps = config.finetune_steps
     runs = [(name, hp, ((name, 0, None), (f"{name}+ft", steps, None), (f"{name}+ft+caption", steps, caption)))
             for name, hp in hypernets.items()]
@@ -205,12 +215,15 @@ def write_fidelity(result: dict, out: Path, command: str = "") -> dict[str, Path
         judge = f" {row['id_similarity_judge']:.3f} |" if judged else ""
         lines.append(f"| {name} | {row['id_similarity']:.3f} |{judge} {row['scene_fidelity']:.1%} | {words} |"
                      f" {row['seconds']:.2f} s | {size} |")
-    curve = result["rows"]["dreambooth_lidb"]["curve"]
-    lines += ["", "DreamBooth-LiDB convergence, one run taken at each point (ID similarity"
-              + (" / judge" if judged else "") + " / scene fidelity; seconds for one identity alone; per identity in"
-              " one batch of all): " + ", ".join(
-                  f"{c['steps']} steps → {c['id_similarity']:.3f}" + (f" / {c['id_similarity_judge']:.3f}" if judged else "")
-                  + f" / {c['scene_fidelity']:.1%} ({c['seconds']:.1f} s; {c['seconds_batched']:.1f} s)" for c in curve)]
+    for name, row in result["rows"].items():
+        if "curve" not in row:
+            continue
+        curve = row["curve"]
+        lines += ["", f"{name} convergence, one run taken at each point (ID similarity"
+                  + (" / judge" if judged else "") + " / scene fidelity; seconds for one identity alone; per identity in"
+                  " one batch of all): " + ", ".join(
+                      f"{c['steps']} steps → {c['id_similarity']:.3f}" + (f" / {c['id_similarity_judge']:.3f}" if judged else "")
+                      + f" / {c['scene_fidelity']:.1%} ({c['seconds']:.1f} s; {c['seconds_batched']:.1f} s)" for c in curve)]
     if command:
         lines += ["", f"Command: `{command}`"]
     with atomic_path(paths["markdown"], "report") as tmp:

@@ -1,10 +1,12 @@
 """Fidelity benchmark on held-out SynthFaces identities (seeds >= 1,000,000), paper-style, JSON + Markdown.
 
     python scripts/eval_fidelity.py --hypernet shipped=PATH [--ablation mlp=PATH --ablation k1=PATH] \
-        [--base PATH] [--identities 16] [--curve 100,200,400] [--out outputs/fidelity]
+        [--base PATH] [--identities 16] [--curve 100,200,400] [--dreambooth-caption] \
+        [--out outputs/fidelity]
 
-Rows: base model, DreamBooth-LiDB from scratch (with its convergence curve, from one run), each --hypernet zero-shot
-and with the 40-step rank-relaxed fine-tune, each --ablation zero-shot. Logic: hyperdiff.fidelity.
+Rows: base model, DreamBooth-LiDB from scratch (with its convergence curve, from one run; with --dreambooth-caption
+also trained on the reference's caption), each --hypernet zero-shot and with the 40-step rank-relaxed fine-tune, each
+--ablation zero-shot. Logic: hyperdiff.fidelity.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a hypernet with a zero-shot row only (repeatable)")
     p.add_argument("--curve", default="50,100,200,400", help="DreamBooth-LiDB steps, comma-separated: one run to the"
                    " longest, scored at each; the last listed is its row")
+    p.add_argument("--dreambooth-caption", action="store_true", help="also a DreamBooth-LiDB row (and curve) trained on"
+                   " the reference's caption instead of 'a sks face', as the captioned fast fine-tune is")
     p.add_argument("--identities", type=int, default=16)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--finetune-steps", type=int, default=40)
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             raise HyperdiffError(f"`--curve` must be comma-separated step counts, got {args.curve!r}") from None
         config = FidelityConfig(identities=args.identities, steps=args.steps, finetune_steps=args.finetune_steps,
-                                dreambooth_curve=curve, judge=args.judge)
+                                dreambooth_curve=curve, dreambooth_caption=args.dreambooth_caption, judge=args.judge)
         result = run_fidelity(pipe, hypernets, config, ablations)
     except HyperdiffError as e:
         print(f"eval_fidelity: error: {e}", file=sys.stderr)

@@ -60,10 +60,10 @@ def test_fidelity_benchmark_rows_and_table(tmp_path):
     pipe = tiny_pipeline(seed=0)
     judge = str(ROOT / "hyperdiff" / "assets" / "synthfaces" / "identity_encoder")  # the shipped encoder, loaded again
     config = FidelityConfig(identities=2, scenes=(("red", False, "smiling"),), steps=2, finetune_steps=2, dreambooth_curve=(2, 3),
-                            judge=judge)
+                            dreambooth_caption=True, judge=judge)
     result = run_fidelity(pipe, {"attention": HyperNetwork.from_pretrained(run)}, config, {"k1": HyperNetwork.from_pretrained(run)})
     rows = result["rows"]
-    assert list(rows) == ["base", "dreambooth_lidb", "attention", "attention+ft", "attention+ft+caption", "k1"]  # ablations: zero-shot only
+    assert list(rows) == ["base", "dreambooth_lidb", "dreambooth_lidb+caption", "attention", "attention+ft", "attention+ft+caption", "k1"]  # ablations: zero-shot only
     assert rows["k1"]["id_similarity"] == rows["attention"]["id_similarity"]  # the same hypernet, the same images
     assert [c["steps"] for c in rows["dreambooth_lidb"]["curve"]] == [2, 3]
     assert all(c["seconds"] > 0 and c["seconds_batched"] > 0 for c in rows["dreambooth_lidb"]["curve"])
@@ -82,7 +82,10 @@ def test_fidelity_benchmark_rows_and_table(tmp_path):
     assert [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| ")][1:] == [f"| {r}" for r in rows]
     curve = rows["dreambooth_lidb"]["curve"]  # one run, taken after 2 and 3 steps
     assert curve[0]["seconds"] < curve[1]["seconds"] and curve[0]["seconds_batched"] < curve[1]["seconds_batched"]
-    line = next(line for line in md.splitlines() if line.startswith("DreamBooth-LiDB convergence"))
+    assert rows["dreambooth_lidb+caption"]["id_similarity"] != rows["dreambooth_lidb"]["id_similarity"]  # another prompt
+    assert [c["steps"] for c in rows["dreambooth_lidb+caption"]["curve"]] == [2, 3]
+    assert sum(line.startswith("dreambooth_lidb+caption convergence") for line in md.splitlines()) == 1
+    line = next(line for line in md.splitlines() if line.startswith("dreambooth_lidb convergence"))
     assert f"3 steps → {curve[1]['id_similarity']:.3f} / {curve[1]['id_similarity_judge']:.3f} / {curve[1]['scene_fidelity']:.1%}" in line
     for bad in (["--hypernet", "bad"], ["--ablation", "=x"], ["--curve", "10,x"], ["--curve", "10,0"], ["--judge", str(tmp_path / "none"), "--curve", "1"]):
         assert eval_fidelity.main(["--base", "hyperdiff:tiny", *bad, "--out", str(tmp_path)]) == 2
