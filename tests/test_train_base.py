@@ -56,6 +56,16 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+EMBEDDING = "text_encoder.embeddings.token_embedding.weight"
+
+
+def _ids(folder: Path, *words: str) -> list[int]:
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    return [tokenizer(w, add_special_tokens=False).input_ids[0] for w in words]
+
+
 def test_training_exports_a_diffusers_folder_and_resumes_exactly(train_base, tmp_path):
     export = _run(train_base, tmp_path, "full")
     weights = _weights(export)
@@ -88,6 +98,19 @@ def test_training_exports_a_diffusers_folder_and_resumes_exactly(train_base, tmp
     pairs = load_file(tmp_path / "full" / "refine_pairs.safetensors")
     cached = load_file(tmp_path / "full" / "latents.safetensors")["latents"]
     assert pairs["latents"].shape == (6, *cached.shape[1:]) and len(set(pairs["index"].tolist())) == 6
+
+    # The identifier, which no caption names, is exported with its class word's embedding row ("a sks face" starts
+    # as "a face face"); `identifier=''` leaves its random row, and nothing else differs.
+    sks, face, red = _ids(export, "sks", "face", "red")
+    assert torch.equal(weights[EMBEDDING][sks], weights[EMBEDDING][face])
+    again = ["--config", str(tmp_path / "full.yaml"), "--export_only"]
+    assert train_base.main([*again, "--set", "identifier=''", "--set", f"export_dir={tmp_path / 'keep'}"]) == 0
+    kept = _weights(tmp_path / "keep")
+    assert all(torch.equal(weights[k], kept[k]) for k in weights if k != EMBEDDING)
+    rows = (weights[EMBEDDING] != kept[EMBEDDING]).any(dim=1).nonzero().flatten().tolist()
+    assert rows == [sks] and not torch.equal(kept[EMBEDDING][sks], kept[EMBEDDING][face])
+    assert train_base.main([*again, "--set", "identifier_class=red", "--set", f"export_dir={tmp_path / 'red'}"]) == 0
+    assert torch.equal(_weights(tmp_path / "red")[EMBEDDING][sks], weights[EMBEDDING][red])
 
     # A run that died after step 3: its VAE, caches and checkpoint-3 are all a new run has; it must finish with the
     # weights of the uninterrupted run (batches are seeded by step; optimizer, schedule and EMA come back). Equal to
@@ -140,12 +163,16 @@ def test_init_from_starts_the_unet_stage_from_an_exported_model(train_base, tmp_
     assert train_base.main(["--config", str(path), "--export_only", "--set", "decoder.steps=0",
                             "--set", "unet.init_blend=0.25", "--set", f"export_dir={tmp_path / 'blend'}"]) == 0
     ema, blended = load_file(tmp_path / "second" / "unet" / "checkpoint-6" / "ema.safetensors"), _weights(tmp_path / "blend")
+    sks, face = _ids(first, "sks", "face")
 
     def close(x, y, k):
         return torch.allclose(x.double(), y.double(), rtol=torch.finfo(a[k].dtype).eps, atol=1e-7)
 
     def mix(w, k):
-        return (a[k].double() * (1 - w) + ema[k].double() * w).to(a[k].dtype)
+        out = a[k].double() * (1 - w) + ema[k].double() * w
+        if k == EMBEDDING:
+            out[sks] = out[face]  # the identifier's row is its class word's in every export
+        return out.to(a[k].dtype)
 
     assert all(close(blended[k], mix(0.25, k), k) for k in ema)
     for part in ("unet.", "text_encoder."):
@@ -284,6 +311,10 @@ def test_bad_config_is_one_line(train_base, tmp_path, capsys):
     assert train_base.main(["--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("train_base: error:") and "`steps` must be a positive integer, got 0" in err and "\n" not in err
+    assert train_base.main(["--config", str(path), "--set", "vae.steps=3", "--set", "identifier_class=dog"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "`identifier_class` must be a word of the model's vocabulary (`model.words`, one token each), got 'dog'" in err
+    assert "\n" not in err
     for strength in ([0.6, 0.3], [0.01, 0.5], "high"):  # backwards; under one step of 20; not a range
         assert train_base.main(["--config", str(path), "--set", "vae.steps=3", "--set", f"refine.strength={strength}"]) == 2
         err = capsys.readouterr().err.strip()

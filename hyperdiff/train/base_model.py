@@ -26,6 +26,8 @@ Contract:
   every `checkpointing_steps` into `output_dir/<stage>/checkpoint-N` and resume from the latest one; a finished
   stage is skipped. Batches are drawn from a generator seeded by
   `(seed, step)`, so a resumed run sees the batches an uninterrupted run would.
+- Before the export, the identifier token's embedding (`identifier`, never in a caption) is set to its class
+  word's (`identifier_class`): `identifier_from_class`.
 - `export_pipeline` writes a standard diffusers folder (fp16 UNet and VAE, DPM-Solver++ scheduler) that
   `StableDiffusionPipeline.from_pretrained(path, local_files_only=True)` loads.
 """
@@ -230,10 +232,18 @@ class BaseTrainConfig:
     checkpoints_total_limit: int = 2
     seed: int = 0
     report_to: str = "tensorboard"
+    # The personalization token. No training caption names it, so its embedding is still the random initialisation
+    # at export, which then sets it to its class word's ("" = leave it): see `identifier_from_class`.
+    identifier: str = "sks"
+    identifier_class: str = "face"
 
     def __post_init__(self) -> None:
         check_positive_int("checkpointing_steps", self.checkpointing_steps)
         check_positive_int("checkpoints_total_limit", self.checkpoints_total_limit)
+        for name in ("identifier", "identifier_class") if self.identifier else ():
+            if getattr(self, name) not in self.model.words:
+                raise HyperdiffError(f"`{name}` must be a word of the model's vocabulary (`model.words`, one token "
+                                     f"each), got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -671,6 +681,18 @@ def _exported_states(unet, text_encoder, folder: str) -> tuple[dict, dict]:
     return states[0], states[1]
 
 
+def identifier_from_class(text_encoder, tokenizer, identifier: str, word: str) -> None:
+    """Copy `word`'s input-embedding row into `identifier`'s (both one token of `tokenizer`). No training caption
+    names the identifier, so its row is still the random initialisation, and every later word of a prompt attends to
+    it: on the fourth base "a sks face, ..." obeyed 88 % of scene words where "a face, ..." obeyed 99 %. DreamBooth
+    assumes an identifier with a weak prior; starting it from its class word, as textual inversion starts a new token
+    from an initializer word, gives it one ("a sks face" reads as "a face face"). Prompts without it are unchanged."""
+    emb = text_encoder.get_input_embeddings().weight  # (vocab, d)
+    (target,), (source,) = (tokenizer(w, add_special_tokens=False).input_ids for w in (identifier, word))
+    with torch.no_grad():
+        emb[target] = emb[source]
+
+
 def export_pipeline(cfg: BaseTrainConfig, vae, unet, text_encoder, tokenizer, export_dir: Path) -> Path:
     """A standard diffusers folder, fp16 weights, DPM-Solver++ scheduler; replaced atomically (temp folder + rename)."""
     from diffusers import StableDiffusionPipeline
@@ -741,6 +763,8 @@ def train(cfg: BaseTrainConfig, resume: bool = True, export_only: bool = False) 
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(refined)
+    if cfg.identifier:
+        identifier_from_class(text_encoder, tokenizer, cfg.identifier, cfg.identifier_class)
     path = Path(cfg.export_dir)
     if accelerator.is_main_process:
         export_pipeline(cfg, vae, unet, text_encoder, tokenizer, path)
