@@ -17,8 +17,9 @@ Contract:
 - Returns one Adapter per identity; with `start`, the exact concatenation `start[i] + learned[i]` (rank r + r', no
   SVD): the rank-relaxed fast fine-tune. `snapshot(k, adapters)` also receives them, as they stand, after each step
   count k in `snapshot_steps`: with a constant learning rate and one seeded stream of draws, a run's state after k
-  steps is that of a k-step run, so one run gives a whole convergence curve. One identity's start adapter is fused into the frozen UNet for the run
-  (the processors then carry only the learned factors) and unfused, bit for bit, when it ends. Deterministic in
+  steps is that of a k-step run, so one run gives a whole convergence curve. One identity's start adapter is fused
+  into the frozen UNet for the run (the processors then carry only the learned factors) and unfused, bit for bit,
+  when it ends. Deterministic in
   `config.seed` on CPU; progress via tqdm.
 - Runs on the UNet's device: every random draw comes from one CPU generator (so a seed means the same noise on any
   device), the trainable factors are float32 there, and a float16 UNet's loss is scaled (`torch.amp.GradScaler`)
@@ -304,8 +305,7 @@ def finetune(
     # One identity: its deltas serve every sample of the batch as they are (the processors' shared form: one addmm,
     # nothing repeated or batched). Several: each identity's deltas repeated for its bs samples (per-sample form).
     shared = n == 1
-    # The starting adapters: one identity's is fused into the frozen UNet for the run (no processor work per step;
-    # unfused bit for bit at the end); several are laid out like the batch for the processors.
+
     def adapters(done: int) -> list[Adapter]:
         """The factors as they stand after `done` steps, one Adapter per identity (copied to the CPU; the start
         concatenated)."""
@@ -321,6 +321,8 @@ def finetune(
             out.append(Adapter.concat([start[i], ad]) if start is not None else ad)
         return out
 
+    # The starting adapters: one identity's is fused into the frozen UNet for the run (no processor work per step;
+    # unfused bit for bit at the end); several are laid out like the batch for the processors.
     fixed = None
     if start is not None and not shared:
         fixed = Adapter.stack(start, table).to(device).repeat_for(bs, guidance=False)
