@@ -19,8 +19,7 @@ Contract:
   count k in `snapshot_steps`: with a constant learning rate and one seeded stream of draws, a run's state after k
   steps is that of a k-step run, so one run gives a whole convergence curve. One identity's start adapter is fused
   into the frozen UNet for the run (the processors then carry only the learned factors) and unfused, bit for bit,
-  when it ends. Deterministic in
-  `config.seed` on CPU; progress via tqdm.
+  when it ends. Deterministic in `config.seed` on CPU; progress via tqdm.
 - Runs on the UNet's device: every random draw comes from one CPU generator (so a seed means the same noise on any
   device), the trainable factors are float32 there, and a float16 UNet's loss is scaled (`torch.amp.GradScaler`)
   so its small gradients do not underflow. Adapters come back on the CPU.

@@ -133,7 +133,6 @@ def test_finetune_is_deterministic_and_trains_identities_separately(tiny, table)
     assert not _same(first[0], other[0])
 
 
-
 def test_snapshots_of_one_run_are_the_shorter_runs(tiny, table):
     """One 5-step run, taken after 2 and 5 steps, gives bit for bit what a 2-step and the 5-step run return: the
     convergence curve of the fidelity benchmark comes from one run. With a start adapter (fused for one identity)
@@ -154,6 +153,7 @@ def test_snapshots_of_one_run_are_the_shorter_runs(tiny, table):
     (one,) = finetune(tiny, refs[:1], FinetuneConfig(kind="lora", rank=1, steps=1, learning_rate=1e-2, prior_weight=0.0),
                       start=start, progress=False)
     assert taken[1][0].rank == one.rank == start[0].rank + 1 and _same(taken[1][0], one)
+
 
 def _step_zero(tiny, table, refs, start, cfg, picks):
     """What `finetune`'s first step computes, another way: the batch (identity-major, `picks[i]` the images of
