@@ -19,11 +19,8 @@ Contract:
   identity embeddings of the target image and of the one-step estimate of it that the UNet's prediction under the
   predicted weights implies (x̂₀ from the same noisy latent, decoded by the VAE; the frozen identity encoder
   `identity_encoder`, "" = the shipped one): a direct identity signal, which the noise-space terms dilute in errors
-  the identity does not show in. + `scene_weight` · the cross-entropy of the same encoder's hat and expression heads
-  on that estimate against their reading of the target image (timesteps below `scene_max_timestep`): the words of
-  the target's caption must still show under the predicted weights, which an identity term alone lets them lose.
-  With neither the diffusion, the distillation, the identity nor the scene term (weight regression only, the
-  paper's stage-2 warm start) the UNet is skipped entirely. `expression_weight` (SynthFaces)
+  the identity does not show in. With neither the diffusion, the distillation nor the identity term (weight
+  regression only, the paper's stage-2 warm start) the UNet is skipped entirely. `expression_weight` (SynthFaces)
   multiplies the noise-space errors by the base trainer's map of where the expression words act (mean 1).
   With `targets_dir`, batches draw only the identities that have a target (stage 2 trains on stage 1's identities,
   as in the paper); without, any identity of the source.
@@ -53,9 +50,8 @@ from hyperdiff.adapter import Adapter
 from hyperdiff.config import to_dict
 from hyperdiff.data.identities import FolderIdentities, SynthFacesIdentities
 from hyperdiff.errors import HyperdiffError, check_number_in, check_positive_int, check_positive_number
-from hyperdiff.finetune import (FinetuneConfig, decoded_estimate, embedding_distance, encode_images, encode_prompts,
-                                encoder_readings, finetune, frozen_identity_encoder, make_prior, noise_prediction,
-                                per_sample_mse)
+from hyperdiff.finetune import (FinetuneConfig, encode_images, encode_prompts, finetune, frozen_identity_encoder,
+                                identity_embeddings, identity_loss, make_prior, noise_prediction, per_sample_mse)
 from hyperdiff.hypernet import HyperNetConfig, HyperNetwork
 from hyperdiff.layers import LayerTable
 from hyperdiff.lidb import stable_seed
@@ -105,10 +101,7 @@ class HypernetTrainConfig:
     weight_weight: float = 0.02
     distill_weight: float = 0.0  # function-space distillation of the stage-1 targets (needs targets_dir)
     identity_weight: float = 0.0  # identity-encoder loss on the one-step estimate of the target image
-    identity_encoder: str = ""  # the identity_weight and scene_weight terms' frozen encoder; "" = the shipped one
-    # the encoder's hat and expression heads on the one-step estimate, against their reading of the target image
-    scene_weight: float = 0.0
-    scene_max_timestep: int = 600  # the scene term takes samples whose timestep is below this (x̂₀ shows a face)
+    identity_encoder: str = ""  # the identity_weight term's frozen encoder; "" = the shipped SynthFaces one
     expression_weight: float = 0.0  # SynthFaces: diffusion/distillation errors × (1 + w · expression_map), mean 1
     targets_dir: str = ""  # stage-1 targets; "" = none
     checkpointing_steps: int = 250
@@ -123,18 +116,17 @@ class HypernetTrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_train_steps", "train_batch_size", "checkpointing_steps", "checkpoints_total_limit",
-                     "precompute_identities", "precompute_batch", "scene_max_timestep"):
+                     "precompute_identities", "precompute_batch"):
             check_positive_int(name, getattr(self, name))
         check_positive_number("learning_rate", self.learning_rate)
-        for name in ("diffusion_weight", "weight_weight", "distill_weight", "identity_weight", "scene_weight", "expression_weight"):
+        for name in ("diffusion_weight", "weight_weight", "distill_weight", "identity_weight", "expression_weight"):
             check_number_in(name, getattr(self, name), 0.0, 1e6)
         if self.distill_weight > 0 and not self.targets_dir:
             raise HyperdiffError("`distill_weight` > 0 needs stage-1 targets: set `targets_dir`")
         if (self.diffusion_weight == 0 and self.distill_weight == 0 and self.identity_weight == 0
-                and self.scene_weight == 0 and not (self.targets_dir and self.weight_weight > 0)):
-            raise HyperdiffError("`diffusion_weight` 0 needs another loss term: a positive `identity_weight` or"
-                                 " `scene_weight`, or stage-1 targets (`targets_dir`) and a positive `weight_weight` or"
-                                 " `distill_weight`")
+                and not (self.targets_dir and self.weight_weight > 0)):
+            raise HyperdiffError("`diffusion_weight` 0 needs another loss term: a positive `identity_weight`, or stage-1"
+                                 " targets (`targets_dir`) and a positive `weight_weight` or `distill_weight`")
         if self.expression_weight > 0 and self.data.kind != "synthfaces":
             raise HyperdiffError("`expression_weight` > 0 needs SynthFaces data (`data.kind` 'synthfaces'): its map comes"
                                  f" from renders, got `data.kind` {self.data.kind!r}")
@@ -201,9 +193,7 @@ def train_hypernet(cfg: HypernetTrainConfig, resume: bool = True) -> Path:
         if path is not None:
             accelerator.load_state(str(path))
     hp = accelerator.unwrap_model(model)
-    id_encoder = None
-    if cfg.identity_weight > 0 or cfg.scene_weight > 0:
-        id_encoder = frozen_identity_encoder(cfg.identity_encoder, accelerator.device)
+    id_encoder = frozen_identity_encoder(cfg.identity_encoder, accelerator.device) if cfg.identity_weight > 0 else None
     cells = None  # (1, 1, h, w) loss weight on the latent grid, where the expression words act
     if cfg.expression_weight > 0:
         with torch.no_grad():
@@ -242,8 +232,7 @@ def _init_from(model: HyperNetwork, cfg: HypernetTrainConfig, table: LayerTable)
 def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_scheduler, source, keys, targets, table,
                 start, id_encoder=None, cells=None):
     """`keys`: the identities batches draw from (all of `source`, or those with a stage-1 target); `id_encoder`: the
-    frozen identity encoder of the `identity_weight` and `scene_weight` terms; `cells`: the noise-space terms' weight
-    map (None = uniform)."""
+    frozen identity encoder of the `identity_weight` term; `cells`: the noise-space terms' weight map (None = uniform)."""
     out = Path(cfg.output_dir)
     world, rank, per = accelerator.num_processes, accelerator.process_index, cfg.train_batch_size
     bar = tqdm(range(start, cfg.max_train_steps), desc="hypernet", disable=not accelerator.is_main_process, mininterval=5)
@@ -273,8 +262,8 @@ def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_sc
                     taught, _ = noise_prediction(pipe, noise_scheduler, latents, text, [teacher], noise, t)
                 terms["distill"] = per_sample_mse(pred, taught, cells).mean()
             if id_encoder is not None:
-                terms.update(_encoder_terms(cfg, pipe, noise_scheduler, id_encoder, latents, noise, t, pred,
-                                            [p[1] for p in pairs[mine]]))
+                terms["identity"] = identity_loss(pipe, noise_scheduler, id_encoder, latents, noise, t, pred,
+                                                  identity_embeddings(id_encoder, [p[1] for p in pairs[mine]]))
         weight_loss = _weight_loss(batch[mine], a_train, b_train, targets, table)
         if weight_loss is not None:
             terms["weight"] = weight_loss
@@ -293,25 +282,6 @@ def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_sc
             checkpoints.save(accelerator, out, step + 1, cfg.checkpoints_total_limit)
         if cfg.validation_steps and (step + 1) % cfg.validation_steps == 0 and accelerator.is_main_process:
             validate(cfg, pipe, hp, source, table, step + 1)
-
-
-def _encoder_terms(cfg, pipe, noise_scheduler, encoder, latents, noise, t, pred, targets) -> dict[str, torch.Tensor]:
-    """The frozen encoder's terms on the one-step estimate x̂₀ (decoded once) of each target image (PIL `targets`):
-    "identity", 1 − cosine of the embeddings; "scene", the cross-entropy of the hat and expression heads against
-    their reading of the target (soft labels, so any data the encoder reads will do), on the samples whose timestep
-    is below `scene_max_timestep`. Each is a mean over the local batch (samples left out count 0)."""
-    pixels = decoded_estimate(pipe.vae, noise_scheduler, latents, noise, t, pred, encoder.config.image_size)
-    made = encoder(pixels)  # (B, e), (B, 2), (B, 4)
-    with torch.no_grad():
-        wanted = encoder_readings(encoder, targets)
-    terms = {}
-    if cfg.identity_weight > 0:
-        terms["identity"] = embedding_distance(made[0], wanted[0])
-    if cfg.scene_weight > 0:
-        keep = (t < cfg.scene_max_timestep).to(pixels.dtype)  # (B,)
-        ce = sum(F.cross_entropy(m, w.softmax(dim=1), reduction="none") for m, w in zip(made[1:], wanted[1:]))  # (B,)
-        terms["scene"] = (keep * ce).sum() / len(targets)
-    return terms
 
 
 VALIDATION_PROMPT = "a {token} face, smiling, wearing a hat, on a purple background"
