@@ -240,10 +240,11 @@ class BaseTrainConfig:
     def __post_init__(self) -> None:
         check_positive_int("checkpointing_steps", self.checkpointing_steps)
         check_positive_int("checkpoints_total_limit", self.checkpoints_total_limit)
-        for name in ("identifier", "identifier_class") if self.identifier else ():
-            if getattr(self, name) not in self.model.words:
-                raise HyperdiffError(f"`{name}` must be a word of the model's vocabulary (`model.words`, one token "
-                                     f"each), got {getattr(self, name)!r}")
+        if self.identifier:  # "" = leave the identifier's row as it is: nothing to check
+            for name in ("identifier", "identifier_class"):
+                if getattr(self, name) not in self.model.words:
+                    raise HyperdiffError(f"`{name}` must be a word of the model's vocabulary (`model.words`, one token"
+                                         f" each), got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         return to_dict(self)
