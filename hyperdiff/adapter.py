@@ -17,6 +17,8 @@ Contract (DESIGN.md, "Adapter" and "Files"):
 - Files (`hyperdiff.formats`): `save`/`load` (native), `export(path, format="diffusers"|"kohya")`;
   `save_as(folder, format)` writes any of them under a name that says what it is (`file_name(format)`:
   `hyperdiff-<token>-<digest>-<format>.safetensors`, the digest a hash of the adapter's values).
+- `info.low_noise` (a hypernet's calibrated low-noise gain, `hyperdiff.schedule`) is how the pipeline samples with
+  it; derived adapters (`w * ad`, `concat`, `mix`) keep the first one's, like the rest of `info`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from hyperdiff.errors import HyperdiffError
 from hyperdiff.layers import LayerTable, TargetConfig
 from hyperdiff.lidb import LiDBConfig, aux_bases, compose
 from hyperdiff.processors import HyperLoRA, LowRankDelta, install, restore
+from hyperdiff.schedule import LowNoiseGain
 
 KINDS = ("lidb", "lora")
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
@@ -43,7 +46,7 @@ Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass(frozen=True)
 class AdapterInfo:
-    """Descriptive metadata carried into every file format."""
+    """Metadata carried into every file format (`low_noise` into the native one only: LoRA files cannot say it)."""
 
     base_model: str = ""  # hub id, folder or file of the base, or "synthfaces"
     token: str = ""  # identifier token in prompts, e.g. "sks"
@@ -51,6 +54,7 @@ class AdapterInfo:
     architecture: str = "hyperdiff-custom"  # modelspec family: stable-diffusion-v1 | stable-diffusion-v2 | ...
     resolution: str = ""  # e.g. "512x512"
     prediction_type: str = "epsilon"
+    low_noise: LowNoiseGain = LowNoiseGain()  # how hyperdiff applies it in sampling (`hyperdiff.schedule`)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -43,6 +43,8 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
         ("architecture", ad.info.architecture),
         ("token", ad.info.token or "-"),
         ("source", ad.info.source or "-"),
+        ("low-noise gain", f"x{ad.info.low_noise.gain:g} below timestep {ad.info.low_noise.below}"
+         if ad.info.low_noise.active else "none (one strength)"),
     ]
     if ad.lidb:
         rows.insert(3, ("lidb", f"a={ad.lidb.a} b={ad.lidb.b} aux_seed={ad.lidb.aux_seed}"))
@@ -76,9 +78,14 @@ def _cmd_personalize(args: argparse.Namespace) -> None:
 def _cmd_generate(args: argparse.Namespace) -> None:
     from hyperdiff.adapter import Adapter
     from hyperdiff.pipeline import HyperDreamBoothPipeline
+    from hyperdiff.schedule import LowNoiseGain
     from hyperdiff.sheet import save_png
 
     adapter = Adapter.load(args.adapter)
+    low = adapter.info.low_noise
+    if args.low_noise_gain is not None or args.low_noise_below is not None:
+        low = LowNoiseGain(low.gain if args.low_noise_gain is None else args.low_noise_gain,
+                           low.below if args.low_noise_below is None else args.low_noise_below)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise HyperdiffError(f"`--out` '{out}' is a file, expected a folder for the PNG images")
@@ -87,7 +94,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     hdb.pipe.set_progress_bar_config(disable=False, desc="denoise", leave=False)  # diffusers' own tqdm bar
     start = time.perf_counter()
     images = hdb.generate(args.prompt, adapter, negative_prompt=args.negative_prompt, num_images=args.num_images,
-                          steps=args.steps, guidance=args.guidance, seed=args.seed, strength=args.strength)
+                          steps=args.steps, guidance=args.guidance, seed=args.seed, strength=args.strength,
+                          low_noise=low)
     seconds = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
     paths = [save_png(im, out / f"{Path(args.adapter).stem}_seed{args.seed + i}.png") for i, im in enumerate(images)]
@@ -152,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25, help="denoising steps (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default: %(default)s)")
     p.add_argument("--strength", type=float, default=1.0, help="multiplier of the adapter's weight delta (default: %(default)s)")
+    p.add_argument("--low-noise-gain", type=float, default=None,
+                   help="extra multiplier of the weight delta at the low-noise timesteps below --low-noise-below, where "
+                        "sampling draws a face's detail (default: the adapter's own, which a calibrated hypernet sets; "
+                        "1 = one strength throughout, as an exported LoRA file samples)")
+    p.add_argument("--low-noise-below", type=int, default=None,
+                   help="timestep in [0, 1000] below which --low-noise-gain applies (default: the adapter's own)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (default: %(default)s)")
     p.add_argument("--base", help="base model the adapter was made for (default: embedded SynthFaces)")
     _add_device_flags(p)

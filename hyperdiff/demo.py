@@ -17,6 +17,7 @@ What runs depends on what is shipped (or passed), and the demo says which:
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -26,6 +27,7 @@ import torch
 from hyperdiff.adapter import Adapter
 from hyperdiff.data import synthfaces
 from hyperdiff.sheet import contact_sheet, save_png
+from hyperdiff.schedule import diffusers_callback
 
 SCENES = (synthfaces.Scene("red", False, "smiling"), synthfaces.Scene("blue", True, "surprised"))
 REFERENCE_SCENE = synthfaces.Scene("gray", False, "neutral")
@@ -83,7 +85,8 @@ def run_demo(out: Path, seed: int = 0, identities: int = 2, base: str | None = N
                     row += hdb.generate(prompt, adapters[i], steps=steps, seed=seed + 100 * i + k)
             rows.append(row)
         best = list(columns.values())[-2][i]  # the most personalized column (the last before "base model")
-        with _step(timings, "save + export adapters"):
+        with _step(timings, "save + export adapters"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # said once below: a LoRA file cannot carry the low-noise gain
             files[s] = {"native": best.save(out / f"identity{s}.safetensors")}
             files[s].update({f: best.export(out / f"identity{s}.{f}.safetensors", f) for f in ("diffusers", "kohya")})
     titles = ["reference", *columns]
@@ -94,6 +97,10 @@ def run_demo(out: Path, seed: int = 0, identities: int = 2, base: str | None = N
     print(f"\nwrote {sheet}: rows = {identities} held-out identities x {len(SCENES)} new scenes; columns = {' | '.join(titles)}")
     for s, f in files.items():
         print(f"identity {s}: {f['native']} (+ .diffusers / .kohya exports)")
+    low = list(columns.values())[-2][0].info.low_noise
+    if low.active:
+        print(f"the adapters apply ΔW x{low.gain:g} below timestep {low.below}; a LoRA file cannot say so: in diffusers "
+              "pass callback_on_step_end=hyperdiff.schedule.diffusers_callback(adapter.info.low_noise, name)")
     print(f"vanilla diffusers load_lora_weights(export) vs hyperdiff's injection: max pixel difference {diff:.1e}")
     print("\nstep times:")
     for name, seconds in timings.items():
@@ -102,14 +109,16 @@ def run_demo(out: Path, seed: int = 0, identities: int = 2, base: str | None = N
 
 
 def _vanilla_check(hdb, adapter: Adapter, export: Path, steps: int, seed: int) -> float:
-    """The exported file through plain diffusers (PEFT) against hyperdiff's fused adapter: same prompt, same noise."""
+    """The exported file through plain diffusers (PEFT; the adapter's low-noise gain set per step by
+    `diffusers_callback`) against hyperdiff's fused adapter: same prompt, same noise."""
     import copy
 
     prompt = synthfaces.caption(SCENES[0], TOKEN)
     ours = hdb.generate(prompt, adapter, steps=steps, seed=seed)[0]
     vanilla = copy.deepcopy(hdb.pipe)
-    vanilla.load_lora_weights(str(export))
-    theirs = vanilla(prompt, num_inference_steps=steps, guidance_scale=4.0, generator=torch.Generator().manual_seed(seed)).images[0]
+    vanilla.load_lora_weights(str(export), adapter_name="id")
+    theirs = vanilla(prompt, num_inference_steps=steps, guidance_scale=4.0, generator=torch.Generator().manual_seed(seed),
+                     callback_on_step_end=diffusers_callback(adapter.info.low_noise, "id")).images[0]
     a = torch.tensor(bytearray(ours.tobytes()), dtype=torch.float32)
     b = torch.tensor(bytearray(theirs.tobytes()), dtype=torch.float32)
     return float((a - b).abs().max() / 255)

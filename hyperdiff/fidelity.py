@@ -18,7 +18,9 @@ taken at each point, the last point listed being the row; with `config.dreamboot
 hypernet given (name → model):
 `<name>` (zero-shot), `<name>+ft` (the rank-relaxed fast fine-tune, `config.finetune_steps` steps of
 `config.finetune`) and `<name>+ft+caption` (the same fine-tune told what the reference shows: its caption instead of
-"a <token> face"); hypernets given as `ablations` get the zero-shot row only (decoder and K comparisons).
+"a <token> face"); hypernets given as `ablations` get the zero-shot row only (decoder and K comparisons). A hypernet
+whose adapters carry a low-noise gain (`hyperdiff.schedule`) also gets `<name>@one-strength`: its zero-shot adapters
+sampled without it.
 `write_fidelity(result, out)` writes JSON and a Markdown table.
 
 `calibrate_gain(pipe, hypernet, gains, config, tolerance)` picks a hypernet's output gain on *validation* identities
@@ -26,7 +28,8 @@ hypernet given (name → model):
 table rows, and the gain with the highest ID similarity wins among those that keep the base model's editability:
 scene fidelity within `tolerance` of the base model's (or of gain 1's, where that is lower). A
 distilled hypernet regresses to its teachers' conditional mean, which shrinks the identity-specific part of ΔW; the
-gain undoes part of that shrinkage (`HyperNetwork.set_gain` stores it in `alpha`).
+gain undoes part of that shrinkage (`HyperNetwork.set_gain` stores it in `alpha`). With `low_noise` candidates
+(`hyperdiff.schedule`) every gain is also scored with each, and the winner's goes into the hypernet's config.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from hyperdiff.files import atomic_path
 from hyperdiff.finetune import FinetuneConfig, finetune
 from hyperdiff.metrics import SCENE_CHECKS as WORDS, IdentityEncoder, default_encoder, scene_fidelity
 from hyperdiff.pipeline import DREAMBOOTH_LIDB, SYNTHFACES_FAST_FINETUNE, HyperDreamBoothPipeline
+from hyperdiff.schedule import LowNoiseGain
 
 DEFAULT_SCENES = (
     ("red", False, "smiling"), ("blue", True, "neutral"), ("green", False, "surprised"), ("yellow", True, "sad"),
@@ -67,6 +71,7 @@ class FidelityConfig:
     dreambooth_curve: tuple[int, ...] = (50, 100, 200, 400)
     dreambooth: FinetuneConfig = field(default_factory=lambda: replace(DREAMBOOTH_LIDB))  # the pipeline's recipe
     dreambooth_caption: bool = False  # also DreamBooth-LiDB told the reference's caption, like the captioned fine-tune
+    dreambooth_rows: bool = True  # False: no DreamBooth-LiDB rows (they are deterministic: re-scoring hypernets only)
     seed: int = 0
     judge: str = ""  # an identity encoder folder that scores ID similarity a second time ("" = none)
 
@@ -89,9 +94,10 @@ def _references(pipe, seeds: list[int], config: FidelityConfig) -> list:
     return [synthfaces.render(synthfaces.Identity.from_seed(s), _scene(config.reference_scene), size) for s in seeds]
 
 
-def _score(pipe, adapters: list[Adapter | None], refs, cfg: FidelityConfig) -> dict[str, float]:
+def _score(pipe, adapters: list[Adapter | None], refs, cfg: FidelityConfig,
+           low_noise: LowNoiseGain | None = None) -> dict[str, float]:
     """Generate every scene for every identity; identity similarity to the reference and scene-word accuracy, overall
-    and per word."""
+    and per word. `low_noise` overrides the adapters' own (`HyperDreamBoothPipeline.generate`)."""
     hdb = HyperDreamBoothPipeline(pipe, None)
     enc = default_encoder()
     judge = _judge(cfg.judge) if cfg.judge else None
@@ -100,7 +106,8 @@ def _score(pipe, adapters: list[Adapter | None], refs, cfg: FidelityConfig) -> d
         for k, t in enumerate(cfg.scenes):
             scene = _scene(t)
             prompt = synthfaces.caption(scene, cfg.token)
-            image = hdb.generate(prompt, ad, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed + 1000 * i + k)[0]
+            image = hdb.generate(prompt, ad, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed + 1000 * i + k,
+                                 low_noise=low_noise)[0]
             sims.append(float(enc.similarity([image], [ref])[0]))
             if judge is not None:
                 judged.append(float(judge.similarity([image], [ref])[0]))
@@ -156,8 +163,9 @@ def run_fidelity(pipe, hypernets: dict, config: FidelityConfig = FidelityConfig(
     rows["base"] = {**_score(pipe, [None] * len(refs), refs, config), "seconds": 0.0, "adapter_values": 0, "adapter_bytes": 0}
 
     caption = synthfaces.caption(_scene(config.reference_scene), config.token)  # what the reference shows, for the captioned rows
-    rows["dreambooth_lidb"] = _dreambooth(pipe, refs, config, config.dreambooth.instance_prompt)
-    if config.dreambooth_caption:
+    if config.dreambooth_rows:
+        rows["dreambooth_lidb"] = _dreambooth(pipe, refs, config, config.dreambooth.instance_prompt)
+    if config.dreambooth_rows and config.dreambooth_caption:
         rows["dreambooth_lidb+caption"] = _dreambooth(pipe, refs, config, caption)
 
     steps = config.finetune_steps
@@ -173,14 +181,19 @@ def run_fidelity(pipe, hypernets: dict, config: FidelityConfig = FidelityConfig(
             seconds = (time.perf_counter() - start) / len(refs)
             rows[label] = {**_score(pipe, adapters, refs, config), "seconds": seconds,
                            "adapter_values": adapters[0].num_values, "adapter_bytes": _size(adapters[0])}
+            if not ft_steps and adapters[0].info.low_noise.active:  # what the low-noise gain adds: the same adapters
+                same = {k: rows[label][k] for k in ("seconds", "adapter_values", "adapter_bytes")}
+                rows[f"{label}@one-strength"] = {**_score(pipe, adapters, refs, config, LowNoiseGain()), **same}
     return {"config": config.to_dict(), "identities": seeds, "rows": rows}
 
 
 def calibrate_gain(
     pipe, hypernet, gains: Sequence[float], config: FidelityConfig | None = None, tolerance: float = 0.02,
+    low_noise: Sequence[LowNoiseGain] = (),
 ) -> dict:
-    """{"gain": chosen, "base": {"id_similarity", "scene_fidelity"}, "rows": [{"gain", "id_similarity",
-    "scene_fidelity"}, ...], "identities": seeds}."""
+    """{"gain": chosen, "low_noise": chosen as a dict, "base": {"id_similarity", "scene_fidelity"}, "rows": [{"gain",
+    "low_noise", "id_similarity", "scene_fidelity"}, ...], "identities": seeds}. Every gain is tried at one strength
+    and with each `low_noise` candidate (on top of the gain); the rule is the same for all rows."""
     config = config or FidelityConfig()
     for g in gains:
         check_positive_number("gains", g)
@@ -193,11 +206,14 @@ def calibrate_gain(
     refs = _references(pipe, seeds, config)
     adapters = [hypernet.predict([r], token=config.token) for r in refs]
     base = _score(pipe, [None] * len(refs), refs, config)
-    rows = [{"gain": g, **_score(pipe, [g * ad for ad in adapters], refs, config)} for g in gains]
-    unit = next(r for r in rows if r["gain"] == 1.0)
+    schedules = [LowNoiseGain(), *(lo for lo in dict.fromkeys(low_noise) if lo.active)]
+    rows = [{"gain": g, "low_noise": lo.to_dict(), **_score(pipe, [g * ad for ad in adapters], refs, config, lo)}
+            for g in gains for lo in schedules]
+    unit = rows[gains.index(1.0) * len(schedules)]  # gain 1 at one strength
     floor = min(base["scene_fidelity"], unit["scene_fidelity"]) - tolerance
     best = max((r for r in rows if r["scene_fidelity"] >= floor), key=lambda r: r["id_similarity"])
-    return {"gain": best["gain"], "tolerance": tolerance, "identities": seeds, "base": base, "rows": rows}
+    return {"gain": best["gain"], "low_noise": best["low_noise"], "tolerance": tolerance, "identities": seeds,
+            "base": base, "rows": rows}
 
 
 def write_fidelity(result: dict, out: Path, command: str = "") -> dict[str, Path]:

@@ -4,7 +4,8 @@ Contract (DESIGN.md, "Files"; REFERENCES.md, "File formats"):
 - Native `.safetensors`: tensors `"<layer>.down"`/`".up"` (kind `lora`) or `"<layer>.A_train"`/`".B_train"`
   (kind `lidb`); string metadata `hyperdiff.format_version`, `.kind`, `.rank`, `.alpha`, `.aux_seed`,
   `.base_fingerprint`, `.base_model`, `.token`, `.source`, `.targets` (JSON), `.layers` (JSON
-  `{attention module: {projection: [in, out]}}`, the dims a LiDB file needs to regenerate its aux bases) and
+  `{attention module: {projection: [in, out]}}`, the dims a LiDB file needs to regenerate its aux bases),
+  `.low_noise` (JSON `{"gain", "below"}`, `hyperdiff.schedule`; absent in older files: no low-noise gain) and
   `modelspec.*`. The same adapter gives the same tensors and metadata (safetensors orders the header itself).
 - `diffusers`: exactly what `StableDiffusionPipeline.save_lora_weights` writes (diffusers itself writes it):
   `unet.<layer>.lora.down.weight`/`.lora.up.weight` and `lora_adapter_metadata` (the PEFT `LoraConfig`, so
@@ -12,6 +13,8 @@ Contract (DESIGN.md, "Files"; REFERENCES.md, "File formats"):
 - `kohya`: `lora_unet_<layer with . → _>.lora_down.weight`/`.lora_up.weight`/`.alpha` (scalar), `ss_*` and
   `modelspec.*` metadata (and `hyperdiff.*` provenance); loaded by A1111, ComfyUI and diffusers' non-diffusers
   LoRA conversion.
+- A LoRA file applies ΔW at one strength: exporting an adapter with an active low-noise gain warns that the
+  export samples as the adapter without it (`hyperdiff.low_noise` in its provenance says what it was).
 - All writes are atomic (temp file + rename); all reads are safetensors; a bad file is a one-line
   `HyperdiffError` that names the file and the problem.
 - `digest(adapter)`: a short hex hash of what the adapter computes (kind, alpha, LiDB config, every factor's values),
@@ -28,6 +31,7 @@ import json
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,6 +40,7 @@ from hyperdiff.errors import HyperdiffError
 from hyperdiff.files import check_writable, read_safetensors, write_safetensors
 from hyperdiff.layers import TargetConfig
 from hyperdiff.lidb import LiDBConfig
+from hyperdiff.schedule import LowNoiseGain
 
 FORMAT_VERSION = "1"
 EXPORT_FORMATS = ("diffusers", "kohya")
@@ -62,7 +67,7 @@ def _modelspec(adapter, title: str) -> dict[str, str]:
 
 def _provenance(adapter, exported_as: str) -> dict[str, str]:
     """What an export says of where it came from (no format version: it is not a native adapter)."""
-    keys = ("kind", "rank", "alpha", "base_fingerprint", "base_model", "token", "source")
+    keys = ("kind", "rank", "alpha", "base_fingerprint", "base_model", "token", "source", "low_noise")
     native = _hyperdiff_metadata(adapter)
     return {f"hyperdiff.{k}": native[f"hyperdiff.{k}"] for k in keys} | {"hyperdiff.exported_as": exported_as}
 
@@ -81,6 +86,7 @@ def _hyperdiff_metadata(adapter) -> dict[str, str]:
         "hyperdiff.architecture": adapter.info.architecture,
         "hyperdiff.targets": json.dumps(adapter.targets.to_dict(), separators=(",", ":")),
         "hyperdiff.layers": json.dumps(_nest_dims(adapter.dims), separators=(",", ":")),
+        "hyperdiff.low_noise": json.dumps(adapter.info.low_noise.to_dict(), separators=(",", ":")),
     }
 
 
@@ -116,6 +122,19 @@ def _meta(meta: dict, key: str, path: Path, parse=str, expected: str = "a value"
         return parse(value)
     except (ValueError, TypeError, HyperdiffError):
         raise HyperdiffError(f"adapter file '{path}' has 'hyperdiff.{key}' = {value!r}, expected {expected}") from None
+
+
+def _low_noise(meta: dict, path: Path) -> LowNoiseGain:
+    if "hyperdiff.low_noise" not in meta:  # written before the field existed
+        return LowNoiseGain()
+
+    def parse(text: str) -> LowNoiseGain:
+        value = json.loads(text)
+        if not isinstance(value, dict) or set(value) != {"gain", "below"}:
+            raise ValueError(text)
+        return LowNoiseGain(**value)
+
+    return _meta(meta, "low_noise", path, parse, 'JSON {"gain": number > 0, "below": timestep in [0, 1000]}')
 
 
 def load_native(path: str | Path):
@@ -160,6 +179,7 @@ def load_native(path: str | Path):
         architecture=meta.get("hyperdiff.architecture", "hyperdiff-custom"),
         resolution=meta.get("modelspec.resolution", ""),
         prediction_type=meta.get("modelspec.prediction_type", "epsilon"),
+        low_noise=_low_noise(meta, path),
     )
     try:
         adapter = Adapter(
@@ -187,6 +207,11 @@ def export(adapter, path: str | Path, format: str) -> Path:
     check_writable(path, "export file")
     if path.suffix != ".safetensors":
         raise HyperdiffError(f"export path '{path}' must end with .safetensors")
+    low = adapter.info.low_noise
+    if low.active:
+        warnings.warn(f"a {format} LoRA file applies ΔW at one strength: '{path.name}' samples without this adapter's "
+                      f"low-noise gain (×{low.gain:g} below timestep {low.below}), so with less identity than in "
+                      "hyperdiff", stacklevel=2)
     return (export_diffusers if format == "diffusers" else export_kohya)(adapter, path)
 
 
@@ -240,10 +265,13 @@ def export_kohya(adapter, path: Path) -> Path:
 
 # -- file names ----------------------------------------------------------------------------------------------
 def digest(adapter, length: int = 8) -> str:
-    """Hex digest of the adapter's kind, alpha, LiDB config and factor values (float32, layers in name order)."""
+    """Hex digest of the adapter's kind, alpha, LiDB config, low-noise gain (when active) and factor values (float32,
+    layers in name order)."""
     h = hashlib.sha256()
     lidb = json.dumps(adapter.lidb.__dict__, sort_keys=True) if adapter.lidb is not None else ""
     h.update(f"{adapter.kind}|{adapter.alpha!r}|{lidb}|{adapter.fingerprint}".encode())
+    if adapter.info.low_noise.active:  # it changes what sampling computes (the names of older files stay)
+        h.update(json.dumps(adapter.info.low_noise.to_dict(), sort_keys=True).encode())
     for name in sorted(adapter.factors):
         h.update(name.encode())
         for t in adapter.factors[name]:

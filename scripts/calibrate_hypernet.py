@@ -1,12 +1,15 @@
 """Choose a trained hypernet's output gain on validation identities and write the calibrated hypernet.
 
     python scripts/calibrate_hypernet.py --hypernet runs/hypernet_d2 --out hyperdiff/assets/synthfaces/hypernet \
-        [--gains 1,1.5,2,2.5,3] [--identities 8] [--tolerance 0.02] [--base PATH] [--dtype float16]
+        [--gains 1,1.5,2,2.5,3] [--low-noise-gains 1.5,2 --low-noise-below 200,300] [--identities 8]
+        [--tolerance 0.02] [--base PATH] [--dtype float16]
 
 Scores the base model and the zero-shot adapters × each gain on `--identities` validation identities (never the
 evaluation seeds) in the fidelity benchmark's scenes, keeps the gain with the best ID similarity whose scene fidelity
 is within `--tolerance` of the base model's (of gain 1's where that is lower), and saves the hypernet with that gain
-in its `alpha` (the choice and every score go into its config.json).
+in its `alpha` (the choice and every score go into its config.json). With `--low-noise-gains`, every gain is also
+scored with ΔW × each of them at the timesteps below each `--low-noise-below` (hyperdiff.schedule), and the
+winner's low-noise gain goes into the hypernet's config, so the adapters it predicts carry it.
 Logic: hyperdiff.fidelity.calibrate_gain, HyperNetwork.set_gain.
 """
 
@@ -22,6 +25,20 @@ from hyperdiff.layers import LayerTable
 from hyperdiff.metrics import JUDGE_ENCODER_DIR
 from hyperdiff.models import load_base
 from hyperdiff.pipeline import DTYPES
+from hyperdiff.schedule import LowNoiseGain
+
+
+def numbers(flag: str, text: str, kind):
+    """Comma-separated numbers of `kind` ('' = none)."""
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        what = "integers" if kind is int else "numbers"
+        raise HyperdiffError(f"`{flag}` must be comma-separated {what}, got {text!r}") from None
+
+
+def _low(low_noise: dict) -> str:
+    return f", x{low_noise['gain']:g} below t={low_noise['below']}" if LowNoiseGain(**low_noise).active else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hypernet", required=True, help="the trained hypernet folder (save_pretrained)")
     p.add_argument("--out", required=True, help="where to write the calibrated hypernet")
     p.add_argument("--gains", default="1,1.5,2,2.5,3", help="comma-separated gains to try (1 is always tried)")
+    p.add_argument("--low-noise-gains", default="", help="comma-separated extra gains at low-noise timesteps to try"
+                   " (with every --low-noise-below; '' = none)")
+    p.add_argument("--low-noise-below", default="300", help="comma-separated timesteps below which they apply")
     p.add_argument("--identities", type=int, default=8, help="validation identities (6 scenes each)")
     p.add_argument("--tolerance", type=float, default=0.02,
                    help="largest scene-fidelity loss accepted against the base model (or gain 1, where that is lower)")
@@ -39,24 +59,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="dtype of the written weights")
     args = p.parse_args(argv)
     try:
-        try:
-            gains = [float(v) for v in args.gains.split(",")]
-        except ValueError:
-            raise HyperdiffError(f"`--gains` must be comma-separated numbers, got {args.gains!r}") from None
+        gains = numbers("--gains", args.gains, float)
+        low_noise = [LowNoiseGain(g, b) for g in numbers("--low-noise-gains", args.low_noise_gains, float)
+                     for b in numbers("--low-noise-below", args.low_noise_below, int)]
         pipe = load_base(args.base)
         hypernet = HyperNetwork.from_pretrained(args.hypernet, LayerTable.from_unet(pipe.unet))
         result = calibrate_gain(pipe, hypernet, gains, FidelityConfig(identities=args.identities, steps=args.steps,
                                                                    judge=args.judge),
-                                args.tolerance)
-        hypernet.set_gain(result["gain"], result)
+                                args.tolerance, low_noise)
+        hypernet.set_gain(result["gain"], result, LowNoiseGain(**result["low_noise"]))
         hypernet.save_pretrained(args.out, dtype=DTYPES[args.dtype])
     except HyperdiffError as e:
         print(f"calibrate_hypernet: error: {e}", file=sys.stderr)
         return 2
-    for name, row in [("base model", result["base"]), *((f"gain {r['gain']:g}", r) for r in result["rows"])]:
+    for name, row in [("base model", result["base"]), *((f"gain {r['gain']:g}{_low(r['low_noise'])}", r)
+                                                       for r in result["rows"])]:
         judged = f" (judge {row['id_similarity_judge']:.3f})" if "id_similarity_judge" in row else ""
         print(f"{name}: ID similarity {row['id_similarity']:.3f}{judged}, scene fidelity {row['scene_fidelity']:.1%}")
-    print(f"chose gain {result['gain']:g}; wrote {args.out}")
+    print(f"chose gain {result['gain']:g}{_low(result['low_noise'])}; wrote {args.out}")
     return 0
 
 

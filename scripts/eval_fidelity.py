@@ -1,12 +1,13 @@
 """Fidelity benchmark on held-out SynthFaces identities (seeds >= 1,000,000), paper-style, JSON + Markdown.
 
     python scripts/eval_fidelity.py --hypernet shipped=PATH [--ablation mlp=PATH --ablation k1=PATH] \
-        [--base PATH] [--identities 16] [--curve 100,200,400] [--dreambooth-caption] \
+        [--base PATH] [--identities 16] [--curve 100,200,400] [--dreambooth-caption | --no-dreambooth] \
         [--out outputs/fidelity]
 
 Rows: base model, DreamBooth-LiDB from scratch (with its convergence curve, from one run; with --dreambooth-caption
-also trained on the reference's caption), each --hypernet zero-shot and with the 40-step rank-relaxed fine-tune, each
---ablation zero-shot. Logic: hyperdiff.fidelity.
+also trained on the reference's caption; none with --no-dreambooth), each --hypernet zero-shot (and, when its adapters
+carry a low-noise gain, zero-shot at one strength) and with the 40-step rank-relaxed fine-tune, each --ablation
+zero-shot. Logic: hyperdiff.fidelity.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
                    " longest, scored at each; the last listed is its row")
     p.add_argument("--dreambooth-caption", action="store_true", help="also a DreamBooth-LiDB row (and curve) trained on"
                    " the reference's caption instead of 'a sks face', as the captioned fast fine-tune is")
+    p.add_argument("--no-dreambooth", action="store_true", help="leave out the DreamBooth-LiDB rows, the slow part (a"
+                   " seed gives the same rows every time: re-score hypernets against an earlier run's)")
     p.add_argument("--identities", type=int, default=16)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--finetune-steps", type=int, default=40)
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             raise HyperdiffError(f"`--curve` must be comma-separated step counts, got {args.curve!r}") from None
         config = FidelityConfig(identities=args.identities, steps=args.steps, finetune_steps=args.finetune_steps,
-                                dreambooth_curve=curve, dreambooth_caption=args.dreambooth_caption, judge=args.judge)
+                                dreambooth_curve=curve, dreambooth_caption=args.dreambooth_caption, judge=args.judge,
+                                dreambooth_rows=not args.no_dreambooth)
         result = run_fidelity(pipe, hypernets, config, ablations)
     except HyperdiffError as e:
         print(f"eval_fidelity: error: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ from PIL import Image
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.evaluation import evaluate_base, write_report
 from hyperdiff.models import tiny_pipeline
+from hyperdiff.schedule import LowNoiseGain
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,6 +92,35 @@ def test_fidelity_benchmark_rows_and_table(tmp_path):
         assert eval_fidelity.main(["--base", "hyperdiff:tiny", *bad, "--out", str(tmp_path)]) == 2
 
 
+def test_fidelity_rows_of_a_low_noise_hypernet_and_without_dreambooth(tmp_path):
+    """A hypernet whose adapters carry a low-noise gain also gets its zero-shot row at one strength: the images of
+    the same hypernet without the gain. `--no-dreambooth` leaves the slow rows out."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import eval_fidelity
+    from test_hypernet import make_hypernet, randomise_b_head
+
+    from hyperdiff.fidelity import FidelityConfig, run_fidelity
+    from hyperdiff.hypernet import HyperNetwork
+    from hyperdiff.layers import LayerTable
+
+    pipe = tiny_pipeline(seed=0)
+    folder = tmp_path / "late"
+    hp = randomise_b_head(make_hypernet(LayerTable.from_unet(pipe.unet), seed=0), std=0.1)
+    hp.save_pretrained(tmp_path / "plain")
+    hp.set_gain(1.0, low_noise=LowNoiseGain(3.0, 1000))  # every step: ΔW × 3
+    hp.save_pretrained(folder)
+    config = FidelityConfig(identities=1, scenes=(("red", False, "smiling"),), steps=2, finetune_steps=1,
+                            dreambooth_rows=False)
+    rows = run_fidelity(pipe, {"late": hp, "plain": HyperNetwork.from_pretrained(tmp_path / "plain")}, config)["rows"]
+    assert list(rows) == ["base", "late", "late@one-strength", "late+ft", "late+ft+caption", "plain", "plain+ft",
+                          "plain+ft+caption"]
+    assert rows["late@one-strength"]["id_similarity"] == rows["plain"]["id_similarity"] != rows["late"]["id_similarity"]
+    assert eval_fidelity.main(["--base", "hyperdiff:tiny", "--hypernet", f"late={folder}", "--no-dreambooth", "--identities",
+                               "1", "--steps", "2", "--finetune-steps", "1", "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "fidelity.md").read_text()
+    assert "| late@one-strength |" in md and "dreambooth" not in md.replace("--no-dreambooth", "")
+
+
 def test_gain_calibration_picks_the_best_gain_within_the_scene_tolerance(tmp_path, monkeypatch):
     """The rule, on a scorer that reads the gain back from the adapters it is given (their ΔW against the
     uncalibrated prediction): ID similarity rises up to gain 3, scene fidelity falls from gain 2.5 on."""
@@ -107,14 +137,16 @@ def test_gain_calibration_picks_the_best_gain_within_the_scene_tolerance(tmp_pat
     plain = {}
     base = {"scene_fidelity": 0.9}
 
-    def score(pipe, adapters, refs, config):
+    def score(pipe, adapters, refs, config, low_noise=None):
         if adapters[0] is None:  # the base model's row
             return {"id_similarity": 0.0, **base}
         name = adapters[0].layer_names[0]
         if not plain:
             plain["delta"] = adapters[0].delta_weight(name)  # gain 1 comes first
         gain = float((adapters[0].delta_weight(name) * plain["delta"]).sum() / plain["delta"].square().sum())
-        return {"id_similarity": min(gain, 3.0) / 10, "scene_fidelity": 0.9 - (0.05 if gain > 2.2 else 0.01 * (gain - 1))}
+        late = 0.0 if low_noise is None else (low_noise.gain - 1) * low_noise.below / 1000  # more identity, no scene cost
+        return {"id_similarity": min(gain, 3.0) / 10 + late,
+                "scene_fidelity": 0.9 - (0.05 if gain > 2.2 else 0.01 * (gain - 1)) - (0.1 if late > 0.2 else 0)}
 
     monkeypatch.setattr(fidelity, "_score", score)
     result = fidelity.calibrate_gain(tiny_pipeline(seed=0), hp, [3, 2, 2.5], fidelity.FidelityConfig(identities=2))
@@ -128,6 +160,12 @@ def test_gain_calibration_picks_the_best_gain_within_the_scene_tolerance(tmp_pat
     assert result["gain"] == 3.0 and result["base"]["scene_fidelity"] == 0.86
     base["scene_fidelity"] = 0.95  # above gain 1's: gain 1 stays the reference
     assert fidelity.calibrate_gain(tiny_pipeline(seed=0), hp, [3, 2, 2.5], fidelity.FidelityConfig(identities=2))["gain"] == 2.0
+    # low-noise candidates: each gain is scored at one strength and with each; the same rule picks among all rows
+    lows = [LowNoiseGain(1.5, 300), LowNoiseGain(3.0, 300), LowNoiseGain(1.0, 300)]  # the last is no candidate
+    result = fidelity.calibrate_gain(tiny_pipeline(seed=0), hp, [2], fidelity.FidelityConfig(identities=2), low_noise=lows)
+    assert [(r["gain"], r["low_noise"]["gain"]) for r in result["rows"]] == [(g, lo) for g in (1.0, 2.0) for lo in (1, 1.5, 3)]
+    assert abs(result["rows"][4]["id_similarity"] - (0.2 + 0.15)) < 1e-4  # gain 2 and ×1.5 below 300 reached the scorer
+    assert result["gain"] == 2.0 and result["low_noise"] == {"gain": 1.5, "below": 300}  # ×3 loses 10 scene points
 
 
 def test_calibrate_script_writes_a_hypernet_whose_deltas_carry_the_gain(tmp_path):
@@ -140,14 +178,17 @@ def test_calibrate_script_writes_a_hypernet_whose_deltas_carry_the_gain(tmp_path
 
     run, out = tmp_path / "hp", tmp_path / "calibrated"
     assert train_hypernet.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--output_dir", str(run), "--max_train_steps", "2"]) == 0
-    for bad in (["--gains", "1,x"], ["--gains", "0,2"], ["--identities", "0"], ["--tolerance", "-1"]):
+    for bad in (["--gains", "1,x"], ["--gains", "0,2"], ["--identities", "0"], ["--tolerance", "-1"],
+                ["--low-noise-gains", "2,x"], ["--low-noise-gains", "-1"], ["--low-noise-gains", "2", "--low-noise-below", "2000"]):
         assert calibrate_hypernet.main(["--base", "hyperdiff:tiny", "--hypernet", str(run), "--out", str(out), "--steps", "2", *bad]) == 2, bad
     assert not out.exists()  # a refused call writes nothing
     assert calibrate_hypernet.main(["--base", "hyperdiff:tiny", "--hypernet", str(run), "--out", str(out), "--gains", "2",
-                                    "--identities", "1", "--steps", "2", "--tolerance", "1", "--dtype", "float32"]) == 0
+                                    "--identities", "1", "--steps", "2", "--tolerance", "1", "--dtype", "float32",
+                                    "--low-noise-gains", "3", "--low-noise-below", "500"]) == 0
     saved = json.loads((out / "config.json").read_text())
-    gain = saved["info"]["calibration"]["gain"]
-    assert gain in (1.0, 2.0) and [r["gain"] for r in saved["info"]["calibration"]["rows"]] == [1.0, 2.0]
+    gain, low = saved["info"]["calibration"]["gain"], saved["info"]["calibration"]["low_noise"]
+    assert gain in (1.0, 2.0) and [r["gain"] for r in saved["info"]["calibration"]["rows"]] == [1.0, 1.0, 2.0, 2.0]
+    assert low in ({"gain": 1.0, "below": 0}, {"gain": 3.0, "below": 500}) and saved["config"]["low_noise"] == low
     assert saved["config"]["alpha"] == gain * json.loads((run / "config.json").read_text())["config"]["alpha"]
     ref = synthfaces.render(synthfaces.Identity.from_seed(1_000_000), synthfaces.Scene("gray", False, "neutral"), 64)
     before = HyperNetwork.from_pretrained(run).predict([ref])
@@ -155,6 +196,7 @@ def test_calibrate_script_writes_a_hypernet_whose_deltas_carry_the_gain(tmp_path
     doubled.set_gain(2.5)
     with pytest.raises(HyperdiffError, match="`gain` must be a positive number, got 0"):
         doubled.set_gain(0)
+    assert HyperNetwork.from_pretrained(out).predict([ref]).info.low_noise == LowNoiseGain(**low)  # adapters carry it
     for hp, g in ((HyperNetwork.from_pretrained(out), gain), (doubled, 2.5)):
         after = hp.predict([ref])
         for name in before.layer_names:

@@ -208,14 +208,17 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_bit_identical(tm
 
 def test_init_from_starts_a_fresh_run_from_a_trained_hypernets_weights(tmp_path, train_script, capsys, caplog):
     """`--init_from`: a warmed-up first step (lr 0) leaves the copied weights exactly as trained, where a random start
-    differs; another architecture is refused in one line (exit 2); a different alpha is only warned about."""
+    differs; another architecture is refused in one line (exit 2); a different alpha or low-noise gain (sampling
+    settings, not architecture) is only warned about."""
     trained = tmp_path / "trained"
     assert train_script.main(["--config", TINY, "--output_dir", str(trained)]) == 0
     one_step = ["--config", TINY, "--max_train_steps", "1", "--set", "warmup_steps=1"]  # step 0 runs at lr 0
     with caplog.at_level("WARNING", logger=trainer.__name__):
         assert train_script.main(one_step + ["--output_dir", str(tmp_path / "warm"), "--init_from", str(trained),
-                                             "--set", "hypernet.alpha=2.0"]) == 0
+                                             "--set", "hypernet.alpha=2.0", "--set", "hypernet.low_noise.gain=1.5",
+                                             "--set", "hypernet.low_noise.below=200"]) == 0
     assert "alpha 1.0; this run trains under alpha 2.0" in caplog.text
+    assert "low-noise gain {'gain': 1.0, 'below': 0}; this run's is {'gain': 1.5, 'below': 200}" in caplog.text
     assert train_script.main(one_step + ["--output_dir", str(tmp_path / "cold")]) == 0
     source = _weights(trained / "model.safetensors")
     warm, cold = _weights(tmp_path / "warm" / "model.safetensors"), _weights(tmp_path / "cold" / "model.safetensors")

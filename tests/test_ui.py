@@ -27,6 +27,7 @@ from safetensors import safe_open
 from hyperdiff import Adapter
 from hyperdiff.data import synthfaces as sf
 from hyperdiff.pipeline import EMBEDDED_HYPERNET, HyperDreamBoothPipeline
+from hyperdiff.schedule import diffusers_callback
 
 from ui_support import PROMPT, STEPS, face, free_port, hypernet_dir, pixels, server  # noqa: F401 (fixtures)
 
@@ -87,6 +88,8 @@ def test_personalize_generate_download_every_format_and_load_in_vanilla_diffuser
         files[fmt] = path
         assert re.fullmatch(rf"hyperdiff-sks-{ours.digest}-{fmt}\.safetensors", os.path.basename(path)), path
         assert f"{os.path.getsize(path):,} bytes" in note
+        said = "applies ΔW at one strength, where hyperdiff applies it ×1.5 below timestep 500" in note
+        assert said == (fmt != "native"), note  # the test hypernet's low-noise gain, which a LoRA file cannot carry
     back = Adapter.load(files["native"], expected.table)
     assert back.digest == ours.digest and back.info.token == "sks"
     with safe_open(files["kohya"], "pt") as f:
@@ -94,8 +97,9 @@ def test_personalize_generate_download_every_format_and_load_in_vanilla_diffuser
 
     vanilla = load_base()  # a fresh copy of the same base: only diffusers' own loader runs
     vanilla.set_progress_bar_config(disable=True)
-    vanilla.load_lora_weights(files["diffusers"])
-    theirs = vanilla(PROMPT, num_inference_steps=STEPS, guidance_scale=4.0, generator=torch.Generator().manual_seed(5)).images
+    vanilla.load_lora_weights(files["diffusers"], adapter_name="id")
+    theirs = vanilla(PROMPT, num_inference_steps=STEPS, guidance_scale=4.0, generator=torch.Generator().manual_seed(5),
+                     callback_on_step_end=diffusers_callback(ours.info.low_noise, "id")).images  # the adapter's schedule
     assert np.abs(pixels(theirs) - pixels(images[:1])).max() <= 1  # fused (hyperdiff) vs PEFT branch: float rounding
 
 

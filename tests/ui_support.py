@@ -17,6 +17,7 @@ import pytest
 
 from hyperdiff.data import synthfaces as sf
 from hyperdiff.pipeline import HyperDreamBoothPipeline
+from hyperdiff.schedule import LowNoiseGain
 
 from test_hypernet import make_hypernet, randomise_b_head
 
@@ -26,9 +27,11 @@ STEPS, PROMPT = 3, "a sks face, smiling, on a blue background"
 
 def make_hypernet_dir(folder: Path) -> Path:
     """An untrained hypernet for the embedded base with a random B head (std 1e-2: different references give visibly
-    different adapters, so a mixed-up identity cannot go unnoticed)."""
+    different adapters, so a mixed-up identity cannot go unnoticed) and a low-noise gain, as a calibrated one has."""
     table = HyperDreamBoothPipeline.from_pretrained(load_hypernet=False, device="cpu").table
-    randomise_b_head(make_hypernet(table, seed=0), std=1e-2).save_pretrained(folder)
+    hypernet = randomise_b_head(make_hypernet(table, seed=0), std=1e-2)
+    hypernet.set_gain(1.0, low_noise=LowNoiseGain(1.5, 500))
+    hypernet.save_pretrained(folder)
     return folder
 
 

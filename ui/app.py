@@ -29,6 +29,7 @@ import re
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -300,8 +301,15 @@ class _Handlers:
         adapter = self._adapter(session)
         if session.folder is None:
             session.folder = tempfile.mkdtemp(prefix="session-", dir=self.root)
-        path = adapter.save_as(session.folder, format)
-        return str(path), f"`{path.name}` · {path.stat().st_size:,} bytes", session
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # said in the note instead
+            path = adapter.save_as(session.folder, format)
+        note = f"`{path.name}` · {path.stat().st_size:,} bytes"
+        low = adapter.info.low_noise
+        if format != "native" and low.active:
+            note += (f" · a LoRA file applies ΔW at one strength, where hyperdiff applies it ×{low.gain:g} below timestep "
+                     f"{low.below} (in diffusers: `hyperdiff.schedule.diffusers_callback`)")
+        return str(path), note, session
 
     def describe(self) -> dict:
         return self.pipeline.describe()

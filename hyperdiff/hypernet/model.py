@@ -14,7 +14,9 @@ Contract (DESIGN.md, "HyperNetwork"):
   into Adapters, `sample(images, n, seed)` draws n different adapters: the decoder input (query tokens, or the MLP's
   pooled features) gets seeded Gaussian noise of std `sample_noise` (and dropout stays active when `dropout > 0`), a
   spread that reflects how sensitive the prediction is around the reference.
-- `set_gain(g)` scales every predicted ΔW by g through `alpha` (an output gain calibrated after training).
+- `set_gain(g, low_noise=None)` scales every predicted ΔW by g through `alpha` (an output gain calibrated after
+  training) and sets `config.low_noise`, the extra gain at low-noise timesteps (`hyperdiff.schedule`) that every
+  predicted adapter carries into sampling.
 - `save_pretrained(dir)`: `config.json` (config, base fingerprint, layer table, training info) + `model.safetensors`
   + `README.md` model card; `from_pretrained(dir, table=None)` checks the fingerprint against `table` when given.
 """
@@ -37,6 +39,7 @@ from hyperdiff.hypernet.encoders import EncoderConfig, build_image_encoder, pool
 from hyperdiff.layers import KNOWN_PROJECTIONS, LayerRow, LayerTable
 from hyperdiff.lidb import LiDBConfig, aux_bases, compose
 from hyperdiff.processors import HyperLoRA, LowRankDelta
+from hyperdiff.schedule import LowNoiseGain
 
 DECODERS = ("attention", "mlp")
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
@@ -54,6 +57,7 @@ class HyperNetConfig:
     alpha: float = 1.0  # adapter alpha; scale = alpha / rank
     lidb: LiDBConfig = field(default_factory=LiDBConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    low_noise: LowNoiseGain = field(default_factory=LowNoiseGain)  # sampling: ΔW × gain below a timestep
 
     def __post_init__(self) -> None:
         if self.decoder not in DECODERS:
@@ -157,6 +161,7 @@ class HyperNetwork(nn.Module):
         info = AdapterInfo(
             base_model=self.info.get("base_model", ""), token=token,
             source=f"hypernet {self.info.get('name', '')} {self.fingerprint}".strip(), architecture=self.table.architecture,
+            low_noise=self.config.low_noise,
         )
         return [
             Adapter.from_lidb(
@@ -199,11 +204,12 @@ class HyperNetwork(nn.Module):
             self.train(was)
         return out
 
-    def set_gain(self, gain: float, calibration: dict | None = None) -> None:
-        """Scale every predicted ΔW by `gain`, through `alpha` (adapters and their files carry it); `calibration`
-        (how the gain was chosen) goes into `info`, hence into config.json."""
+    def set_gain(self, gain: float, calibration: dict | None = None, low_noise: LowNoiseGain | None = None) -> None:
+        """Scale every predicted ΔW by `gain`, through `alpha` (adapters and their files carry it), and sample them
+        with `low_noise` when given; `calibration` (how both were chosen) goes into `info`, hence into config.json."""
         check_positive_number("gain", gain)
-        self.config = replace(self.config, alpha=self.config.alpha * gain)
+        self.config = replace(self.config, alpha=self.config.alpha * gain,
+                              low_noise=self.config.low_noise if low_noise is None else low_noise)
         if calibration is not None:
             self.info["calibration"] = calibration
 

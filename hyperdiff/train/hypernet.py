@@ -214,10 +214,10 @@ def train_hypernet(cfg: HypernetTrainConfig, resume: bool = True) -> Path:
 
 def _init_from(model: HyperNetwork, cfg: HypernetTrainConfig, table: LayerTable) -> None:
     """Copy the weights of the hypernet at `cfg.init_from` into `model`: same base layers (fingerprint) and same
-    architecture. The run's own `dropout` and `sample_noise` apply, and its `alpha`: a calibrated gain saved with the
-    weights is not carried over."""
+    architecture. The run's own `dropout` and `sample_noise` apply, and its `alpha` and `low_noise`: a calibrated gain
+    saved with the weights is not carried over."""
     trained = HyperNetwork.from_pretrained(cfg.init_from, table=table)
-    differ = [f.name for f in fields(HyperNetConfig) if f.name not in ("alpha", "dropout", "sample_noise")
+    differ = [f.name for f in fields(HyperNetConfig) if f.name not in ("alpha", "low_noise", "dropout", "sample_noise")
               and getattr(trained.config, f.name) != getattr(cfg.hypernet, f.name)]
     if differ:
         name = differ[0]
@@ -226,6 +226,9 @@ def _init_from(model: HyperNetwork, cfg: HypernetTrainConfig, table: LayerTable)
     if trained.config.alpha != cfg.hypernet.alpha:
         logger.warning("init_from '%s' was saved with alpha %s; this run trains under alpha %s (its gain is not carried "
                        "over)", cfg.init_from, trained.config.alpha, cfg.hypernet.alpha)
+    if trained.config.low_noise != cfg.hypernet.low_noise:
+        logger.warning("init_from '%s' was saved with low-noise gain %s; this run's is %s (it is not carried over)",
+                       cfg.init_from, trained.config.low_noise.to_dict(), cfg.hypernet.low_noise.to_dict())
     model.load_state_dict(trained.state_dict())
 
 
