@@ -4,11 +4,13 @@ trained on).
 Four identities × two scenes, 25 steps, guidance 4, the same seeds with and without the adapter. The identity-encoder
 similarity to the reference is measured for each image, by the shipped encoder (which the hypernet and the embedded
 base's fast fine-tune train against: `identity_weight`) and by the judge (another seed's encoder, which neither
-saw). Measured when the hypernet was shipped, shipped encoder / judge: personalized images are 0.534 / 0.489 closer to
-their reference than the base model's (4 of 4 identities closer under both), and 0.384 / 0.323 closer to their own
-reference than to the other three (fine-tuned: 0.541 / 0.528). The 40-step fast fine-tune, told the reference's
-caption, added 0.126 / 0.191 on top of zero-shot (3 of 4 identities gained, by 0.05 to 0.43; the fourth lost 0.03).
-The asserted margins are about half of these.
+saw). Measured on base version 4.1 with D's low-noise gain (× 1.5 below timestep 200), shipped encoder / judge:
+personalized images are 0.528 / 0.486 closer to their reference than the base model's (4 of 4 identities closer
+under both; at one strength 0.496 / 0.441), and 0.405 / 0.363 closer to their own reference than to the other three
+(fine-tuned: 0.490 / 0.445). The 40-step fast fine-tune, told the reference's caption (it samples at one strength),
+added 0.082 / 0.102 on top of zero-shot (4 of 4 identities gained, by 0.02 to 0.23; over zero-shot at one strength
+0.113 / 0.148). The asserted margins are about half of these or less (the fine-tune's 0.06: three quarters of its
+0.082 under the shipped encoder).
 """
 
 from __future__ import annotations
