@@ -26,8 +26,8 @@ import torch
 
 from hyperdiff.adapter import Adapter
 from hyperdiff.data import synthfaces
-from hyperdiff.sheet import contact_sheet, save_png
 from hyperdiff.schedule import diffusers_callback
+from hyperdiff.sheet import contact_sheet, save_png
 
 SCENES = (synthfaces.Scene("red", False, "smiling"), synthfaces.Scene("blue", True, "surprised"))
 REFERENCE_SCENE = synthfaces.Scene("gray", False, "neutral")

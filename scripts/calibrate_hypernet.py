@@ -28,7 +28,7 @@ from hyperdiff.pipeline import DTYPES
 from hyperdiff.schedule import LowNoiseGain
 
 
-def numbers(flag: str, text: str, kind):
+def _numbers(flag: str, text: str, kind):
     """Comma-separated numbers of `kind` ('' = none)."""
     try:
         return [kind(v) for v in text.split(",") if v.strip()]
@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="dtype of the written weights")
     args = p.parse_args(argv)
     try:
-        gains = numbers("--gains", args.gains, float)
-        low_noise = [LowNoiseGain(g, b) for g in numbers("--low-noise-gains", args.low_noise_gains, float)
-                     for b in numbers("--low-noise-below", args.low_noise_below, int)]
+        gains = _numbers("--gains", args.gains, float)
+        low_noise = [LowNoiseGain(g, b) for g in _numbers("--low-noise-gains", args.low_noise_gains, float)
+                     for b in _numbers("--low-noise-below", args.low_noise_below, int)]
         pipe = load_base(args.base)
         hypernet = HyperNetwork.from_pretrained(args.hypernet, LayerTable.from_unet(pipe.unet))
         result = calibrate_gain(pipe, hypernet, gains, FidelityConfig(identities=args.identities, steps=args.steps,
