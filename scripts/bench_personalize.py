@@ -9,7 +9,8 @@ synchronised around each):
 - zero-shot personalize: the hypernet's prediction from one reference;
 - personalize + the fast fine-tune (`--finetune_steps`, LoRA rank 4 on top of the prediction);
 - DreamBooth-LiDB from scratch (`--dreambooth_steps`; configs/sd15.yaml's stage 1 runs 400): timed once;
-- one image of `--generate_steps` CFG steps: the base model, an adapter fused, an adapter through the processors.
+- one image of `--generate_steps` CFG steps: the base model, an adapter fused, the zero-shot adapter fused with a
+  low-noise gain (× 1.5 below timestep 200: one re-fuse per image), an adapter through the processors.
 Prints the table with ratios to DreamBooth-LiDB and writes JSON.
 Usage: python scripts/bench_personalize.py --device cuda --out bench/personalize_cuda.json
 """
@@ -35,6 +36,7 @@ from hyperdiff.config import load_config  # noqa: E402
 from hyperdiff.data import synthfaces  # noqa: E402
 from hyperdiff.models.configs import build_clip_vision, build_pipeline  # noqa: E402
 from hyperdiff.pipeline import HyperDreamBoothPipeline, resolve_device, resolve_dtype  # noqa: E402
+from hyperdiff.schedule import LowNoiseGain  # noqa: E402
 from hyperdiff.train.hypernet import HypernetTrainConfig  # noqa: E402
 
 from _bench import describe_device, time_calls  # noqa: E402
@@ -107,6 +109,8 @@ def main() -> None:
     seconds |= {
         "generate_base": time_calls(lambda: hdb.generate(PROMPT, None, steps=args.generate_steps), args.repeats, device),
         "generate_fused": time_calls(lambda: hdb.generate(PROMPT, tuned, steps=args.generate_steps), args.repeats, device),
+        "generate_fused_low_noise": time_calls(lambda: hdb.generate(PROMPT, adapter, steps=args.generate_steps,
+                                                                     low_noise=LowNoiseGain(1.5, 200)), args.repeats, device),
         "generate_processors": time_calls(lambda: hdb.generate(PROMPT, [tuned], steps=args.generate_steps), args.repeats, device),
     }
     median = {k: statistics.median(v) for k, v in seconds.items()}
@@ -139,7 +143,7 @@ def main() -> None:
     for label, key in rows:
         print(f"  {label:<40} {median[key]:9.3f} s   {median[key] / db:.4f}x DreamBooth-LiDB")
     print(f"one image, {args.generate_steps} steps with guidance:")
-    for key in ("generate_base", "generate_fused", "generate_processors"):
+    for key in ("generate_base", "generate_fused", "generate_fused_low_noise", "generate_processors"):
         print(f"  {key[9:]:<40} {median[key]:9.3f} s   {median[key] / median['generate_base']:.3f}x base")
     print(f"wrote {out}")
 
