@@ -11,8 +11,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import random_lora
@@ -128,15 +128,15 @@ def test_vanilla_diffusers_with_the_step_callback_samples_as_hyperdiff(hdb, plai
     vanilla = copy.deepcopy(hdb.pipe)
     vanilla.load_lora_weights(str(path), adapter_name="id")
 
-    def run(**kwargs):
+    def sample(**kwargs):
         side, channels = vanilla.unet.config.sample_size, vanilla.unet.config.in_channels
         noise = torch.randn((1, channels, side, side), generator=torch.Generator().manual_seed(0))
         return vanilla(PROMPT, num_inference_steps=STEPS, guidance_scale=4.0, latents=noise, **kwargs).images
 
-    theirs = run(callback_on_step_end=diffusers_callback(ad.info.low_noise, "id"))
+    theirs = sample(callback_on_step_end=diffusers_callback(ad.info.low_noise, "id"))
     assert np.abs(_arr(theirs) - _arr(ours)).max() <= 2  # PEFT branch vs fused weights: float rounding
     vanilla.set_adapters(["id"], [1.0])
-    assert np.abs(_arr(run()) - _arr(ours)).max() > 5  # without the callback the export samples at one strength
+    assert np.abs(_arr(sample()) - _arr(ours)).max() > 5  # without the callback the export samples at one strength
 
 
 def test_cli_generate_samples_with_the_files_schedule_and_the_flags_override_it(hdb, plain, tmp_path):
