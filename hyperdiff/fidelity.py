@@ -9,6 +9,9 @@ identifier token, and reports per method:
   by one it never saw, as face-recognition losses in training are judged by another face model;
 - `scene_fidelity`: fraction of scene words obeyed (background, hat, expression) — editability; `scene_words`: the
   same fraction per word, which tells where editability is lost;
+- `per_identity`: those scores per identity (the row's means are their means), and `standard_error`: the standard
+  error of each mean over identities (sample standard deviation / √n; none for one identity), since with a few
+  identities a point or two of scene fidelity is within noise;
 - `seconds`: wall time to personalize one identity alone (model loading excluded; DreamBooth-LiDB also reports
   `seconds_batched`, its batch's time per identity, which flatters it on a CPU), and `adapter_values`/`adapter_bytes`.
 Methods: `base` (no personalization), `dreambooth_lidb` (LiDB fine-tuned from scratch; every row's scores are also
@@ -36,6 +39,8 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -114,10 +119,24 @@ def _score(pipe, adapters: list[Adapter | None], refs, cfg: FidelityConfig,
             fid = scene_fidelity(image, scene)
             for w in WORDS:
                 obeyed[w].append(float(fid[w]))
-    per_word = {w: sum(v) / len(v) for w, v in obeyed.items()}  # every image counts once per word
-    row = {"id_similarity": sum(sims) / len(sims), "scene_fidelity": sum(per_word.values()) / len(WORDS),
-           "scene_words": per_word}
-    return {**row, "id_similarity_judge": sum(judged) / len(judged)} if judge is not None else row
+    n = len(cfg.scenes)  # images per identity, identity-major
+
+    def means(values: list[float]) -> list[float]:
+        return [statistics.fmean(values[i:i + n]) for i in range(0, len(values), n)]
+
+    per_identity = {"id_similarity": means(sims),
+                    "scene_fidelity": [statistics.fmean(s) for s in zip(*(means(obeyed[w]) for w in WORDS))]}
+    if judge is not None:
+        per_identity["id_similarity_judge"] = means(judged)
+    per_word = {w: statistics.fmean(v) for w, v in obeyed.items()}  # every image counts once per word
+    return {**{k: statistics.fmean(v) for k, v in per_identity.items()}, "scene_words": per_word,
+            "standard_error": {k: _standard_error(v) for k, v in per_identity.items()},
+            "per_identity": [dict(zip(per_identity, values)) for values in zip(*per_identity.values())]}
+
+
+def _standard_error(values: list[float]) -> float | None:
+    """Of the mean, over identities: sample standard deviation / √n (None for one value)."""
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
 
 
 @functools.lru_cache(maxsize=2)
@@ -228,8 +247,13 @@ def write_fidelity(result: dict, out: Path, command: str = "") -> dict[str, Path
     for name, row in result["rows"].items():
         size = f"{row['adapter_values']:,} values, {row['adapter_bytes'] / 1000:.0f} KB" if row["adapter_values"] else "-"
         words = " / ".join(f"{row['scene_words'][w]:.0%}" for w in WORDS)
-        judge = f" {row['id_similarity_judge']:.3f} |" if judged else ""
-        lines.append(f"| {name} | {row['id_similarity']:.3f} |{judge} {row['scene_fidelity']:.1%} | {words} |"
+        se = row.get("standard_error", {})
+
+        def pm(key: str, fmt: str) -> str:  # mean ± its standard error over identities, where there is one
+            return format(row[key], fmt) + (f" ± {format(se[key], fmt)}" if se.get(key) is not None else "")
+
+        judge = f" {pm('id_similarity_judge', '.3f')} |" if judged else ""
+        lines.append(f"| {name} | {pm('id_similarity', '.3f')} |{judge} {pm('scene_fidelity', '.1%')} | {words} |"
                      f" {row['seconds']:.2f} s | {size} |")
     for name, row in result["rows"].items():
         if "curve" not in row:
@@ -240,6 +264,8 @@ def write_fidelity(result: dict, out: Path, command: str = "") -> dict[str, Path
                   " one batch of all): " + ", ".join(
                       f"{c['steps']} steps → {c['id_similarity']:.3f}" + (f" / {c['id_similarity_judge']:.3f}" if judged else "")
                       + f" / {c['scene_fidelity']:.1%} ({c['seconds']:.1f} s; {c['seconds_batched']:.1f} s)" for c in curve)]
+    if any(v is not None for row in result["rows"].values() for v in row.get("standard_error", {}).values()):
+        lines += ["", f"± is the standard error of the mean over the {len(result['identities'])} identities."]
     if command:
         lines += ["", f"Command: `{command}`"]
     with atomic_path(paths["markdown"], "report") as tmp:

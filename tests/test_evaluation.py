@@ -75,10 +75,18 @@ def test_fidelity_benchmark_rows_and_table(tmp_path):
         assert list(row["scene_words"]) == ["background", "hat", "expression"]
         assert abs(sum(row["scene_words"].values()) / 3 - row["scene_fidelity"]) < 1e-12
         assert row["id_similarity_judge"] == row["id_similarity"]  # the judge scored the same images
+        # two identities: the row is their mean, and the standard error of a mean of two is half their difference
+        for key in ("id_similarity", "scene_fidelity"):
+            a, b = (p[key] for p in row["per_identity"])
+            assert abs((a + b) / 2 - row[key]) < 1e-12 and abs(abs(a - b) / 2 - row["standard_error"][key]) < 1e-12
+    assert len({p["id_similarity"] for p in rows["attention"]["per_identity"]}) == 2
     md = write_fidelity(result, tmp_path / "out")["markdown"].read_text()
     base_line = next(line for line in md.splitlines() if line.startswith("| base |"))
     assert md.splitlines()[0].startswith("| method | ID similarity | ID similarity (judge) | scene fidelity |")
-    assert base_line.split(" | ")[2] == f"{rows['base']['id_similarity_judge']:.3f}"
+    se = rows["base"]["standard_error"]
+    assert base_line.split(" | ")[2] == f"{rows['base']['id_similarity_judge']:.3f} ± {se['id_similarity_judge']:.3f}"
+    assert base_line.split(" | ")[3] == f"{rows['base']['scene_fidelity']:.1%} ± {se['scene_fidelity']:.1%}"
+    assert "± is the standard error of the mean over the 2 identities." in md
     assert base_line.split(" | ")[4] == " / ".join(f"{rows['base']['scene_words'][w]:.0%}" for w in ("background", "hat", "expression"))
     assert [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| ")][1:] == [f"| {r}" for r in rows]
     curve = rows["dreambooth_lidb"]["curve"]  # one run, taken after 2 and 3 steps
@@ -119,6 +127,7 @@ def test_fidelity_rows_of_a_low_noise_hypernet_and_without_dreambooth(tmp_path):
                                "1", "--steps", "2", "--finetune-steps", "1", "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "fidelity.md").read_text()
     assert "| late@one-strength |" in md and "dreambooth" not in md.replace("--no-dreambooth", "")
+    assert "±" not in md and rows["late"]["standard_error"]["id_similarity"] is None  # one identity: no spread to show
 
 
 def test_gain_calibration_picks_the_best_gain_within_the_scene_tolerance(tmp_path, monkeypatch):
