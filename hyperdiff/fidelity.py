@@ -235,6 +235,12 @@ def calibrate_gain(
             "base": base, "rows": rows}
 
 
+def _pm(row: dict, key: str, fmt: str) -> str:
+    """The row's mean, ± its standard error over identities where there is one."""
+    se = row.get("standard_error", {}).get(key)
+    return format(row[key], fmt) + (f" ± {format(se, fmt)}" if se is not None else "")
+
+
 def write_fidelity(result: dict, out: Path, command: str = "") -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "fidelity.json", "markdown": out / "fidelity.md"}
@@ -247,14 +253,9 @@ def write_fidelity(result: dict, out: Path, command: str = "") -> dict[str, Path
     for name, row in result["rows"].items():
         size = f"{row['adapter_values']:,} values, {row['adapter_bytes'] / 1000:.0f} KB" if row["adapter_values"] else "-"
         words = " / ".join(f"{row['scene_words'][w]:.0%}" for w in WORDS)
-        se = row.get("standard_error", {})
-
-        def pm(key: str, fmt: str) -> str:  # mean ± its standard error over identities, where there is one
-            return format(row[key], fmt) + (f" ± {format(se[key], fmt)}" if se.get(key) is not None else "")
-
-        judge = f" {pm('id_similarity_judge', '.3f')} |" if judged else ""
-        lines.append(f"| {name} | {pm('id_similarity', '.3f')} |{judge} {pm('scene_fidelity', '.1%')} | {words} |"
-                     f" {row['seconds']:.2f} s | {size} |")
+        judge = f" {_pm(row, 'id_similarity_judge', '.3f')} |" if judged else ""
+        lines.append(f"| {name} | {_pm(row, 'id_similarity', '.3f')} |{judge} {_pm(row, 'scene_fidelity', '.1%')} |"
+                     f" {words} | {row['seconds']:.2f} s | {size} |")
     for name, row in result["rows"].items():
         if "curve" not in row:
             continue
