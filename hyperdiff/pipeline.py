@@ -31,7 +31,7 @@ preservation images: adapters are passed explicitly.
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -322,10 +322,7 @@ class HyperDreamBoothPipeline:
 
         adapter.fuse(unet, strength=strength)
         try:
-            if not low.active:
-                yield
-                return
-            with per_timestep(unet, refuse):
+            with per_timestep(unet, refuse) if low.active else nullcontext():  # no hook on the hot path without a gain
                 yield
         finally:
             adapter.unfuse(unet)
@@ -348,10 +345,8 @@ class HyperDreamBoothPipeline:
                          "hyper_lora": deltas(tuple(lo.factor(t) for lo in lows))}
             return {**unet_kwargs, "cross_attention_kwargs": attention}
 
-        if not any(lo.active for lo in lows):  # one set of deltas for the whole call: no hook on the UNet's hot path
-            yield deltas((1.0,) * len(adapters))
-            return
-        with per_timestep(self.pipe.unet, update):
+        # without a gain, one set of deltas serves the whole call: no hook on the UNet's hot path
+        with per_timestep(self.pipe.unet, update) if any(lo.active for lo in lows) else nullcontext():
             yield deltas((1.0,) * len(adapters))
 
     def sample_adapters(
