@@ -194,9 +194,15 @@ def per_sample_mse(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None
 
 
 @torch.no_grad()
+def encoder_readings(encoder, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`encoder`'s readings of PIL `images` on its device: unit embeddings (N, e), hat and expression logits (N, 2),
+    (N, 4)."""
+    return encoder(to_batch(images, encoder.config.image_size).to(encoder.device))
+
+
 def identity_embeddings(encoder, images: Sequence[Image.Image]) -> torch.Tensor:
     """The targets of `identity_loss`: `encoder`'s unit-norm embeddings of PIL `images`, (N, e) on its device."""
-    return encoder(to_batch(images, encoder.config.image_size).to(encoder.device))[0]
+    return encoder_readings(encoder, images)[0]
 
 
 def decoded_estimate(vae, noise_scheduler, latents, noise, t, pred, size: int) -> torch.Tensor:
@@ -220,7 +226,11 @@ def identity_loss(pipe, noise_scheduler, encoder, latents, noise, t, pred, wante
     Gradients flow through the VAE decoder and `encoder` (both frozen) into `pred`; `wanted` (N, e) are the targets'
     `identity_embeddings`."""
     pixels = decoded_estimate(pipe.vae, noise_scheduler, latents, noise, t, pred, encoder.config.image_size)
-    made = encoder(pixels)[0]  # (N, e), unit norm
+    return embedding_distance(encoder(pixels)[0], wanted)
+
+
+def embedding_distance(made: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """Mean of 1 − cos between unit embeddings `made` (N, e) and `wanted` (N, e), row by row."""
     return (1 - (made * wanted.to(made)).sum(dim=1)).mean()
 
 

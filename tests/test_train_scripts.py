@@ -397,12 +397,13 @@ def test_identity_loss_reads_the_exact_prediction_like_the_encoder_reads_the_dec
     assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
 
 
-def test_identity_term_alone_moves_the_estimate_towards_each_identity(tmp_path):
-    """`identity_weight` only (no diffusion, distillation or stage-1 targets): the trained hypernet's weights lower the
-    identity loss on identities, noise and timesteps the trainer never drew."""
+@pytest.mark.parametrize("term", ["identity", "hat"])
+def test_encoder_term_alone_moves_the_estimate_towards_each_target(tmp_path, term):
+    """`identity_weight` or `hat_weight` only (no diffusion, distillation or stage-1 targets): the trained
+    hypernet's weights lower that term on identities, noise and timesteps the trainer never drew."""
     cfg = load_config(HypernetTrainConfig, TINY, {
-        "output_dir": str(tmp_path / "identity"), "diffusion_weight": 0.0, "weight_weight": 0.0,
-        "identity_weight": 1.0, "max_train_steps": 30, "learning_rate": 1e-3, "report_to": "none",
+        "output_dir": str(tmp_path / term), "diffusion_weight": 0.0, "weight_weight": 0.0,
+        f"{term}_weight": 1.0, "max_train_steps": 30, "learning_rate": 1e-3, "report_to": "none",
     })
     pipe = trainer._load_base(cfg.base)
     table = LayerTable.from_unet(pipe.unet)
@@ -412,22 +413,59 @@ def test_identity_term_alone_moves_the_estimate_towards_each_identity(tmp_path):
         torch.manual_seed(trainer.stable_seed("hypernet-init", cfg.seed))
         initial = HyperNetwork(cfg.hypernet, table)
 
-    def identity_distance(hp: HyperNetwork) -> float:
+    def distance(hp: HyperNetwork) -> float:
         keys = range(2000, 2004)  # outside the tiny config's seeds [0, 1000)
+        scenes = [sf.Scene(background="blue", hat=h, expression=e) for h, e in zip((True, False) * 2, sf.EXPRESSIONS)]
         refs = [sf.render(sf.Identity.from_seed(k), sf.Scene(), 32) for k in keys]
-        targets = [sf.render(sf.Identity.from_seed(k), sf.Scene(background="blue", hat=True), 32) for k in keys]
+        targets = [sf.render(sf.Identity.from_seed(k), s, 32) for k, s in zip(keys, scenes)]
         g = torch.Generator().manual_seed(7)
         with torch.no_grad(), hyper_lora_processors(pipe.unet, table):
             latents = encode_images(pipe, targets)
-            text = encode_prompts(pipe, [sf.caption(sf.Scene(background="blue", hat=True), "sks")] * len(keys))
+            text = encode_prompts(pipe, [sf.caption(s, "sks") for s in scenes])
             noise, t = torch.randn(latents.shape, generator=g), torch.randint(0, 1000, (len(keys),), generator=g)
             deltas = Adapter.stack([hp.predict([r]) for r in refs], table)  # one adapter per sample
             pred, _ = noise_prediction(pipe, sched, latents, text, [deltas], noise, t)
-            return identity_loss(pipe, sched, encoder, latents, noise, t, pred, identity_embeddings(encoder, targets)).item()
+            return trainer._encoder_terms(cfg, pipe, sched, encoder, latents, noise, t, pred, targets)[term].item()
 
     trained = HyperNetwork.from_pretrained(trainer.train_hypernet(cfg), table=table)
-    before, after = identity_distance(initial), identity_distance(trained)
+    before, after = distance(initial), distance(trained)
     assert after < before - 0.01, (before, after)
+
+
+def test_hat_term_is_the_hat_heads_cross_entropy_against_its_reading_of_the_target():
+    """Given the exact prediction, x̂₀ is the clean latent at any timestep, so the hat term is the cross-entropy of
+    the encoder's hat probability on the decoded latent (read as PIL through its public `classify`) against its
+    reading of the target, at a high timestep as at a low one, and the identity term is 1 − its `similarity`. With
+    the image itself as the target the hat term is small."""
+    from hyperdiff.metrics import IdentityEncoder
+    from hyperdiff.models import load_base
+
+    pipe = load_base()
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    encoder = frozen_identity_encoder("", "cpu")
+    cfg = HypernetTrainConfig(identity_weight=1.0, hat_weight=2.0)
+    images = [sf.render(sf.Identity.from_seed(3), sf.Scene(background="red", hat=True, expression="smiling"), 64),
+              sf.render(sf.Identity.from_seed(4), sf.Scene(background="blue", expression="sad"), 64)]
+    targets = [sf.render(sf.Identity.from_seed(3), sf.Scene(expression="surprised"), 64),
+               sf.render(sf.Identity.from_seed(4), sf.Scene(hat=True, expression="smiling"), 64)]
+    with torch.no_grad():
+        latents = encode_images(pipe, images)  # (2, C, h, w)
+        decoded = pipe.image_processor.postprocess(pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample,
+                                                   output_type="pil")
+    g = torch.Generator().manual_seed(0)
+    noise, t = torch.randn(latents.shape, generator=g), torch.tensor([100, 950])
+    pred = noise.clone().requires_grad_(True)
+    terms = trainer._encoder_terms(cfg, pipe, sched, encoder, latents, noise, t, pred, targets)
+    reader = IdentityEncoder.from_pretrained()  # the same shipped encoder, through its public API
+    made, wanted = reader.classify(decoded)["hat"], reader.classify(targets)["hat"]  # (2,) P(hat) each
+    expected = -(wanted * made.log() + (1 - wanted) * (1 - made).log()).mean().item()
+    assert expected > 1.0  # each image's hat is the opposite of its target's
+    assert abs(terms["hat"].item() - expected) < 0.05 * expected, (terms["hat"].item(), expected)
+    assert abs(terms["identity"].item() - (1 - reader.similarity(decoded, targets).mean().item())) < 0.01
+    terms["hat"].backward()
+    assert pred.grad[0].abs().sum() > 0 and pred.grad[1].abs().sum() > 0  # both timesteps reach the prediction
+    itself = trainer._encoder_terms(cfg, pipe, sched, encoder, latents, noise, t, pred, images)["hat"].item()
+    assert itself < 0.1 * expected, (itself, expected)
 
 
 def test_expression_weight_reweights_the_noise_space_terms_on_the_latent_grid(tmp_path, monkeypatch):

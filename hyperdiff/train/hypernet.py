@@ -19,8 +19,13 @@ Contract:
   identity embeddings of the target image and of the one-step estimate of it that the UNet's prediction under the
   predicted weights implies (x̂₀ from the same noisy latent, decoded by the VAE; the frozen identity encoder
   `identity_encoder`, "" = the shipped one): a direct identity signal, which the noise-space terms dilute in errors
-  the identity does not show in. With neither the diffusion, the distillation nor the identity term (weight
-  regression only, the paper's stage-2 warm start) the UNet is skipped entirely. `expression_weight` (SynthFaces)
+  the identity does not show in. + `hat_weight` · the cross-entropy of the same encoder's hat head on that estimate
+  against its reading of the target image, at every timestep: the sampler lays a hat out at high noise (x̂₀ at
+  t = 999 already shows it), and an identity term alone lets the predicted weights draw one where none was asked
+  for, since the encoder's embedding barely tells a hat from hair. (Its expression head is left out: under the base
+  model itself x̂₀ shows the wrong expression at mid timesteps, so that term asks for what no adapter gives.)
+  With neither the diffusion, the distillation, the identity nor the hat term (weight regression only, the
+  paper's stage-2 warm start) the UNet is skipped entirely. `expression_weight` (SynthFaces)
   multiplies the noise-space errors by the base trainer's map of where the expression words act (mean 1).
   With `targets_dir`, batches draw only the identities that have a target (stage 2 trains on stage 1's identities,
   as in the paper); without, any identity of the source.
@@ -50,8 +55,9 @@ from hyperdiff.adapter import Adapter
 from hyperdiff.config import to_dict
 from hyperdiff.data.identities import FolderIdentities, SynthFacesIdentities
 from hyperdiff.errors import HyperdiffError, check_number_in, check_positive_int, check_positive_number
-from hyperdiff.finetune import (FinetuneConfig, encode_images, encode_prompts, finetune, frozen_identity_encoder,
-                                identity_embeddings, identity_loss, make_prior, noise_prediction, per_sample_mse)
+from hyperdiff.finetune import (FinetuneConfig, decoded_estimate, embedding_distance, encode_images, encode_prompts,
+                                encoder_readings, finetune, frozen_identity_encoder, make_prior, noise_prediction,
+                                per_sample_mse)
 from hyperdiff.hypernet import HyperNetConfig, HyperNetwork
 from hyperdiff.layers import LayerTable
 from hyperdiff.lidb import stable_seed
@@ -101,7 +107,8 @@ class HypernetTrainConfig:
     weight_weight: float = 0.02
     distill_weight: float = 0.0  # function-space distillation of the stage-1 targets (needs targets_dir)
     identity_weight: float = 0.0  # identity-encoder loss on the one-step estimate of the target image
-    identity_encoder: str = ""  # the identity_weight term's frozen encoder; "" = the shipped SynthFaces one
+    identity_encoder: str = ""  # the identity_weight and hat_weight terms' frozen encoder; "" = the shipped one
+    hat_weight: float = 0.0  # the encoder's hat head on the one-step estimate, against its reading of the target
     expression_weight: float = 0.0  # SynthFaces: diffusion/distillation errors × (1 + w · expression_map), mean 1
     targets_dir: str = ""  # stage-1 targets; "" = none
     checkpointing_steps: int = 250
@@ -119,14 +126,16 @@ class HypernetTrainConfig:
                      "precompute_identities", "precompute_batch"):
             check_positive_int(name, getattr(self, name))
         check_positive_number("learning_rate", self.learning_rate)
-        for name in ("diffusion_weight", "weight_weight", "distill_weight", "identity_weight", "expression_weight"):
+        for name in ("diffusion_weight", "weight_weight", "distill_weight", "identity_weight", "hat_weight",
+                     "expression_weight"):
             check_number_in(name, getattr(self, name), 0.0, 1e6)
         if self.distill_weight > 0 and not self.targets_dir:
             raise HyperdiffError("`distill_weight` > 0 needs stage-1 targets: set `targets_dir`")
         if (self.diffusion_weight == 0 and self.distill_weight == 0 and self.identity_weight == 0
-                and not (self.targets_dir and self.weight_weight > 0)):
-            raise HyperdiffError("`diffusion_weight` 0 needs another loss term: a positive `identity_weight`, or stage-1"
-                                 " targets (`targets_dir`) and a positive `weight_weight` or `distill_weight`")
+                and self.hat_weight == 0 and not (self.targets_dir and self.weight_weight > 0)):
+            raise HyperdiffError("`diffusion_weight` 0 needs another loss term: a positive `identity_weight` or"
+                                 " `hat_weight`, or stage-1 targets (`targets_dir`) and a positive `weight_weight` or"
+                                 " `distill_weight`")
         if self.expression_weight > 0 and self.data.kind != "synthfaces":
             raise HyperdiffError("`expression_weight` > 0 needs SynthFaces data (`data.kind` 'synthfaces'): its map comes"
                                  f" from renders, got `data.kind` {self.data.kind!r}")
@@ -193,7 +202,9 @@ def train_hypernet(cfg: HypernetTrainConfig, resume: bool = True) -> Path:
         if path is not None:
             accelerator.load_state(str(path))
     hp = accelerator.unwrap_model(model)
-    id_encoder = frozen_identity_encoder(cfg.identity_encoder, accelerator.device) if cfg.identity_weight > 0 else None
+    id_encoder = None
+    if cfg.identity_weight > 0 or cfg.hat_weight > 0:
+        id_encoder = frozen_identity_encoder(cfg.identity_encoder, accelerator.device)
     cells = None  # (1, 1, h, w) loss weight on the latent grid, where the expression words act
     if cfg.expression_weight > 0:
         with torch.no_grad():
@@ -235,7 +246,8 @@ def _init_from(model: HyperNetwork, cfg: HypernetTrainConfig, table: LayerTable)
 def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_scheduler, source, keys, targets, table,
                 start, id_encoder=None, cells=None):
     """`keys`: the identities batches draw from (all of `source`, or those with a stage-1 target); `id_encoder`: the
-    frozen identity encoder of the `identity_weight` term; `cells`: the noise-space terms' weight map (None = uniform)."""
+    frozen identity encoder of the `identity_weight` and `hat_weight` terms; `cells`: the noise-space terms' weight
+    map (None = uniform)."""
     out = Path(cfg.output_dir)
     world, rank, per = accelerator.num_processes, accelerator.process_index, cfg.train_batch_size
     bar = tqdm(range(start, cfg.max_train_steps), desc="hypernet", disable=not accelerator.is_main_process, mininterval=5)
@@ -265,8 +277,8 @@ def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_sc
                     taught, _ = noise_prediction(pipe, noise_scheduler, latents, text, [teacher], noise, t)
                 terms["distill"] = per_sample_mse(pred, taught, cells).mean()
             if id_encoder is not None:
-                terms["identity"] = identity_loss(pipe, noise_scheduler, id_encoder, latents, noise, t, pred,
-                                                  identity_embeddings(id_encoder, [p[1] for p in pairs[mine]]))
+                terms.update(_encoder_terms(cfg, pipe, noise_scheduler, id_encoder, latents, noise, t, pred,
+                                            [p[1] for p in pairs[mine]]))
         weight_loss = _weight_loss(batch[mine], a_train, b_train, targets, table)
         if weight_loss is not None:
             terms["weight"] = weight_loss
@@ -285,6 +297,22 @@ def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_sc
             checkpoints.save(accelerator, out, step + 1, cfg.checkpoints_total_limit)
         if cfg.validation_steps and (step + 1) % cfg.validation_steps == 0 and accelerator.is_main_process:
             validate(cfg, pipe, hp, source, table, step + 1)
+
+
+def _encoder_terms(cfg, pipe, noise_scheduler, encoder, latents, noise, t, pred, targets) -> dict[str, torch.Tensor]:
+    """The frozen encoder's terms on the one-step estimate x̂₀ (decoded once) of each target image (PIL `targets`),
+    each a mean over the local batch: "identity", 1 − cosine of the embeddings; "hat", the cross-entropy of the hat
+    head against its reading of the target (soft labels, so any data the encoder reads will do)."""
+    pixels = decoded_estimate(pipe.vae, noise_scheduler, latents, noise, t, pred, encoder.config.image_size)
+    made = encoder(pixels)  # (B, e) unit embeddings, (B, 2) hat logits, (B, 4) expression logits
+    with torch.no_grad():
+        wanted = encoder_readings(encoder, targets)
+    terms = {}
+    if cfg.identity_weight > 0:
+        terms["identity"] = embedding_distance(made[0], wanted[0])
+    if cfg.hat_weight > 0:
+        terms["hat"] = F.cross_entropy(made[1], wanted[1].softmax(dim=1))
+    return terms
 
 
 VALIDATION_PROMPT = "a {token} face, smiling, wearing a hat, on a purple background"
