@@ -10,7 +10,7 @@ synchronised around each):
 - personalize + the fast fine-tune (`--finetune_steps`, LoRA rank 4 on top of the prediction);
 - DreamBooth-LiDB from scratch (`--dreambooth_steps`; configs/sd15.yaml's stage 1 runs 400): timed once;
 - one image of `--generate_steps` CFG steps: the base model, an adapter fused, the same adapter fused with a
-  low-noise gain (× 1.5 below timestep 200: one re-fuse per image), an adapter through the processors.
+  low-noise gain (× 1.5 below timestep 300, the shipped hypernet's: one re-fuse per image), an adapter through the processors.
 Prints the table with ratios to DreamBooth-LiDB and writes JSON.
 Usage: python scripts/bench_personalize.py --device cuda --out bench/personalize_cuda.json
 """
@@ -110,7 +110,7 @@ def main() -> None:
         "generate_base": time_calls(lambda: hdb.generate(PROMPT, None, steps=args.generate_steps), args.repeats, device),
         "generate_fused": time_calls(lambda: hdb.generate(PROMPT, tuned, steps=args.generate_steps), args.repeats, device),
         "generate_fused_low_noise": time_calls(lambda: hdb.generate(PROMPT, tuned, steps=args.generate_steps,
-                                                                     low_noise=LowNoiseGain(1.5, 200)), args.repeats, device),
+                                                                     low_noise=LowNoiseGain(1.5, 300)), args.repeats, device),
         "generate_processors": time_calls(lambda: hdb.generate(PROMPT, [tuned], steps=args.generate_steps), args.repeats, device),
     }
     median = {k: statistics.median(v) for k, v in seconds.items()}
