@@ -21,7 +21,7 @@ Contract:
   `identity_encoder`, "" = the shipped one): a direct identity signal, which the noise-space terms dilute in errors
   the identity does not show in. + `hat_weight` · the cross-entropy of the same encoder's hat head on that estimate
   against its reading of the target image, at every timestep: the sampler lays a hat out at high noise (x̂₀ at
-  t = 999 already shows it), and an identity term alone lets the predicted weights draw one where none was asked
+  t = 999 mostly shows it already), and an identity term alone lets the predicted weights draw one where none was asked
   for, since the encoder's embedding barely tells a hat from hair. (Its expression head is left out: under the base
   model itself x̂₀ shows the wrong expression at mid timesteps, so that term asks for what no adapter gives.)
   With neither the diffusion, the distillation, the identity nor the hat term (weight regression only, the
@@ -305,8 +305,7 @@ def _encoder_terms(cfg, pipe, noise_scheduler, encoder, latents, noise, t, pred,
     head against its reading of the target (soft labels, so any data the encoder reads will do)."""
     pixels = decoded_estimate(pipe.vae, noise_scheduler, latents, noise, t, pred, encoder.config.image_size)
     made = encoder(pixels)  # (B, e) unit embeddings, (B, 2) hat logits, (B, 4) expression logits
-    with torch.no_grad():
-        wanted = encoder_readings(encoder, targets)
+    wanted = encoder_readings(encoder, targets)  # no gradient: the targets' readings
     terms = {}
     if cfg.identity_weight > 0:
         terms["identity"] = embedding_distance(made[0], wanted[0])
