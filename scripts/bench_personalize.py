@@ -10,7 +10,7 @@ synchronised around each):
 - personalize + the fast fine-tune (`--finetune_steps`, LoRA rank 4 on top of the prediction);
 - DreamBooth-LiDB from scratch (`--dreambooth_steps`; configs/sd15.yaml's stage 1 runs 400): timed once;
 - one image of `--generate_steps` CFG steps: the base model, an adapter fused, the same adapter fused with a
-  low-noise gain (× 1.5 below timestep 300, the shipped hypernet's: one re-fuse per image), an adapter through the processors.
+  low-noise gain (the embedded hypernet's calibrated one: one re-fuse per image), an adapter through the processors.
 Prints the table with ratios to DreamBooth-LiDB and writes JSON.
 Usage: python scripts/bench_personalize.py --device cuda --out bench/personalize_cuda.json
 """
@@ -35,8 +35,7 @@ from hyperdiff import HyperNetwork, LayerTable  # noqa: E402
 from hyperdiff.config import load_config  # noqa: E402
 from hyperdiff.data import synthfaces  # noqa: E402
 from hyperdiff.models.configs import build_clip_vision, build_pipeline  # noqa: E402
-from hyperdiff.pipeline import HyperDreamBoothPipeline, resolve_device, resolve_dtype  # noqa: E402
-from hyperdiff.schedule import LowNoiseGain  # noqa: E402
+from hyperdiff.pipeline import EMBEDDED_HYPERNET, HyperDreamBoothPipeline, resolve_device, resolve_dtype  # noqa: E402
 from hyperdiff.train.hypernet import HypernetTrainConfig  # noqa: E402
 
 from _bench import describe_device, time_calls  # noqa: E402
@@ -105,12 +104,13 @@ def main() -> None:
         "dreambooth_lidb": time_calls(lambda: bare.personalize([reference], finetune_steps=args.dreambooth_steps), 1, device),
     }
     tuned = fast_finetune()
+    shipped_gain = HyperNetwork.from_pretrained(EMBEDDED_HYPERNET).config.low_noise  # follows its calibration
     hdb.generate(PROMPT, adapter, steps=2)  # warm-up of the sampling loop
     seconds |= {
         "generate_base": time_calls(lambda: hdb.generate(PROMPT, None, steps=args.generate_steps), args.repeats, device),
         "generate_fused": time_calls(lambda: hdb.generate(PROMPT, tuned, steps=args.generate_steps), args.repeats, device),
         "generate_fused_low_noise": time_calls(lambda: hdb.generate(PROMPT, tuned, steps=args.generate_steps,
-                                                                     low_noise=LowNoiseGain(1.5, 300)), args.repeats, device),
+                                                                     low_noise=shipped_gain), args.repeats, device),
         "generate_processors": time_calls(lambda: hdb.generate(PROMPT, [tuned], steps=args.generate_steps), args.repeats, device),
     }
     median = {k: statistics.median(v) for k, v in seconds.items()}
@@ -125,6 +125,7 @@ def main() -> None:
         "finetune_steps": args.finetune_steps,
         "dreambooth_steps": args.dreambooth_steps,
         "generate_steps": args.generate_steps,
+        "low_noise": {"gain": shipped_gain.gain, "below": shipped_gain.below},  # the generate_fused_low_noise row's
         "load_s": loaded,
         "seconds": seconds,
         "median_s": median,
