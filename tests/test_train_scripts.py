@@ -425,7 +425,7 @@ def test_encoder_term_alone_moves_the_estimate_towards_each_target(tmp_path, ter
             noise, t = torch.randn(latents.shape, generator=g), torch.randint(0, 1000, (len(keys),), generator=g)
             deltas = Adapter.stack([hp.predict([r]) for r in refs], table)  # one adapter per sample
             pred, _ = noise_prediction(pipe, sched, latents, text, [deltas], noise, t)
-            return trainer._encoder_terms(cfg, pipe, sched, encoder, latents, noise, t, pred, targets)[term].item()
+            return trainer._encoder_terms(cfg, pipe, sched, encoder, latents, noise, t, pred, targets, text)[term].item()
 
     trained = HyperNetwork.from_pretrained(trainer.train_hypernet(cfg), table=table)
     before, after = distance(initial), distance(trained)
@@ -455,7 +455,7 @@ def test_hat_term_is_the_hat_heads_cross_entropy_against_its_reading_of_the_targ
     g = torch.Generator().manual_seed(0)
     noise, t = torch.randn(latents.shape, generator=g), torch.tensor([100, 950])
     pred = noise.clone().requires_grad_(True)
-    terms = trainer._encoder_terms(cfg, pipe, sched, encoder, latents, noise, t, pred, targets)
+    terms = trainer._encoder_terms(cfg, pipe, sched, encoder, latents, noise, t, pred, targets, None)  # no base term
     reader = IdentityEncoder.from_pretrained()  # the same shipped encoder, through its public API
     made, wanted = reader.classify(decoded)["hat"], reader.classify(targets)["hat"]  # (2,) P(hat) each
     expected = -(wanted * made.log() + (1 - wanted) * (1 - made).log()).mean().item()
@@ -464,8 +464,92 @@ def test_hat_term_is_the_hat_heads_cross_entropy_against_its_reading_of_the_targ
     assert abs(terms["identity"].item() - (1 - reader.similarity(decoded, targets).mean().item())) < 0.01
     terms["hat"].backward()
     assert pred.grad[0].abs().sum() > 0 and pred.grad[1].abs().sum() > 0  # both timesteps reach the prediction
-    itself = trainer._encoder_terms(cfg, pipe, sched, encoder, latents, noise, t, pred, images)["hat"].item()
+    itself = trainer._encoder_terms(cfg, pipe, sched, encoder, latents, noise, t, pred, images, None)["hat"].item()
     assert itself < 0.1 * expected, (itself, expected)
+
+
+def test_expression_prior_is_the_kl_from_the_base_models_reading_of_its_own_estimate():
+    """The expression prior is KL(base ‖ made) of the encoder's expression probabilities (its public `classify`, on
+    PIL images): "base" read on the base model's own one-step estimate, made here through diffusers' DDPM step from
+    the plain UNet (no processors installed), "made" on the estimate of the given prediction (the exact noise: the
+    clean latent). Gradients reach the prediction; given the base model's own prediction the term is zero."""
+    from hyperdiff.metrics import IdentityEncoder
+    from hyperdiff.models import load_base
+
+    pipe = load_base()
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    encoder = frozen_identity_encoder("", "cpu")
+    cfg = HypernetTrainConfig(expression_prior_weight=1.0)
+    images = [sf.render(sf.Identity.from_seed(3), sf.Scene(background="red", expression="smiling"), 64),
+              sf.render(sf.Identity.from_seed(4), sf.Scene(background="blue", expression="surprised"), 64)]
+    captions = [sf.caption(sf.Scene(background="red", expression="sad"), "sks"),
+                sf.caption(sf.Scene(background="blue", expression="neutral"), "sks")]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        latents = encode_images(pipe, images)  # (2, C, h, w)
+        text = encode_prompts(pipe, captions)  # (2, T, d)
+        noise, t = torch.randn(latents.shape, generator=g), torch.tensor([100, 950])
+        noisy = sched.add_noise(latents, noise, t)
+        eps = pipe.unet(noisy, t, text).sample  # the base model, without the hypernet's processors
+        base_clean = torch.cat([sched.step(eps[i:i + 1], int(t[i]), noisy[i:i + 1]).pred_original_sample
+                                for i in range(2)])
+
+        def pil(lat):
+            return pipe.image_processor.postprocess(pipe.vae.decode(lat / pipe.vae.config.scaling_factor).sample,
+                                                    output_type="pil")
+
+        reader = IdentityEncoder.from_pretrained()  # the same shipped encoder, through its public API
+        made, kept = reader.classify(pil(latents))["expression"], reader.classify(pil(base_clean))["expression"]
+    expected = (kept * (kept.clamp_min(1e-12).log() - made.clamp_min(1e-12).log())).sum(dim=1).mean().item()
+    assert expected > 0.3  # the base model's estimates do not read as these images' expressions
+    pred = noise.clone().requires_grad_(True)
+    with hyper_lora_processors(pipe.unet, LayerTable.from_unet(pipe.unet)):
+        terms = trainer._encoder_terms(cfg, pipe, sched, encoder, latents, noise, t, pred, images, text)
+        assert set(terms) == {"expression_prior"}
+        assert abs(terms["expression_prior"].item() - expected) < 0.1 * expected, (terms["expression_prior"].item(), expected)
+        terms["expression_prior"].backward()
+        assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
+        with torch.no_grad():
+            own = trainer._encoder_terms(cfg, pipe, sched, encoder, latents, noise, t, eps, images, text)
+    assert own["expression_prior"].abs().item() < 1e-5
+
+
+def test_expression_prior_alone_brings_the_estimates_expression_back_to_the_base_models(tmp_path):
+    """The shipped hypernet's weights move the one-step estimates' expression away from the base model's reading at
+    high noise; 30 steps from them (`init_from`) on `expression_prior_weight` alone (a loss term of its own: no
+    diffusion, distillation or identity term) bring it back, on identities, noise and timesteps the trainer never
+    drew."""
+    from hyperdiff.pipeline import EMBEDDED_HYPERNET
+
+    cfg = load_config(HypernetTrainConfig, str(ROOT / "configs" / "synthfaces.yaml"), {
+        "output_dir": str(tmp_path / "prior"), "export_dir": "", "init_from": str(EMBEDDED_HYPERNET),
+        "diffusion_weight": 0.0, "weight_weight": 0.0, "expression_prior_weight": 1.0, "max_train_steps": 30,
+        "train_batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 0, "report_to": "none"})
+    kept = trainer.train_hypernet(cfg)
+    pipe = trainer._load_base(cfg.base)
+    table = LayerTable.from_unet(pipe.unet)
+    encoder = frozen_identity_encoder("", "cpu")
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    keys = sf.VAL_SEEDS[:8]  # never drawn in training
+    scenes = [sf.Scene(background="blue", hat=k % 2 == 0, expression=sf.EXPRESSIONS[k % 4]) for k in keys]
+    refs = [sf.render(sf.Identity.from_seed(k), sf.Scene(), 64) for k in keys]
+    targets = [sf.render(sf.Identity.from_seed(k), s, 64) for k, s in zip(keys, scenes)]
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        latents = encode_images(pipe, targets)
+        text = encode_prompts(pipe, [sf.caption(s, "sks") for s in scenes])
+        noise, t = torch.randn(latents.shape, generator=g), torch.randint(600, 1000, (len(keys),), generator=g)
+
+    def drift(path) -> float:
+        hp = HyperNetwork.from_pretrained(path, table=table)
+        with torch.no_grad(), hyper_lora_processors(pipe.unet, table):
+            deltas = Adapter.stack([hp.predict([r]) for r in refs], table)  # one adapter per sample
+            pred, _ = noise_prediction(pipe, sched, latents, text, [deltas], noise, t)
+            return trainer._encoder_terms(cfg, pipe, sched, encoder, latents, noise, t, pred, targets,
+                                          text)["expression_prior"].item()
+
+    before, after = drift(EMBEDDED_HYPERNET), drift(kept)
+    assert before > 0.1 and after < 0.7 * before, (before, after)
 
 
 def test_expression_weight_reweights_the_noise_space_terms_on_the_latent_grid(tmp_path, monkeypatch):

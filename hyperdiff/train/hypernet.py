@@ -22,10 +22,15 @@ Contract:
   the identity does not show in. + `hat_weight` · the cross-entropy of the same encoder's hat head on that estimate
   against its reading of the target image, at every timestep: the sampler lays a hat out at high noise (x̂₀ at
   t = 999 mostly shows it already), and an identity term alone lets the predicted weights draw one where none was asked
-  for, since the encoder's embedding barely tells a hat from hair. (Its expression head is left out: under the base
-  model itself x̂₀ shows the wrong expression at mid timesteps, so that term asks for what no adapter gives.)
-  With neither the diffusion, the distillation, the identity nor the hat term (weight regression only, the
-  paper's stage-2 warm start) the UNet is skipped entirely. `expression_weight` (SynthFaces)
+  for, since the encoder's embedding barely tells a hat from hair. + `expression_prior_weight` · KL(base ‖ made) of
+  the same encoder's expression head: its reading of the base model's own x̂₀ (no adapter; same noisy latent, caption
+  and timestep, no gradient) against its reading of the estimate under the predicted weights, at every timestep.
+  Prior preservation in the classifier's terms: the predicted weights may change who the face is, not the
+  expression the caption gives it. (The target's reading, the hat term's label, would ask for what no adapter
+  gives: the encoder reads every clean render's expression at P ≈ 1, but on the base model's x̂₀ of sad renders,
+  noised at t = 100 as at t = 900, P(sad) ≈ 0.4.)
+  With no term that runs the UNet (weight regression only, the paper's stage-2 warm start) the UNet is skipped
+  entirely. `expression_weight` (SynthFaces)
   multiplies the noise-space errors by the base trainer's map of where the expression words act (mean 1).
   With `targets_dir`, batches draw only the identities that have a target (stage 2 trains on stage 1's identities,
   as in the paper); without, any identity of the source.
@@ -107,8 +112,9 @@ class HypernetTrainConfig:
     weight_weight: float = 0.02
     distill_weight: float = 0.0  # function-space distillation of the stage-1 targets (needs targets_dir)
     identity_weight: float = 0.0  # identity-encoder loss on the one-step estimate of the target image
-    identity_encoder: str = ""  # the identity_weight and hat_weight terms' frozen encoder; "" = the shipped one
+    identity_encoder: str = ""  # the frozen encoder of the three terms that read x̂₀; "" = the shipped one
     hat_weight: float = 0.0  # the encoder's hat head on the one-step estimate, against its reading of the target
+    expression_prior_weight: float = 0.0  # its expression head on that estimate against its reading of the base's
     expression_weight: float = 0.0  # SynthFaces: diffusion/distillation errors × (1 + w · expression_map), mean 1
     targets_dir: str = ""  # stage-1 targets; "" = none
     checkpointing_steps: int = 250
@@ -127,20 +133,25 @@ class HypernetTrainConfig:
             check_positive_int(name, getattr(self, name))
         check_positive_number("learning_rate", self.learning_rate)
         for name in ("diffusion_weight", "weight_weight", "distill_weight", "identity_weight", "hat_weight",
-                     "expression_weight"):
+                     "expression_prior_weight", "expression_weight"):
             check_number_in(name, getattr(self, name), 0.0, 1e6)
         if self.distill_weight > 0 and not self.targets_dir:
             raise HyperdiffError("`distill_weight` > 0 needs stage-1 targets: set `targets_dir`")
-        if (self.diffusion_weight == 0 and self.distill_weight == 0 and self.identity_weight == 0
-                and self.hat_weight == 0 and not (self.targets_dir and self.weight_weight > 0)):
-            raise HyperdiffError("`diffusion_weight` 0 needs another loss term: a positive `identity_weight` or"
-                                 " `hat_weight`, or stage-1 targets (`targets_dir`) and a positive `weight_weight` or"
-                                 " `distill_weight`")
+        if (self.diffusion_weight == 0 and self.distill_weight == 0 and not self.reads_estimate
+                and not (self.targets_dir and self.weight_weight > 0)):
+            raise HyperdiffError("`diffusion_weight` 0 needs another loss term: a positive `identity_weight`,"
+                                 " `hat_weight` or `expression_prior_weight`, or stage-1 targets (`targets_dir`) and a"
+                                 " positive `weight_weight` or `distill_weight`")
         if self.expression_weight > 0 and self.data.kind != "synthfaces":
             raise HyperdiffError("`expression_weight` > 0 needs SynthFaces data (`data.kind` 'synthfaces'): its map comes"
                                  f" from renders, got `data.kind` {self.data.kind!r}")
         if not self.max_grad_norm >= 0:
             raise HyperdiffError(f"`max_grad_norm` must be a non-negative number (0 = no clipping), got {self.max_grad_norm!r}")
+
+    @property
+    def reads_estimate(self) -> bool:
+        """Whether a term reads the decoded one-step estimate with the frozen identity encoder."""
+        return self.identity_weight > 0 or self.hat_weight > 0 or self.expression_prior_weight > 0
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -203,7 +214,7 @@ def train_hypernet(cfg: HypernetTrainConfig, resume: bool = True) -> Path:
             accelerator.load_state(str(path))
     hp = accelerator.unwrap_model(model)
     id_encoder = None
-    if cfg.identity_weight > 0 or cfg.hat_weight > 0:
+    if cfg.reads_estimate:
         id_encoder = frozen_identity_encoder(cfg.identity_encoder, accelerator.device)
     cells = None  # (1, 1, h, w) loss weight on the latent grid, where the expression words act
     if cfg.expression_weight > 0:
@@ -246,7 +257,7 @@ def _init_from(model: HyperNetwork, cfg: HypernetTrainConfig, table: LayerTable)
 def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_scheduler, source, keys, targets, table,
                 start, id_encoder=None, cells=None):
     """`keys`: the identities batches draw from (all of `source`, or those with a stage-1 target); `id_encoder`: the
-    frozen identity encoder of the `identity_weight` and `hat_weight` terms; `cells`: the noise-space terms' weight
+    frozen identity encoder of the terms that read x̂₀; `cells`: the noise-space terms' weight
     map (None = uniform)."""
     out = Path(cfg.output_dir)
     world, rank, per = accelerator.num_processes, accelerator.process_index, cfg.train_batch_size
@@ -278,7 +289,7 @@ def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_sc
                 terms["distill"] = per_sample_mse(pred, taught, cells).mean()
             if id_encoder is not None:
                 terms.update(_encoder_terms(cfg, pipe, noise_scheduler, id_encoder, latents, noise, t, pred,
-                                            [p[1] for p in pairs[mine]]))
+                                            [p[1] for p in pairs[mine]], text))
         weight_loss = _weight_loss(batch[mine], a_train, b_train, targets, table)
         if weight_loss is not None:
             terms["weight"] = weight_loss
@@ -299,10 +310,12 @@ def _train_loop(cfg, accelerator, pipe, model, hp, optimizer, lr_sched, noise_sc
             validate(cfg, pipe, hp, source, table, step + 1)
 
 
-def _encoder_terms(cfg, pipe, noise_scheduler, encoder, latents, noise, t, pred, targets) -> dict[str, torch.Tensor]:
+def _encoder_terms(cfg, pipe, noise_scheduler, encoder, latents, noise, t, pred, targets, text
+                   ) -> dict[str, torch.Tensor]:
     """The frozen encoder's terms on the one-step estimate x̂₀ (decoded once) of each target image (PIL `targets`),
     each a mean over the local batch: "identity", 1 − cosine of the embeddings; "hat", the cross-entropy of the hat
-    head against its reading of the target (soft labels, so any data the encoder reads will do)."""
+    head against its reading of the target (soft labels, so any data the encoder reads will do); "expression_prior",
+    KL(base ‖ made) of the expression head, the base model's x̂₀ predicted without deltas under `text` (B, T, d)."""
     pixels = decoded_estimate(pipe.vae, noise_scheduler, latents, noise, t, pred, encoder.config.image_size)
     made = encoder(pixels)  # (B, e) unit embeddings, (B, 2) hat logits, (B, 4) expression logits
     wanted = encoder_readings(encoder, targets)  # no gradient: the targets' readings
@@ -311,6 +324,13 @@ def _encoder_terms(cfg, pipe, noise_scheduler, encoder, latents, noise, t, pred,
         terms["identity"] = embedding_distance(made[0], wanted[0])
     if cfg.hat_weight > 0:
         terms["hat"] = F.cross_entropy(made[1], wanted[1].softmax(dim=1))
+    if cfg.expression_prior_weight > 0:
+        with torch.no_grad():
+            base, _ = noise_prediction(pipe, noise_scheduler, latents, text, [], noise, t)  # (B, C, h, w)
+            kept = encoder(decoded_estimate(pipe.vae, noise_scheduler, latents, noise, t, base,
+                                            encoder.config.image_size))[2]  # (B, 4)
+        terms["expression_prior"] = F.kl_div(made[2].log_softmax(dim=1), kept.log_softmax(dim=1), log_target=True,
+                                             reduction="batchmean")
     return terms
 
 
