@@ -1,11 +1,37 @@
-"""Timing shared by the benchmark scripts: wall-clock seconds of work that has finished on its device."""
+"""Shared by the benchmark scripts: flag checks that fail before any model is built (a one-line usage error, exit 2),
+and wall-clock seconds of work that has finished on its device."""
 
 from __future__ import annotations
 
+import argparse
 import platform
 import time
 
 import torch
+
+from hyperdiff.errors import HyperdiffError
+from hyperdiff.pipeline import resolve_device, resolve_dtype
+
+
+def positive_int(text: str) -> int:
+    """argparse `type`: a positive integer (a step or repeat count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def device_and_dtype(parser: argparse.ArgumentParser, device: str | None, dtype: str | None
+                     ) -> tuple[torch.device, torch.dtype]:
+    """`--device` and `--dtype` resolved like the pipeline does, or the parser's usage error (exit 2)."""
+    try:
+        dev = resolve_device(device)
+        return dev, resolve_dtype(dtype, dev)
+    except HyperdiffError as e:
+        parser.error(str(e))
 
 
 def sync(device: torch.device) -> None:

@@ -28,24 +28,22 @@ import torch  # noqa: E402
 from hyperdiff import LayerTable  # noqa: E402
 from hyperdiff.models import tiny_pipeline  # noqa: E402
 from hyperdiff.models.configs import build_unet  # noqa: E402
-from hyperdiff.pipeline import resolve_device, resolve_dtype  # noqa: E402
 from hyperdiff.random_adapters import random_lidb  # noqa: E402
 
-from _bench import describe_device, time_calls  # noqa: E402
+from _bench import describe_device, device_and_dtype, positive_int, time_calls  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/core.json", help="JSON output path")
-    parser.add_argument("--latent", type=int, default=32, help="latent side (64 = 512 px images)")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per measurement")
-    parser.add_argument("--swaps", type=int, default=3, help="repeats of each swap path")
+    parser.add_argument("--latent", type=positive_int, default=32, help="latent side (64 = 512 px images)")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="interleaved repeats per measurement")
+    parser.add_argument("--swaps", type=positive_int, default=3, help="repeats of each swap path")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float32 on cpu, float16 on a GPU)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    device, dtype = device_and_dtype(parser, args.device, args.dtype)
 
     print(f"building SD1.5-shaped UNet (random init, {dtype}, {device})...", flush=True)
     unet = build_unet("sd15", device=device, seed=0).to(dtype).eval()

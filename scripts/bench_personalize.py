@@ -34,11 +34,11 @@ import torch  # noqa: E402
 from hyperdiff import HyperNetwork, LayerTable  # noqa: E402
 from hyperdiff.config import load_config  # noqa: E402
 from hyperdiff.data import synthfaces  # noqa: E402
-from hyperdiff.models.configs import build_clip_vision, build_pipeline  # noqa: E402
-from hyperdiff.pipeline import EMBEDDED_HYPERNET, HyperDreamBoothPipeline, resolve_device, resolve_dtype  # noqa: E402
+from hyperdiff.models.configs import VISION_NAMES, build_clip_vision, build_pipeline  # noqa: E402
+from hyperdiff.pipeline import EMBEDDED_HYPERNET, HyperDreamBoothPipeline  # noqa: E402
 from hyperdiff.train.hypernet import HypernetTrainConfig  # noqa: E402
 
-from _bench import describe_device, time_calls  # noqa: E402
+from _bench import describe_device, device_and_dtype, positive_int, time_calls  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a photo of sks person, smiling, on a red background"
@@ -67,14 +67,14 @@ def main() -> None:
     parser.add_argument("--out", default="bench/personalize.json", help="JSON output path")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, else mps, else cpu)")
     parser.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float16 on a GPU, float32 on cpu)")
-    parser.add_argument("--finetune_steps", type=int, default=40, help="fast fine-tune steps (default: %(default)s)")
-    parser.add_argument("--dreambooth_steps", type=int, default=400, help="DreamBooth-LiDB steps (default: %(default)s)")
-    parser.add_argument("--generate_steps", type=int, default=25, help="denoising steps per image (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3, help="repeats of each timed call but DreamBooth (default: %(default)s)")
-    parser.add_argument("--vision", default="clip-vit-h-14", help="hypernet image tower (default: %(default)s)")
+    parser.add_argument("--finetune_steps", type=positive_int, default=40, help="fast fine-tune steps (default: %(default)s)")
+    parser.add_argument("--dreambooth_steps", type=positive_int, default=400, help="DreamBooth-LiDB steps (default: %(default)s)")
+    parser.add_argument("--generate_steps", type=positive_int, default=25, help="denoising steps per image (default: %(default)s)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="repeats of each timed call but DreamBooth (default: %(default)s)")
+    parser.add_argument("--vision", default="clip-vit-h-14", choices=VISION_NAMES,
+                        help="hypernet image tower (default: %(default)s)")
     args = parser.parse_args()
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    device, dtype = device_and_dtype(parser, args.device, args.dtype)
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
