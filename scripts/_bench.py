@@ -1,15 +1,18 @@
 """Shared by the benchmark scripts: flag checks that fail before any model is built (a one-line usage error, exit 2),
-and wall-clock seconds of work that has finished on its device."""
+wall-clock seconds of work that has finished on its device, and the JSON result written atomically."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import time
+from pathlib import Path
 
 import torch
 
 from hyperdiff.errors import HyperdiffError
+from hyperdiff.files import atomic_path, check_writable
 from hyperdiff.pipeline import resolve_device, resolve_dtype
 
 
@@ -32,6 +35,21 @@ def device_and_dtype(parser: argparse.ArgumentParser, device: str | None, dtype:
         return dev, resolve_dtype(dtype, dev)
     except HyperdiffError as e:
         parser.error(str(e))
+
+
+def checked_out(parser: argparse.ArgumentParser, path: str) -> Path:
+    """`--out` checked before any work: a folder, or a parent that cannot be made or written, is a usage error."""
+    try:
+        check_writable(Path(path), "`--out`")
+    except HyperdiffError as e:
+        parser.error(str(e))
+    return Path(path)
+
+
+def write_json(path: Path, result: dict) -> None:
+    """`result` as JSON at `path`, through a temporary file beside it (never half a file)."""
+    with atomic_path(path, "`--out`") as tmp:
+        tmp.write_text(json.dumps(result, indent=2))
 
 
 def sync(device: torch.device) -> None:

@@ -14,7 +14,6 @@ Usage: python scripts/bench_core.py --out bench/core.json [--latent 64] [--devic
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -30,7 +29,7 @@ from hyperdiff.models import tiny_pipeline  # noqa: E402
 from hyperdiff.models.configs import build_unet  # noqa: E402
 from hyperdiff.random_adapters import random_lidb  # noqa: E402
 
-from _bench import describe_device, device_and_dtype, positive_int, time_calls  # noqa: E402
+from _bench import checked_out, describe_device, device_and_dtype, positive_int, time_calls, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -44,6 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     device, dtype = device_and_dtype(parser, args.device, args.dtype)
+    out = checked_out(parser, args.out)
 
     print(f"building SD1.5-shaped UNet (random init, {dtype}, {device})...", flush=True)
     unet = build_unet("sd15", device=device, seed=0).to(dtype).eval()
@@ -120,9 +120,7 @@ def main() -> None:
         "applied_swap_over_diffusers": swap_s["hyperdiff_applied_enter_exit"] / swap_s["diffusers_load_fuse_unfuse_unload"],
         "file_bytes": sizes,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(out, result)
 
     where = result.get("gpu") or f"{result['threads']} CPU threads"
     print(f"\nSD1.5 UNet step (batch 2, latent {args.latent}x{args.latent}, {result['shape']}, {where}, best of {args.repeats}):")

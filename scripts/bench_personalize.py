@@ -18,7 +18,6 @@ Usage: python scripts/bench_personalize.py --device cuda --out bench/personalize
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -38,7 +37,7 @@ from hyperdiff.models.configs import VISION_NAMES, build_clip_vision, build_pipe
 from hyperdiff.pipeline import EMBEDDED_HYPERNET, HyperDreamBoothPipeline  # noqa: E402
 from hyperdiff.train.hypernet import HypernetTrainConfig  # noqa: E402
 
-from _bench import describe_device, device_and_dtype, positive_int, time_calls  # noqa: E402
+from _bench import checked_out, describe_device, device_and_dtype, positive_int, time_calls, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a photo of sks person, smiling, on a red background"
@@ -75,6 +74,7 @@ def main() -> None:
                         help="hypernet image tower (default: %(default)s)")
     args = parser.parse_args()
     device, dtype = device_and_dtype(parser, args.device, args.dtype)
+    out = checked_out(parser, args.out)
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -133,9 +133,7 @@ def main() -> None:
         "dreambooth_s_per_step": db / args.dreambooth_steps,
         "finetune_s_per_step": (median["zero_shot_plus_finetune"] - median["zero_shot"]) / args.finetune_steps,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(out, result)
 
     where = result.get("gpu") or f"{result['threads']} CPU threads"
     print(f"\nSD1.5-shaped personalization, {size} px, {result['dtype']}, {where} (median of {args.repeats}; DreamBooth once):")

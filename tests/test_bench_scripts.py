@@ -1,5 +1,5 @@
 """The benchmark scripts check their flags before building any model: a bad one exits 2 with one error line that
-names it, and no JSON is written."""
+names it, and no JSON is written. (Their JSON goes through `atomic_path`, tested with the CLI's outputs.)"""
 
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
     ("bench_personalize.py", ["--device", "tpu"], "`device` must be cpu, cuda, cuda:N or mps, got 'tpu'"),
     ("bench_core.py", ["--latent", "x"], "--latent: must be a positive integer, got 'x'"),
     ("bench_core.py", ["--dtype", "float8"], "`dtype` must be one of"),
+    ("bench_core.py", ["--out", str(SCRIPTS)], f"`--out` '{SCRIPTS}' is a folder, expected a file path"),
 ])
 def test_a_bad_flag_is_one_usage_error_before_any_work(tmp_path, script, flags, named):
     out = tmp_path / "bench.json"
-    res = subprocess.run([sys.executable, str(SCRIPTS / script), *flags, "--out", str(out)], capture_output=True,
-                         text=True, timeout=120)
+    res = subprocess.run([sys.executable, str(SCRIPTS / script), "--out", str(out), *flags], capture_output=True,
+                         text=True, timeout=120)  # a later --out wins
     assert res.returncode == 2, res.stderr
     errors = [line for line in res.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and errors[0].startswith(f"{script}: error: ") and named in errors[0], res.stderr

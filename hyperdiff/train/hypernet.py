@@ -30,8 +30,8 @@ Contract:
   gives: the encoder reads every clean render's expression at P ≈ 1, but on the base model's x̂₀ of sad renders,
   noised at t = 100 as at t = 900, P(sad) ≈ 0.4.)
   With no term that runs the UNet (weight regression only, the paper's stage-2 warm start) the UNet is skipped
-  entirely. `expression_weight` (SynthFaces)
-  multiplies the noise-space errors by the base trainer's map of where the expression words act (mean 1).
+  entirely. `expression_weight` (SynthFaces) multiplies the noise-space errors by the base trainer's map of where the
+  expression words act (mean 1).
   With `targets_dir`, batches draw only the identities that have a target (stage 2 trains on stage 1's identities,
   as in the paper); without, any identity of the source.
 - `save_state` every `checkpointing_steps` into `output_dir/checkpoint-N` (newest `checkpoints_total_limit` kept),
