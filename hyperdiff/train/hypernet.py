@@ -318,8 +318,9 @@ def _encoder_terms(cfg, pipe, noise_scheduler, encoder, latents, noise, t, pred,
     KL(base ‖ made) of the expression head, the base model's x̂₀ predicted without deltas under `text` (B, T, d)."""
     pixels = decoded_estimate(pipe.vae, noise_scheduler, latents, noise, t, pred, encoder.config.image_size)
     made = encoder(pixels)  # (B, e) unit embeddings, (B, 2) hat logits, (B, 4) expression logits
-    wanted = encoder_readings(encoder, targets)  # no gradient: the targets' readings
     terms = {}
+    if cfg.identity_weight > 0 or cfg.hat_weight > 0:
+        wanted = encoder_readings(encoder, targets)  # no gradient: the targets' readings
     if cfg.identity_weight > 0:
         terms["identity"] = embedding_distance(made[0], wanted[0])
     if cfg.hat_weight > 0:
