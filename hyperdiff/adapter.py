@@ -17,8 +17,9 @@ Contract (DESIGN.md, "Adapter" and "Files"):
 - Files (`hyperdiff.formats`): `save`/`load` (native), `export(path, format="diffusers"|"kohya")`;
   `save_as(folder, format)` writes any of them under a name that says what it is (`file_name(format)`:
   `hyperdiff-<token>-<digest>-<format>.safetensors`, the digest a hash of the adapter's values).
-- `info.low_noise` (a hypernet's calibrated low-noise gain, `hyperdiff.schedule`) is how the pipeline samples with
-  it; derived adapters (`w * ad`, `concat`, `mix`) keep the first one's, like the rest of `info`.
+- `info.low_noise` (a hypernet's calibrated low-noise gain or a fine-tune recipe's, `hyperdiff.schedule`) is how
+  the pipeline samples with it; derived adapters (`w * ad`, `concat`, `mix`) keep the first one's, like the rest of
+  `info`.
 """
 
 from __future__ import annotations

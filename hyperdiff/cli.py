@@ -138,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="native adapter file to write (.safetensors, written atomically)")
     p.add_argument("--finetune-steps", type=int, default=0,
                    help="rank-relaxed fast fine-tune steps on top of the prediction (0 = zero-shot; paper: 40; on "
-                   "the embedded SynthFaces base it also trains against the identity encoder); without a hypernet, "
-                   "DreamBooth-LiDB steps from scratch (300-600 on SynthFaces)")
+                   "the embedded SynthFaces base it also trains against the identity encoder, and its adapter samples "
+                   "with a low-noise gain that `inspect` shows); without a hypernet, DreamBooth-LiDB steps from "
+                   "scratch (300-600 on SynthFaces)")
     p.add_argument("--token", default="sks", help="identifier word to use in prompts (default: %(default)s)")
     p.add_argument("--caption", help="what the references show, for the fine-tune, the subject named by the token or "
                    "{token} (e.g. \"a {token} face, neutral, on a gray background\"; default: \"a {token} face\"): "

@@ -21,9 +21,9 @@ taken at each point, the last point listed being the row; with `config.dreamboot
 hypernet given (name → model):
 `<name>` (zero-shot), `<name>+ft` (the rank-relaxed fast fine-tune, `config.finetune_steps` steps of
 `config.finetune`) and `<name>+ft+caption` (the same fine-tune told what the reference shows: its caption instead of
-"a <token> face"); hypernets given as `ablations` get the zero-shot row only (decoder and K comparisons). A hypernet
-whose adapters carry a low-noise gain (`hyperdiff.schedule`) also gets `<name>@one-strength`: its zero-shot adapters
-sampled without it.
+"a <token> face"); hypernets given as `ablations` get the zero-shot row only (decoder and K comparisons). A row
+whose adapters carry a low-noise gain (`hyperdiff.schedule`: a calibrated hypernet's zero-shot prediction, or a
+fine-tune recipe's `low_noise`) is followed by `<label>@one-strength`: the same adapters sampled without it.
 `write_fidelity(result, out)` writes JSON and a Markdown table.
 
 `calibrate_gain(pipe, hypernet, gains, config, tolerance)` picks a hypernet's output gain on *validation* identities
@@ -33,6 +33,9 @@ scene fidelity within `tolerance` of the base model's (or of gain 1's, where tha
 distilled hypernet regresses to its teachers' conditional mean, which shrinks the identity-specific part of ΔW; the
 gain undoes part of that shrinkage (`HyperNetwork.set_gain` stores it in `alpha`). With `low_noise` candidates
 (`hyperdiff.schedule`) every gain is also scored with each, and the winner's goes into the hypernet's config.
+`calibrate_finetune(pipe, hypernet, low_noise, config, tolerance)` applies the same rule to the fast fine-tune's
+sampling schedule (`FinetuneConfig.low_noise`), on its adapters told the reference's caption and not: a candidate
+must keep both within the tolerance.
 """
 
 from __future__ import annotations
@@ -200,10 +203,33 @@ def run_fidelity(pipe, hypernets: dict, config: FidelityConfig = FidelityConfig(
             seconds = (time.perf_counter() - start) / len(refs)
             rows[label] = {**_score(pipe, adapters, refs, config), "seconds": seconds,
                            "adapter_values": adapters[0].num_values, "adapter_bytes": _size(adapters[0])}
-            if not ft_steps and adapters[0].info.low_noise.active:  # what the low-noise gain adds: the same adapters
+            if adapters[0].info.low_noise.active:  # what the low-noise gain adds: the same adapters at one strength
                 same = {k: rows[label][k] for k in ("seconds", "adapter_values", "adapter_bytes")}
                 rows[f"{label}@one-strength"] = {**_score(pipe, adapters, refs, config, LowNoiseGain()), **same}
     return {"config": config.to_dict(), "identities": seeds, "rows": rows}
+
+
+def _validation(pipe, config: FidelityConfig, tolerance: float) -> tuple[list[int], list, dict]:
+    """The calibrations' common start: checks, the validation seeds (never evaluation ones), their references and the
+    base model's scores."""
+    check_number_in("tolerance", tolerance, 0.0, 1.0)
+    check_positive_int("identities", config.identities)
+    if config.judge:
+        _judge(config.judge)
+    seeds = list(synthfaces.VAL_SEEDS[: config.identities])
+    refs = _references(pipe, seeds, config)
+    return seeds, refs, _score(pipe, [None] * len(refs), refs, config)
+
+
+def _floor(base: dict, unit: dict, tolerance: float) -> float:
+    """The calibrations' rule: scene fidelity may fall `tolerance` below the lower of the base model's and the
+    uncalibrated adapters' own."""
+    return min(base["scene_fidelity"], unit["scene_fidelity"]) - tolerance
+
+
+def _schedules(low_noise: Sequence[LowNoiseGain]) -> list[LowNoiseGain]:
+    """One strength first (the reference of the rule), then each active candidate once."""
+    return [LowNoiseGain(), *(lo for lo in dict.fromkeys(low_noise) if lo.active)]
 
 
 def calibrate_gain(
@@ -217,22 +243,45 @@ def calibrate_gain(
     for g in gains:
         check_positive_number("gains", g)
     gains = sorted({1.0, *(float(g) for g in gains)})
-    check_number_in("tolerance", tolerance, 0.0, 1.0)
-    check_positive_int("identities", config.identities)
-    if config.judge:
-        _judge(config.judge)
-    seeds = list(synthfaces.VAL_SEEDS[: config.identities])
-    refs = _references(pipe, seeds, config)
+    seeds, refs, base = _validation(pipe, config, tolerance)
     adapters = [hypernet.predict([r], token=config.token) for r in refs]
-    base = _score(pipe, [None] * len(refs), refs, config)
-    schedules = [LowNoiseGain(), *(lo for lo in dict.fromkeys(low_noise) if lo.active)]
+    schedules = _schedules(low_noise)
     rows = [{"gain": g, "low_noise": lo.to_dict(), **_score(pipe, [g * ad for ad in adapters], refs, config, lo)}
             for g in gains for lo in schedules]
-    unit = rows[gains.index(1.0) * len(schedules)]  # gain 1 at one strength
-    floor = min(base["scene_fidelity"], unit["scene_fidelity"]) - tolerance
+    floor = _floor(base, rows[gains.index(1.0) * len(schedules)], tolerance)  # gain 1 at one strength
     best = max((r for r in rows if r["scene_fidelity"] >= floor), key=lambda r: r["id_similarity"])
     return {"gain": best["gain"], "low_noise": best["low_noise"], "tolerance": tolerance, "identities": seeds,
             "base": base, "rows": rows}
+
+
+def calibrate_finetune(
+    pipe, hypernet, low_noise: Sequence[LowNoiseGain], config: FidelityConfig | None = None, tolerance: float = 0.02,
+) -> dict:
+    """{"low_noise": chosen as a dict, "base", "rows": [{"caption": bool, "low_noise", "id_similarity",
+    "scene_fidelity", ...}, ...], "identities": seeds, "tolerance"}: the fast fine-tune's sampling schedule
+    (`FinetuneConfig.low_noise`) by `calibrate_gain`'s rule. Each validation reference gets `config.finetune_steps`
+    of `config.finetune` on `hypernet`'s prediction twice, told its caption and not (the two ways it is used); both
+    sets are scored at one strength and with each candidate. A candidate passes when both keep scene fidelity within
+    `tolerance` of the lower of the base model's and their own at one strength; of those (one strength always passes)
+    the one with the most ID similarity, averaged over both, wins."""
+    config = config or FidelityConfig()
+    check_positive_int("finetune_steps", config.finetune_steps)
+    seeds, refs, base = _validation(pipe, config, tolerance)
+    hdb = HyperDreamBoothPipeline(pipe, hypernet)
+    caption = synthfaces.caption(_scene(config.reference_scene), config.token)
+    schedules = _schedules(low_noise)
+    rows = []
+    for text in (caption, None):
+        adapters = [hdb.personalize([r], token=config.token, finetune_steps=config.finetune_steps, seed=config.seed,
+                                    caption=text, finetune_config=config.finetune) for r in refs]
+        rows += [{"caption": text is not None, "low_noise": lo.to_dict(), **_score(pipe, adapters, refs, config, lo)}
+                 for lo in schedules]
+    uses = [rows[:len(schedules)], rows[len(schedules):]]  # captioned, plain: one row per schedule, one strength first
+    passing = [k for k in range(len(schedules))
+               if all(u[k]["scene_fidelity"] >= _floor(base, u[0], tolerance) for u in uses)]
+    best = max(passing, key=lambda k: statistics.fmean(u[k]["id_similarity"] for u in uses))
+    return {"low_noise": schedules[best].to_dict(), "tolerance": tolerance, "identities": seeds, "base": base,
+            "rows": rows}
 
 
 def _pm(row: dict, key: str, fmt: str) -> str:

@@ -15,11 +15,12 @@ Contract:
   reference says little about identity, the encoder says it directly. It costs a VAE decode per sample and step.
 - New factors start as a no-op that still learns: `up`/B_train = 0, `down`/A_train random.
 - Returns one Adapter per identity; with `start`, the exact concatenation `start[i] + learned[i]` (rank r + r', no
-  SVD): the rank-relaxed fast fine-tune. `snapshot(k, adapters)` also receives them, as they stand, after each step
-  count k in `snapshot_steps`: with a constant learning rate and one seeded stream of draws, a run's state after k
-  steps is that of a k-step run, so one run gives a whole convergence curve. One identity's start adapter is fused
-  into the frozen UNet for the run (the processors then carry only the learned factors) and unfused, bit for bit,
-  when it ends. Deterministic in `config.seed` on CPU; progress via tqdm.
+  SVD): the rank-relaxed fast fine-tune. Every adapter samples with `config.low_noise` (`hyperdiff.schedule`; one
+  strength by default), the start's own schedule replaced. `snapshot(k, adapters)` also receives them, as they
+  stand, after each step count k in `snapshot_steps`: with a constant learning rate and one seeded stream of draws, a
+  run's state after k steps is that of a k-step run, so one run gives a whole convergence curve. One identity's start
+  adapter is fused into the frozen UNet for the run (the processors then carry only the learned factors) and
+  unfused, bit for bit, when it ends. Deterministic in `config.seed` on CPU; progress via tqdm.
 - Runs on the UNet's device: every random draw comes from one CPU generator (so a seed means the same noise on any
   device), the trainable factors are float32 there, and a float16 UNet's loss is scaled (`torch.amp.GradScaler`)
   so its small gradients do not underflow. Adapters come back on the CPU.
@@ -32,7 +33,7 @@ Uses: (a) DreamBooth-LiDB from scratch, (b) stage-1 targets for hypernet trainin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Collection, Sequence
 
 import torch
@@ -47,6 +48,7 @@ from hyperdiff.layers import LayerTable
 from hyperdiff.lidb import LiDBConfig, aux_bases, compose
 from hyperdiff.metrics import to_batch
 from hyperdiff.processors import HyperLoRA, LowRankDelta, hyper_lora_processors
+from hyperdiff.schedule import LowNoiseGain
 
 KINDS = ("lora", "lidb")
 # Varied class prompts for prior preservation: the scene words the base model knows, without the identifier.
@@ -82,6 +84,7 @@ class FinetuneConfig:
     identity_weight: float = 0.0  # identity-encoder loss on the one-step estimate x̂₀ of each reference sample
     identity_encoder: str = ""  # the identity_weight term's frozen encoder folder; "" = the shipped SynthFaces one
     seed: int = 0
+    low_noise: LowNoiseGain = field(default_factory=LowNoiseGain)  # how its adapters sample (`hyperdiff.schedule`)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -321,13 +324,17 @@ def finetune(
         source = f"finetune {config.kind} steps={done} batch_size={config.batch_size} lr={config.learning_rate:g}"
         if encoder is not None:
             source += f" identity_weight={config.identity_weight:g}"
-        info = AdapterInfo(token=config.token, source=source, architecture=table.architecture)
+        info = AdapterInfo(token=config.token, source=source, architecture=table.architecture,
+                           low_noise=config.low_noise)
         out = []
         for i in range(n):
             trained = {name: (f[i].detach().cpu().clone(), s[i].detach().cpu().clone()) for name, (f, s) in factors.items()}
             ad = (Adapter.from_factors(trained, table, alpha=alpha, info=info) if config.kind == "lora"
                   else Adapter.from_lidb(trained, table, config.lidb, alpha=alpha, info=info))
-            out.append(Adapter.concat([start[i], ad]) if start is not None else ad)
+            if start is not None:  # the concatenation samples as the recipe says, not as its start did
+                ad = Adapter.concat([start[i], ad])
+                ad.info = replace(ad.info, low_noise=config.low_noise)
+            out.append(ad)
         return out
 
     # The starting adapters: one identity's is fused into the frozen UNet for the run (no processor work per step;

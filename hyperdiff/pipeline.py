@@ -11,8 +11,8 @@ Contract:
   concatenation; on the embedded base with the identity encoder's term, `SYNTHFACES_FAST_FINETUNE`). Without a
   hypernet (none given, none shipped for the base), `finetune_steps > 0` fine-tunes LiDB factors from scratch
   (DreamBooth-LiDB) and 0 is a one-line error saying so. A zero-shot adapter carries the hypernet's low-noise gain
-  (`hyperdiff.schedule`); a fine-tuned one samples at one strength. `caption` (what the references show,
-  the subject named by the token) replaces the fine-tune's instance prompt "a {token} face"; the adapter's
+  (`hyperdiff.schedule`), a fine-tuned one its recipe's (`FinetuneConfig.low_noise`). `caption` (what the references
+  show, the subject named by the token) replaces the fine-tune's instance prompt "a {token} face"; the adapter's
   `info.source` records it.
 - `generate(prompt, adapter, ...)` → list of PIL images. One adapter is fused for the call (zero overhead) and unfused
   after, also on an error; a list of adapters (one per image) runs as one batch through the per-sample processors.
@@ -61,7 +61,14 @@ FAST_FINETUNE = FinetuneConfig(kind="lora", rank=4, learning_rate=1e-2, batch_si
 # (`identity_weight`): the denoising error alone had come to lower the identity-trained hypernet's identity (8
 # validation identities, captioned: zero-shot 0.611 -> 0.457 / 0.516 at lr 1e-3 / 3e-3), this recipe raises it to
 # 0.746 (README, "The fast fine-tune"). The encoder knows SynthFaces faces only, so other bases keep FAST_FINETUNE.
-SYNTHFACES_FAST_FINETUNE = replace(FAST_FINETUNE, learning_rate=3e-3, batch_size=2, identity_weight=1.0)
+# Its adapters sample with ΔW × 1.25 below timestep 200 (`hyperdiff.schedule`), chosen by the hypernet calibration's
+# rule (the most identity keeping scene words within 2 points of the lower of the base model's and the fine-tune's own
+# at one strength; `scripts/calibrate_finetune.py`) on 16 validation identities, H's fine-tunes with and without the
+# reference's caption: captioned 0.720 / 87.8 % at one strength -> 0.743 / 87.5 %, uncaptioned 0.649 / 83.0 % ->
+# 0.674 / 81.2 %. × 1.5 below 200 (captioned 0.763 / 86.5 %) and below 100 fail the rule uncaptioned (79.5 %, 80.6 %;
+# README, "The fast fine-tune").
+SYNTHFACES_FAST_FINETUNE = replace(FAST_FINETUNE, learning_rate=3e-3, batch_size=2, identity_weight=1.0,
+                                   low_noise=LowNoiseGain(1.25, 200))
 DREAMBOOTH_LIDB = FinetuneConfig(kind="lidb", learning_rate=1e-2, batch_size=4, prior_weight=0.0)
 
 
@@ -251,11 +258,7 @@ class HyperDreamBoothPipeline:
             source += f"; {adapter.info.source}"  # the engine's recipe: kind, batch size, learning rate, identity weight
         if finetune_steps and caption is not None:
             source += f"; caption={caption.format(token=token)!r}"
-        # the hypernet's low-noise gain makes up for its prediction's missing detail, which a fine-tune trains in: on
-        # 8 SynthFaces validation identities ×1.5 below t = 200 on the captioned fine-tune read +0.039 identity for
-        # 4.2 points of scene words (zero-shot: +0.040 for 1.7), so a fine-tuned adapter samples at one strength
-        low_noise = LowNoiseGain() if finetune_steps else adapter.info.low_noise
-        adapter.info = replace(adapter.info, base_model=self.base_name, token=token, source=source, low_noise=low_noise)
+        adapter.info = replace(adapter.info, base_model=self.base_name, token=token, source=source)
         return adapter
 
     def encoder_view(self, images) -> list[Image.Image]:

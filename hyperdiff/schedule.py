@@ -5,9 +5,10 @@ Contract:
   it is applied as it is. `LowNoiseGain()` (gain 1) changes nothing. Sampling decides the layout first (hat,
   background, expression: high noise) and the fine detail of a face last, so extra strength late adds identity at
   a smaller cost in scene words than a constant gain (PhotoMaker's delayed identity merge rests on the same split).
-  A hypernet carries its calibrated value (`HyperNetConfig.low_noise`), stamps it on every adapter it predicts
-  (`AdapterInfo.low_noise`), and the native adapter file keeps it (`hyperdiff.low_noise`); diffusers and kohya LoRA
-  files cannot say it, so an export applies ΔW at one strength (a warning says so).
+  A hypernet carries its calibrated value (`HyperNetConfig.low_noise`) and stamps it on every adapter it predicts
+  (`AdapterInfo.low_noise`); a fine-tune recipe stamps its own (`FinetuneConfig.low_noise`) on the adapters it
+  trains. The native adapter file keeps it (`hyperdiff.low_noise`); diffusers and kohya LoRA files cannot say it, so
+  an export applies ΔW at one strength (a warning says so).
 - `per_timestep(unet, update)`: a context manager that calls `update(timestep, kwargs)` before every UNet forward
   and passes on the keyword arguments it returns (a forward pre-hook, removed on exit however the block ends). The
   pipeline uses it to re-fuse a fused adapter, or to swap the per-sample deltas in `cross_attention_kwargs`, when

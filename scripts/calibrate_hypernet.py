@@ -28,7 +28,7 @@ from hyperdiff.pipeline import DTYPES
 from hyperdiff.schedule import LowNoiseGain
 
 
-def _numbers(flag: str, text: str, kind):
+def numbers(flag: str, text: str, kind):
     """Comma-separated numbers of `kind` ('' = none)."""
     try:
         return [kind(v) for v in text.split(",") if v.strip()]
@@ -37,8 +37,19 @@ def _numbers(flag: str, text: str, kind):
         raise HyperdiffError(f"`{flag}` must be comma-separated {what}, got {text!r}") from None
 
 
-def _low(low_noise: dict) -> str:
+def low_noise_candidates(gains: str, below: str) -> list[LowNoiseGain]:
+    """Every `--low-noise-gains` value with every `--low-noise-below` timestep."""
+    return [LowNoiseGain(g, b) for g in numbers("--low-noise-gains", gains, float)
+            for b in numbers("--low-noise-below", below, int)]
+
+
+def describe_low(low_noise: dict) -> str:
     return f", x{low_noise['gain']:g} below t={low_noise['below']}" if LowNoiseGain(**low_noise).active else ""
+
+
+def print_scores(name: str, row: dict) -> None:
+    judged = f" (judge {row['id_similarity_judge']:.3f})" if "id_similarity_judge" in row else ""
+    print(f"{name}: ID similarity {row['id_similarity']:.3f}{judged}, scene fidelity {row['scene_fidelity']:.1%}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,9 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="dtype of the written weights")
     args = p.parse_args(argv)
     try:
-        gains = _numbers("--gains", args.gains, float)
-        low_noise = [LowNoiseGain(g, b) for g in _numbers("--low-noise-gains", args.low_noise_gains, float)
-                     for b in _numbers("--low-noise-below", args.low_noise_below, int)]
+        gains = numbers("--gains", args.gains, float)
+        low_noise = low_noise_candidates(args.low_noise_gains, args.low_noise_below)
         pipe = load_base(args.base)
         hypernet = HyperNetwork.from_pretrained(args.hypernet, LayerTable.from_unet(pipe.unet))
         result = calibrate_gain(pipe, hypernet, gains, FidelityConfig(identities=args.identities, steps=args.steps,
@@ -72,11 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     except HyperdiffError as e:
         print(f"calibrate_hypernet: error: {e}", file=sys.stderr)
         return 2
-    for name, row in [("base model", result["base"]), *((f"gain {r['gain']:g}{_low(r['low_noise'])}", r)
-                                                       for r in result["rows"])]:
-        judged = f" (judge {row['id_similarity_judge']:.3f})" if "id_similarity_judge" in row else ""
-        print(f"{name}: ID similarity {row['id_similarity']:.3f}{judged}, scene fidelity {row['scene_fidelity']:.1%}")
-    print(f"chose gain {result['gain']:g}{_low(result['low_noise'])}; wrote {args.out}")
+    print_scores("base model", result["base"])
+    for r in result["rows"]:
+        print_scores(f"gain {r['gain']:g}{describe_low(r['low_noise'])}", r)
+    print(f"chose gain {result['gain']:g}{describe_low(result['low_noise'])}; wrote {args.out}")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,9 @@ def test_fidelity_benchmark_rows_and_table(tmp_path):
                             dreambooth_caption=True, judge=judge)
     result = run_fidelity(pipe, {"attention": HyperNetwork.from_pretrained(run)}, config, {"k1": HyperNetwork.from_pretrained(run)})
     rows = result["rows"]
-    assert list(rows) == ["base", "dreambooth_lidb", "dreambooth_lidb+caption", "attention", "attention+ft", "attention+ft+caption", "k1"]  # ablations: zero-shot only
+    assert list(rows) == ["base", "dreambooth_lidb", "dreambooth_lidb+caption", "attention", "attention+ft",
+                          "attention+ft@one-strength", "attention+ft+caption", "attention+ft+caption@one-strength",
+                          "k1"]  # ablations: zero-shot only; the embedded base's fine-tune recipe samples with a gain
     assert rows["k1"]["id_similarity"] == rows["attention"]["id_similarity"]  # the same hypernet, the same images
     assert [c["steps"] for c in rows["dreambooth_lidb"]["curve"]] == [2, 3]
     assert all(c["seconds"] > 0 and c["seconds_batched"] > 0 for c in rows["dreambooth_lidb"]["curve"])
@@ -102,7 +105,9 @@ def test_fidelity_benchmark_rows_and_table(tmp_path):
 
 def test_fidelity_rows_of_a_low_noise_hypernet_and_without_dreambooth(tmp_path):
     """A hypernet whose adapters carry a low-noise gain also gets its zero-shot row at one strength: the images of
-    the same hypernet without the gain. `--no-dreambooth` leaves the slow rows out."""
+    the same hypernet without the gain; so does a fine-tune row whose recipe carries one (the recipe's schedule, not
+    the hypernet's: both hypernets' fine-tunes score alike), and at one strength it scores as a one-strength recipe's
+    fine-tune. `--no-dreambooth` leaves the slow rows out."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import eval_fidelity
     from test_hypernet import make_hypernet, randomise_b_head
@@ -110,6 +115,7 @@ def test_fidelity_rows_of_a_low_noise_hypernet_and_without_dreambooth(tmp_path):
     from hyperdiff.fidelity import FidelityConfig, run_fidelity
     from hyperdiff.hypernet import HyperNetwork
     from hyperdiff.layers import LayerTable
+    from hyperdiff.pipeline import SYNTHFACES_FAST_FINETUNE
 
     pipe = tiny_pipeline(seed=0)
     folder = tmp_path / "late"
@@ -117,12 +123,22 @@ def test_fidelity_rows_of_a_low_noise_hypernet_and_without_dreambooth(tmp_path):
     hp.save_pretrained(tmp_path / "plain")
     hp.set_gain(1.0, low_noise=LowNoiseGain(3.0, 1000))  # every step: ΔW × 3
     hp.save_pretrained(folder)
+    recipe = replace(SYNTHFACES_FAST_FINETUNE, identity_weight=0.0, low_noise=LowNoiseGain(4.0, 1000))
     config = FidelityConfig(identities=1, scenes=(("red", False, "smiling"),), steps=2, finetune_steps=1,
-                            dreambooth_rows=False)
-    rows = run_fidelity(pipe, {"late": hp, "plain": HyperNetwork.from_pretrained(tmp_path / "plain")}, config)["rows"]
-    assert list(rows) == ["base", "late", "late@one-strength", "late+ft", "late+ft+caption", "plain", "plain+ft",
-                          "plain+ft+caption"]
+                            dreambooth_rows=False, finetune=recipe)
+    plain = HyperNetwork.from_pretrained(tmp_path / "plain")
+    rows = run_fidelity(pipe, {"late": hp, "plain": plain}, config)["rows"]
+    tuned = [f"{name}+ft{caption}{one}" for name in ("late", "plain") for caption in ("", "+caption")
+             for one in ("", "@one-strength")]
+    assert list(rows) == ["base", "late", "late@one-strength", *tuned[:4], "plain", *tuned[4:]]
     assert rows["late@one-strength"]["id_similarity"] == rows["plain"]["id_similarity"] != rows["late"]["id_similarity"]
+    for label in ("+ft", "+ft+caption"):
+        assert rows[f"late{label}"]["id_similarity"] == rows[f"plain{label}"]["id_similarity"]
+        assert rows[f"late{label}"]["id_similarity"] != rows[f"late{label}@one-strength"]["id_similarity"]
+    at_one = replace(config, finetune=replace(recipe, low_noise=LowNoiseGain()))
+    one = run_fidelity(pipe, {"plain": plain}, at_one)["rows"]
+    assert list(one) == ["base", "plain", "plain+ft", "plain+ft+caption"]
+    assert one["plain+ft"]["id_similarity"] == rows["plain+ft@one-strength"]["id_similarity"]
     assert eval_fidelity.main(["--base", "hyperdiff:tiny", "--hypernet", f"late={folder}", "--no-dreambooth", "--identities",
                                "1", "--steps", "2", "--finetune-steps", "1", "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "fidelity.md").read_text()
@@ -211,3 +227,76 @@ def test_calibrate_script_writes_a_hypernet_whose_deltas_carry_the_gain(tmp_path
         for name in before.layer_names:
             torch.testing.assert_close(after.delta_weight(name), g * before.delta_weight(name))
     assert any(before.delta_weight(name).abs().max() > 0 for name in before.layer_names)  # a real check, not 0 = 0
+
+
+def test_finetune_calibration_picks_a_schedule_that_both_fine_tunes_pass(tmp_path, monkeypatch):
+    """The rule for the fast fine-tune's schedule, on a scorer that reads back what it is given (the caption from the
+    adapters' record, the schedule passed to it): a candidate must keep both fine-tunes, told the caption and not,
+    within the tolerance of their own floors; the one with the most identity over both wins."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_hypernet
+
+    import hyperdiff.fidelity as fidelity
+    from hyperdiff.data import synthfaces
+    from hyperdiff.hypernet import HyperNetwork
+    from hyperdiff.pipeline import FAST_FINETUNE
+
+    run = tmp_path / "hp"
+    assert train_hypernet.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--output_dir", str(run), "--max_train_steps", "1"]) == 0
+    hp = HyperNetwork.from_pretrained(run)
+    seen = []
+
+    def score(pipe, adapters, refs, config, low_noise=None):
+        if adapters[0] is None:  # the base model's row
+            return {"id_similarity": 0.0, "scene_fidelity": 0.9}
+        seen.append((adapters[0].rank, adapters[0].info.source))
+        captioned = "caption=" in adapters[0].info.source
+        late = (low_noise.gain - 1) * low_noise.below / 1000
+        return {"id_similarity": 0.5 + 0.1 * captioned + late,
+                "scene_fidelity": (0.88 - 0.15 * late) if captioned else (0.82 - 0.3 * late)}
+
+    monkeypatch.setattr(fidelity, "_score", score)
+    config = fidelity.FidelityConfig(identities=2, finetune_steps=1, finetune=replace(FAST_FINETUNE, steps=1))
+    lows = [LowNoiseGain(1.25, 200), LowNoiseGain(1.5, 200), LowNoiseGain(3.0, 500), LowNoiseGain(1.0, 300)]
+    result = fidelity.calibrate_finetune(tiny_pipeline(seed=0), hp, lows, config)
+    assert [(r["caption"], r["low_noise"]["gain"]) for r in result["rows"]] == [
+        (c, g) for c in (True, False) for g in (1.0, 1.25, 1.5, 3.0)]  # one strength first; gain 1 is no candidate
+    assert all(rank == hp.predict([Image.new("RGB", (32, 32))]).rank + FAST_FINETUNE.rank for rank, _ in seen)
+    assert result["identities"] == list(synthfaces.VAL_SEEDS[:2])
+    # × 1.5 below 200 keeps the captioned fine-tune (0.865 ≥ 0.86) but not the plain one (0.79 < 0.80)
+    assert result["low_noise"] == {"gain": 1.25, "below": 200}
+    result = fidelity.calibrate_finetune(tiny_pipeline(seed=0), hp, lows, config, tolerance=0.05)
+    assert result["low_noise"] == {"gain": 1.5, "below": 200}  # now both pass; × 3 below 500 still fails both
+    assert fidelity.calibrate_finetune(tiny_pipeline(seed=0), hp, lows[2:], config)["low_noise"] == {"gain": 1.0, "below": 0}
+
+
+def test_calibrate_finetune_script_writes_its_scores_and_choice(tmp_path, capsys):
+    """On the tiny base: every bad flag is one error line and exit 2 with nothing written; a run writes the JSON
+    with both fine-tunes' rows, the choice among the candidates, and the recipe it calibrated."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import calibrate_finetune
+    import train_hypernet
+
+    run, out = tmp_path / "hp", tmp_path / "cal" / "schedule.json"
+    assert train_hypernet.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--output_dir", str(run), "--max_train_steps", "1"]) == 0
+    common = ["--base", "hyperdiff:tiny", "--hypernet", str(run), "--out", str(out), "--steps", "2", "--identities", "1",
+              "--finetune-steps", "1"]
+    capsys.readouterr()
+    for bad, flag in ((["--low-noise-gains", "2,x"], "--low-noise-gains"), (["--low-noise-gains", "-1"], "low_noise.gain"),
+                      (["--low-noise-gains", "2", "--low-noise-below", "2000"], "low_noise.below"),
+                      (["--low-noise-gains", "2", "--identities", "0"], "identities"),
+                      (["--low-noise-gains", "2", "--finetune-steps", "0"], "finetune_steps"),
+                      (["--low-noise-gains", "2", "--tolerance", "-1"], "tolerance")):
+        assert calibrate_finetune.main([*common, *bad]) == 2, bad
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("calibrate_finetune: error:") and flag in err[0], (bad, err)
+    no_hypernet = [a for a in common if a != str(run) and a != "--hypernet"]
+    assert calibrate_finetune.main([*no_hypernet, "--low-noise-gains", "2"]) == 2
+    assert not out.exists()
+    assert calibrate_finetune.main([*common, "--low-noise-gains", "3", "--low-noise-below", "500", "--tolerance", "1"]) == 0
+    saved = json.loads(out.read_text())
+    assert [(r["caption"], r["low_noise"]) for r in saved["rows"]] == [
+        (c, lo) for c in (True, False) for lo in ({"gain": 1.0, "below": 0}, {"gain": 3.0, "below": 500})]
+    assert saved["low_noise"] in ({"gain": 1.0, "below": 0}, {"gain": 3.0, "below": 500})
+    assert saved["config"]["finetune_steps"] == 1 and saved["config"]["finetune"]["rank"] == 4
+    assert saved["rows"][0]["id_similarity"] != saved["rows"][2]["id_similarity"]  # the caption changed the adapters

@@ -109,6 +109,28 @@ def test_relaxed_part_trains_with_the_start_adapter_in_the_forward(tiny, table):
     assert abs(losses["start"] - losses["none"]) > 1e-5  # measured 7e-4
 
 
+def test_adapters_sample_as_their_recipe_says(tiny, table, tmp_path):
+    """A fine-tuned adapter carries its recipe's `low_noise` (one strength by default), also on top of a start adapter
+    whose own schedule it replaces without touching the factors; YAML fills it and the native file keeps it."""
+    from dataclasses import replace
+
+    from hyperdiff.config import from_dict
+    from hyperdiff.schedule import LowNoiseGain
+
+    start = randomise_b_head(make_hypernet(table)).predict([face(**REF)])
+    start.info = replace(start.info, low_noise=LowNoiseGain(1.5, 300))  # as a calibrated hypernet stamps it
+    cfg = FinetuneConfig(kind="lora", rank=1, steps=1, learning_rate=1e-2, prior_weight=0.0)
+    late = from_dict(FinetuneConfig, {**cfg.to_dict(), "low_noise": {"gain": 2.0, "below": 200}})
+    (plain,) = finetune(tiny, [[face(**REF)]], cfg, start=[start], progress=False)
+    (tuned,) = finetune(tiny, [[face(**REF)]], late, start=[start], progress=False)
+    (scratch,) = finetune(tiny, [[face(**REF)]], replace(late, kind="lidb"), progress=False)
+    assert plain.info.low_noise == LowNoiseGain() and start.info.low_noise == LowNoiseGain(1.5, 300)
+    assert tuned.info.low_noise == scratch.info.low_noise == LowNoiseGain(2.0, 200) and _same(tuned, plain)
+    assert Adapter.load(tuned.save(tmp_path / "tuned.safetensors")).info.low_noise == LowNoiseGain(2.0, 200)
+    with pytest.raises(HyperdiffError, match=r"`low_noise.gain` must be a positive number, got 0$"):
+        from_dict(FinetuneConfig, {"low_noise": {"gain": 0, "below": 200}})
+
+
 def test_dreambooth_lidb_from_scratch_lowers_the_loss_on_its_reference(tiny, table, fixed_loss):
     cfg = FinetuneConfig(kind="lidb", steps=20, learning_rate=1e-2, prior_weight=0.0)
     losses = []

@@ -1,0 +1,71 @@
+"""Choose the fast fine-tune's low-noise gain (how its adapters sample) on validation identities.
+
+    python scripts/calibrate_finetune.py --low-noise-gains 1.25,1.5,2 --low-noise-below 100,200 --identities 16 \
+        --out runs/finetune_schedule.json [--hypernet FOLDER] [--finetune-steps 40] [--tolerance 0.02] [--base PATH]
+
+Fine-tunes each of `--identities` validation identities (never the evaluation seeds) from the hypernet's prediction
+with the pipeline's fast fine-tune recipe for the base (`SYNTHFACES_FAST_FINETUNE` on the embedded one), told the
+reference's caption and not, and scores both at one strength and with ΔW × each `--low-noise-gains` below each
+`--low-noise-below` timestep (hyperdiff.schedule) in the fidelity benchmark's scenes. The calibration's rule picks the
+schedule: both fine-tunes keep scene fidelity within `--tolerance` of the lower of the base model's and their own at
+one strength, and of those the most ID similarity wins. Writes every score and the choice as JSON; the choice is the
+recipe's `FinetuneConfig.low_noise` (hyperdiff/pipeline.py). Logic: hyperdiff.fidelity.calibrate_finetune.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from calibrate_hypernet import describe_low, low_noise_candidates, print_scores  # scripts/ is on the path
+
+from hyperdiff.errors import HyperdiffError
+from hyperdiff.fidelity import FidelityConfig, calibrate_finetune
+from hyperdiff.files import atomic_path, check_writable
+from hyperdiff.metrics import JUDGE_ENCODER_DIR
+from hyperdiff.pipeline import HyperDreamBoothPipeline
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="JSON file to write: every score and the chosen schedule")
+    p.add_argument("--hypernet", help="hypernet folder (default: the embedded SynthFaces one)")
+    p.add_argument("--low-noise-gains", required=True, help="comma-separated gains at low-noise timesteps to try")
+    p.add_argument("--low-noise-below", default="200", help="comma-separated timesteps below which they apply")
+    p.add_argument("--identities", type=int, default=8, help="validation identities (6 scenes each)")
+    p.add_argument("--finetune-steps", type=int, default=40, help="fast fine-tune steps per identity")
+    p.add_argument("--tolerance", type=float, default=0.02,
+                   help="largest scene-fidelity loss accepted against the base model (or the fine-tune at one "
+                        "strength, where that is lower), for both fine-tunes")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps per image")
+    p.add_argument("--judge", default=str(JUDGE_ENCODER_DIR), help="a second identity encoder's folder: also report its"
+                   " ID similarity (default: the shipped judge; '' = none); the choice is made on the shipped encoder's")
+    p.add_argument("--base", help="base model (default: the embedded SynthFaces base)")
+    args = p.parse_args(argv)
+    try:
+        out = Path(args.out)
+        check_writable(out, "--out")
+        candidates = low_noise_candidates(args.low_noise_gains, args.low_noise_below)
+        hdb = HyperDreamBoothPipeline.from_pretrained(args.base, args.hypernet)
+        if hdb.hypernet is None:
+            raise HyperdiffError("`--hypernet` is required with another `--base`: the fine-tune starts from its prediction")
+        config = FidelityConfig(identities=args.identities, steps=args.steps, judge=args.judge,
+                                finetune_steps=args.finetune_steps, finetune=hdb.fast_finetune)
+        result = calibrate_finetune(hdb.pipe, hdb.hypernet, candidates, config, args.tolerance)
+        with atomic_path(out, "--out") as tmp:
+            tmp.write_text(json.dumps({**result, "config": config.to_dict()}, indent=2))
+    except HyperdiffError as e:
+        print(f"calibrate_finetune: error: {e}", file=sys.stderr)
+        return 2
+    print_scores("base model", result["base"])
+    for r in result["rows"]:
+        how = "told the caption" if r["caption"] else "without a caption"
+        print_scores(f"fine-tune {how}{describe_low(r['low_noise']) or ', one strength'}", r)
+    print(f"chose{describe_low(result['low_noise']) or ' one strength'}; wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
