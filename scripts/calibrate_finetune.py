@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in result["rows"]:
         how = "told the caption" if r["caption"] else "without a caption"
         print_scores(f"fine-tune {how}{describe_low(r['low_noise']) or ', one strength'}", r)
-    print(f"chose{describe_low(result['low_noise']) or ' one strength'}; wrote {out}")
+    print(f"chose {describe_low(result['low_noise']).removeprefix(', ') or 'one strength'}; wrote {out}")
     return 0
 
 

@@ -295,6 +295,8 @@ def test_calibrate_finetune_script_writes_its_scores_and_choice(tmp_path, capsys
     assert not out.exists()
     assert calibrate_finetune.main([*common, "--low-noise-gains", "3", "--low-noise-below", "500", "--tolerance", "1"]) == 0
     saved = json.loads(out.read_text())
+    chosen = "one strength" if saved["low_noise"]["gain"] == 1.0 else "x3 below t=500"
+    assert f"chose {chosen}; wrote {out}" in capsys.readouterr().out
     assert [(r["caption"], r["low_noise"]) for r in saved["rows"]] == [
         (c, lo) for c in (True, False) for lo in ({"gain": 1.0, "below": 0}, {"gain": 3.0, "below": 500})]
     assert saved["low_noise"] in ({"gain": 1.0, "below": 0}, {"gain": 3.0, "below": 500})
