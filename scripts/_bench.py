@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: flag checks that fail before any model is built (a one-line usage error, exit 2),
+"""Shared by the benchmark and calibration scripts: flag checks that fail before any model is built (a one-line usage error, exit 2),
 wall-clock seconds of work that has finished on its device, and the JSON result written atomically."""
 
 from __future__ import annotations

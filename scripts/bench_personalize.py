@@ -104,7 +104,7 @@ def main() -> None:
         "dreambooth_lidb": time_calls(lambda: bare.personalize([reference], finetune_steps=args.dreambooth_steps), 1, device),
     }
     tuned = fast_finetune()
-    shipped_gain = HyperNetwork.from_pretrained(EMBEDDED_HYPERNET).config.low_noise  # follows its calibration
+    shipped_gain = HyperNetwork.read_config(EMBEDDED_HYPERNET).low_noise  # follows its calibration
     hdb.generate(PROMPT, adapter, steps=2)  # warm-up of the sampling loop
     seconds |= {
         "generate_base": time_calls(lambda: hdb.generate(PROMPT, None, steps=args.generate_steps), args.repeats, device),

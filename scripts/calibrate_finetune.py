@@ -15,15 +15,15 @@ recipe's `FinetuneConfig.low_noise` (hyperdiff/pipeline.py). Logic: hyperdiff.fi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from calibrate_hypernet import describe_low, low_noise_candidates, print_scores  # scripts/ is on the path
+from _bench import write_json  # scripts/ is on the path
+from calibrate_hypernet import describe_low, low_noise_candidates, print_scores
 
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.fidelity import FidelityConfig, calibrate_finetune
-from hyperdiff.files import atomic_path, check_writable
+from hyperdiff.files import check_writable
 from hyperdiff.metrics import JUDGE_ENCODER_DIR
 from hyperdiff.pipeline import HyperDreamBoothPipeline
 
@@ -54,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         config = FidelityConfig(identities=args.identities, steps=args.steps, judge=args.judge,
                                 finetune_steps=args.finetune_steps, finetune=hdb.fast_finetune)
         result = calibrate_finetune(hdb.pipe, hdb.hypernet, candidates, config, args.tolerance)
-        with atomic_path(out, "--out") as tmp:
-            tmp.write_text(json.dumps({**result, "config": config.to_dict()}, indent=2))
+        write_json(out, {**result, "config": config.to_dict()})
     except HyperdiffError as e:
         print(f"calibrate_finetune: error: {e}", file=sys.stderr)
         return 2

@@ -240,6 +240,8 @@ def test_save_pretrained_round_trip_is_exact_and_checks_the_base(tmp_path, table
         assert all(torch.equal(s.factors[n][1], e.factors[n][1]) for s, e in zip(sampled, expected) for n in table.names)
     with pytest.raises(HyperdiffError, match="fingerprint"):
         HyperNetwork.from_pretrained(path, table=LayerTable.from_unet(sd15_unet))
+    (path / "model.safetensors").unlink()  # the config alone reads without the weights
+    assert HyperNetwork.read_config(path) == hp.config
 
 
 def test_from_pretrained_gives_clear_errors_for_missing_or_corrupt_folders(tmp_path, table):
@@ -272,6 +274,9 @@ def test_from_pretrained_gives_clear_errors_for_missing_or_corrupt_folders(tmp_p
     for message, folder in cases.items():
         with pytest.raises(HyperdiffError, match=message):
             HyperNetwork.from_pretrained(folder)
+        if message not in ("do not match its config", "does not exist", "safetensors"):  # the config's own problems
+            with pytest.raises(HyperdiffError, match=message):
+                HyperNetwork.read_config(folder)
 
 
 # -- real base shapes and the CLIP encoder -------------------------------------------------------------------------

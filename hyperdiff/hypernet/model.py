@@ -18,7 +18,8 @@ Contract (DESIGN.md, "HyperNetwork"):
   training) and sets `config.low_noise`, the extra gain at low-noise timesteps (`hyperdiff.schedule`) that every
   predicted adapter carries into sampling.
 - `save_pretrained(dir)`: `config.json` (config, base fingerprint, layer table, training info) + `model.safetensors`
-  + `README.md` model card; `from_pretrained(dir, table=None)` checks the fingerprint against `table` when given.
+  + `README.md` model card; `from_pretrained(dir, table=None)` checks the fingerprint against `table` when given;
+  `read_config(dir)` reads and checks only the config (no model is built, no weights read).
 """
 
 from __future__ import annotations
@@ -246,9 +247,15 @@ class HyperNetwork(nn.Module):
             "adapter = hp.predict([reference_image])\n```\n\n## Training\n\n```json\n" + training + "\n```\n"
         )
 
-    @classmethod
-    def from_pretrained(cls, path: str | Path, table: LayerTable | None = None) -> "HyperNetwork":
-        path = Path(path)
+    @staticmethod
+    def read_config(path: str | Path) -> HyperNetConfig:
+        """A saved hypernet's config (architecture, `alpha`, `low_noise`), checked as `from_pretrained` checks it,
+        without building the model or reading its weights."""
+        return HyperNetwork._read_config_file(Path(path))[0]
+
+    @staticmethod
+    def _read_config_file(path: Path) -> tuple[HyperNetConfig, LayerTable, str, dict | None]:
+        """(config, saved layer table, base fingerprint, info) from `path`/config.json, every problem one line."""
         if not (path / CONFIG_NAME).is_file():
             raise HyperdiffError(f"hypernet '{path}' has no {CONFIG_NAME}: expected a folder written by save_pretrained")
         try:
@@ -267,10 +274,15 @@ class HyperNetwork(nn.Module):
                 raise HyperdiffError(f"hypernet '{path}/{CONFIG_NAME}': {e}") from None
             raise HyperdiffError(f"hypernet '{path}/{CONFIG_NAME}' is incomplete or malformed ({type(e).__name__}: {e})") from None
         saved.check_fingerprint(fingerprint, f"hypernet '{path}'")
+        return config, saved, fingerprint, payload.get("info")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, table: LayerTable | None = None) -> "HyperNetwork":
+        path = Path(path)
+        config, saved, fingerprint, info = cls._read_config_file(path)
         if table is not None:
             table.check_fingerprint(fingerprint, f"hypernet '{path}'")
-        table = table or saved
-        model = cls(config, table, payload.get("info"))
+        model = cls(config, table or saved, info)
         tensors, _ = read_safetensors(path / WEIGHTS_NAME, "hypernet weights")
         state = model.state_dict()
         missing, extra = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
