@@ -24,7 +24,9 @@ hypernet given (name → model):
 "a <token> face"); hypernets given as `ablations` get the zero-shot row only (decoder and K comparisons). A row
 whose adapters carry a low-noise gain (`hyperdiff.schedule`: a calibrated hypernet's zero-shot prediction, or a
 fine-tune recipe's `low_noise`) is followed by `<label>@one-strength`: the same adapters sampled without it.
-`write_fidelity(result, out)` writes JSON and a Markdown table.
+`config.seed` seeds every fine-tune's draws and every generation's noise (identity i, scene k: seed + 1000 i + k),
+so another seed replicates the whole table on the same identities. `write_fidelity(result, out)` writes JSON and a
+Markdown table.
 
 `calibrate_gain(pipe, hypernet, gains, config, tolerance)` picks a hypernet's output gain on *validation* identities
 (`VAL_SEEDS`, never the evaluation range): the base model and the zero-shot adapters times each gain are scored like
@@ -53,7 +55,7 @@ from typing import Sequence
 from hyperdiff.adapter import Adapter
 from hyperdiff.config import to_dict
 from hyperdiff.data import synthfaces
-from hyperdiff.errors import HyperdiffError, check_number_in, check_positive_int, check_positive_number
+from hyperdiff.errors import HyperdiffError, check_int_in, check_number_in, check_positive_int, check_positive_number
 from hyperdiff.files import atomic_path
 from hyperdiff.finetune import FinetuneConfig, finetune
 from hyperdiff.metrics import SCENE_CHECKS as WORDS, IdentityEncoder, default_encoder, scene_fidelity
@@ -84,6 +86,7 @@ class FidelityConfig:
     judge: str = ""  # an identity encoder folder that scores ID similarity a second time ("" = none)
 
     def __post_init__(self) -> None:
+        check_int_in("seed", self.seed, 0, 2**32 - 1)
         self.dreambooth_curve = tuple(self.dreambooth_curve)
         if not self.dreambooth_curve or any(not isinstance(k, int) or k < 1 for k in self.dreambooth_curve):
             raise HyperdiffError(f"`dreambooth_curve` must be positive step counts, got {list(self.dreambooth_curve)}")

@@ -2,7 +2,7 @@
 
     python scripts/eval_fidelity.py --hypernet shipped=PATH [--ablation mlp=PATH --ablation k1=PATH] \
         [--base PATH] [--identities 16] [--curve 100,200,400] [--dreambooth-caption | --no-dreambooth] \
-        [--out outputs/fidelity]
+        [--seed 0] [--out outputs/fidelity]
 
 Rows: base model, DreamBooth-LiDB from scratch (with its convergence curve, from one run; with --dreambooth-caption
 also trained on the reference's caption; none with --no-dreambooth), each --hypernet zero-shot (and, when its adapters
@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--finetune-steps", type=int, default=40)
     p.add_argument("--judge", default=str(JUDGE_ENCODER_DIR), help="a second identity encoder's folder: every row also"
                    " gets its ID similarity (default: the shipped judge, which no hypernet trains against; '' = none)")
+    p.add_argument("--seed", type=int, default=0, help="the seed of every fine-tune's draws and every generation's"
+                   " noise: another seed replicates the whole table (the identities stay the same)")
     p.add_argument("--out", default="outputs/fidelity")
     args = p.parse_args(argv)
     try:
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             raise HyperdiffError(f"`--curve` must be comma-separated step counts, got {args.curve!r}") from None
         config = FidelityConfig(identities=args.identities, steps=args.steps, finetune_steps=args.finetune_steps,
                                 dreambooth_curve=curve, dreambooth_caption=args.dreambooth_caption, judge=args.judge,
-                                dreambooth_rows=not args.no_dreambooth)
+                                dreambooth_rows=not args.no_dreambooth, seed=args.seed)
         result = run_fidelity(pipe, hypernets, config, ablations)
     except HyperdiffError as e:
         print(f"eval_fidelity: error: {e}", file=sys.stderr)

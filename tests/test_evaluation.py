@@ -99,7 +99,8 @@ def test_fidelity_benchmark_rows_and_table(tmp_path):
     assert sum(line.startswith("dreambooth_lidb+caption convergence") for line in md.splitlines()) == 1
     line = next(line for line in md.splitlines() if line.startswith("dreambooth_lidb convergence"))
     assert f"3 steps → {curve[1]['id_similarity']:.3f} / {curve[1]['id_similarity_judge']:.3f} / {curve[1]['scene_fidelity']:.1%}" in line
-    for bad in (["--hypernet", "bad"], ["--ablation", "=x"], ["--curve", "10,x"], ["--curve", "10,0"], ["--judge", str(tmp_path / "none"), "--curve", "1"]):
+    for bad in (["--hypernet", "bad"], ["--ablation", "=x"], ["--curve", "10,x"], ["--curve", "10,0"], ["--seed", "-1"],
+                ["--judge", str(tmp_path / "none"), "--curve", "1"]):
         assert eval_fidelity.main(["--base", "hyperdiff:tiny", *bad, "--out", str(tmp_path)]) == 2
 
 
@@ -144,6 +145,13 @@ def test_fidelity_rows_of_a_low_noise_hypernet_and_without_dreambooth(tmp_path):
     md = (tmp_path / "out" / "fidelity.md").read_text()
     assert "| late@one-strength |" in md and "dreambooth" not in md.replace("--no-dreambooth", "")
     assert "±" not in md and rows["late"]["standard_error"]["id_similarity"] is None  # one identity: no spread to show
+    # another seed replicates the table on the same identity: other noise, so other images and scores
+    assert eval_fidelity.main(["--base", "hyperdiff:tiny", "--hypernet", f"late={folder}", "--no-dreambooth", "--identities",
+                               "1", "--steps", "2", "--finetune-steps", "1", "--seed", "1", "--out", str(tmp_path / "s1")]) == 0
+    runs = [json.loads((tmp_path / out / "fidelity.json").read_text()) for out in ("out", "s1")]
+    assert [r["config"]["seed"] for r in runs] == [0, 1] and runs[0]["identities"] == runs[1]["identities"]
+    for row in ("base", "late", "late+ft"):
+        assert runs[0]["rows"][row]["id_similarity"] != runs[1]["rows"][row]["id_similarity"]
 
 
 def test_gain_calibration_picks_the_best_gain_within_the_scene_tolerance(tmp_path, monkeypatch):
