@@ -2,7 +2,9 @@
 
 Measures, side by side in one run (interleaved repeats; the best of N is the figure, the median is kept too, since
 a busy 2-core machine only ever adds time):
-- one UNet step (batch 2 = one CFG step) for the base UNet, the injected (processor) path and the fused path;
+- one UNet step (batch 2 = one CFG step) for the base UNet, the injected (processor) path, the fused path, and the
+  same adapter's diffusers export loaded by diffusers (peft LoRA layers) and left unfused, the reference for injection;
+  on a GPU also the base, injected and diffusers steps' kernel counts, GPU busy time and the CPU's time to launch it;
 - swapping an identity in and out: hyperdiff's fuse+unfuse and applied() enter+exit, against diffusers'
   load_lora_weights + fuse_lora + unfuse_lora + unload_lora_weights of the same adapter exported to diffusers format;
 - file sizes of the native LiDB adapter and its exports.
@@ -17,6 +19,7 @@ import argparse
 import os
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # before diffusers is imported
@@ -29,7 +32,26 @@ from hyperdiff.models import tiny_pipeline  # noqa: E402
 from hyperdiff.models.configs import build_unet  # noqa: E402
 from hyperdiff.random_adapters import random_lidb  # noqa: E402
 
-from _bench import checked_out, describe_device, device_and_dtype, positive_int, time_calls, write_json  # noqa: E402
+from _bench import checked_out, describe_device, device_and_dtype, positive_int, sync, time_calls, write_json  # noqa: E402
+
+
+def launch_profile(step, device: torch.device, repeats: int = 5) -> dict:
+    """One step's CUDA kernels, the time they keep the GPU busy (torch.profiler) and the CPU's time to launch them
+    (best of `repeats`, from an idle device): a step whose launch time exceeds its busy time is bound by the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    launch = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        launch.append(time.perf_counter() - start)
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        sync(device)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return {"kernels": len(kernels), "gpu_busy_s": sum(e.device_time for e in kernels) / 1e6, "cpu_launch_s": min(launch)}
 
 
 def main() -> None:
@@ -59,23 +81,36 @@ def main() -> None:
         with torch.no_grad():
             unet(x, t, text)
 
-    step()  # warm-up
-    times = {"base": [], "injected": [], "fused": []}
-    for _ in range(args.repeats):  # interleaved so drift hits every path alike
-        times["base"] += time_calls(step, 1, device)
-        with adapter.applied(unet):
-            times["injected"] += time_calls(step, 1, device)
-        adapter.fuse(unet)
-        times["fused"] += time_calls(step, 1, device)
-        adapter.unfuse(unet)
-    step_s = {k: min(v) for k, v in times.items()}
-    step_median_s = {k: statistics.median(v) for k, v in times.items()}
-
     with tempfile.TemporaryDirectory() as tmp:
         native = adapter.save(Path(tmp) / "id.safetensors")
         diffusers_file = adapter.export(Path(tmp) / "id.diffusers.safetensors", "diffusers")
         kohya_file = adapter.export(Path(tmp) / "id.kohya.safetensors", "kohya")
         sizes = {k: p.stat().st_size for k, p in (("native", native), ("diffusers", diffusers_file), ("kohya", kohya_file))}
+        pipe = tiny_pipeline(seed=0)
+        pipe.unet = unet  # diffusers' loader path on the same SD1.5-shaped UNet
+
+        step()  # warm-up
+        times = {"base": [], "injected": [], "fused": [], "diffusers_unfused": []}
+        for _ in range(args.repeats):  # interleaved so drift hits every path alike
+            times["base"] += time_calls(step, 1, device)
+            with adapter.applied(unet):
+                times["injected"] += time_calls(step, 1, device)
+            adapter.fuse(unet)
+            times["fused"] += time_calls(step, 1, device)
+            adapter.unfuse(unet)
+            pipe.load_lora_weights(str(diffusers_file), adapter_name="identity")  # peft LoRA layers, not fused
+            times["diffusers_unfused"] += time_calls(step, 1, device)
+            pipe.unload_lora_weights()
+        step_s = {k: min(v) for k, v in times.items()}
+        step_median_s = {k: statistics.median(v) for k, v in times.items()}
+        launches = {}
+        if device.type == "cuda":  # what bounds a step: the GPU's work, or the CPU launching it
+            launches["base"] = launch_profile(step, device)
+            with adapter.applied(unet):
+                launches["injected"] = launch_profile(step, device)
+            pipe.load_lora_weights(str(diffusers_file), adapter_name="identity")
+            launches["diffusers_unfused"] = launch_profile(step, device)
+            pipe.unload_lora_weights()
 
         def ours_fuse():
             adapter.fuse(unet)
@@ -84,9 +119,6 @@ def main() -> None:
         def ours_processors():
             with adapter.applied(unet):
                 pass
-
-        pipe = tiny_pipeline(seed=0)
-        pipe.unet = unet  # diffusers' loader path on the same SD1.5-shaped UNet
 
         def diffusers_swap():
             pipe.load_lora_weights(str(diffusers_file), adapter_name="identity")
@@ -112,8 +144,10 @@ def main() -> None:
         "adapter_values": adapter.num_values,
         "unet_step_s": step_s,
         "unet_step_median_s": step_median_s,
+        "unet_step_launches": launches,
         "injected_over_base": step_s["injected"] / step_s["base"],
         "fused_over_base": step_s["fused"] / step_s["base"],
+        "diffusers_unfused_over_base": step_s["diffusers_unfused"] / step_s["base"],
         "swap_s": swap_s,
         "swap_median_s": {k: statistics.median(v) for k, v in swap_runs.items()},
         "fuse_swap_over_diffusers": swap_s["hyperdiff_fuse_unfuse"] / swap_s["diffusers_load_fuse_unfuse_unload"],
@@ -125,10 +159,13 @@ def main() -> None:
     where = result.get("gpu") or f"{result['threads']} CPU threads"
     print(f"\nSD1.5 UNet step (batch 2, latent {args.latent}x{args.latent}, {result['shape']}, {where}, best of {args.repeats}):")
     for k, v in step_s.items():
-        print(f"  {k:<9} {v * 1000:9.1f} ms   {v / step_s['base']:.3f}x base")
+        print(f"  {k:<17} {v * 1000:9.1f} ms   {v / step_s['base']:.3f}x base")
     print(f"swap one identity in and out (best of {args.swaps}):")
     for k, v in swap_s.items():
         print(f"  {k:<36} {v * 1000:9.1f} ms   {v / swap_s['diffusers_load_fuse_unfuse_unload']:.3f}x diffusers")
+    for k, v in launches.items():
+        print(f"  {k} step: {v['kernels']} kernels keep the GPU busy {v['gpu_busy_s'] * 1000:.1f} ms of the "
+              f"{v['cpu_launch_s'] * 1000:.1f} ms the CPU takes to launch them")
     print(f"files: native LiDB {sizes['native']:,} B, diffusers {sizes['diffusers']:,} B, kohya {sizes['kohya']:,} B")
     print(f"wrote {out}")
 
