@@ -19,7 +19,9 @@ Contract (DESIGN.md, "Adapter" and "Files"):
   `hyperdiff-<token>-<digest>-<format>.safetensors`, the digest a hash of the adapter's values).
 - `info.low_noise` (a hypernet's calibrated low-noise gain or a fine-tune recipe's, `hyperdiff.schedule`) is how
   the pipeline samples with it; derived adapters (`w * ad`, `concat`, `mix`) keep the first one's, like the rest of
-  `info`.
+  `info`. `info.rank_schedules` (k₁, s₁), (k₂, s₂), … give the first k₁ rank components schedule s₁, the next k₂ s₂,
+  and leave the rest to `low_noise`: a rank-relaxed fine-tune's start (the hypernet's prediction) keeps its own
+  schedule while the learned components sample with the recipe's. `at(t)` is the adapter as it samples at timestep t.
 """
 
 from __future__ import annotations
@@ -56,6 +58,25 @@ class AdapterInfo:
     resolution: str = ""  # e.g. "512x512"
     prediction_type: str = "epsilon"
     low_noise: LowNoiseGain = LowNoiseGain()  # how hyperdiff applies it in sampling (`hyperdiff.schedule`)
+    rank_schedules: tuple[tuple[int, LowNoiseGain], ...] = ()  # leading rank components with schedules of their own
+
+    def __post_init__(self) -> None:
+        for item in self.rank_schedules:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], int) and item[0] > 0
+                    and isinstance(item[1], LowNoiseGain)):
+                raise HyperdiffError(f"`rank_schedules` must hold (positive rank count, LowNoiseGain) pairs, got {item!r}")
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether sampling applies ΔW at other than one strength somewhere."""
+        return self.low_noise.active or any(s.active for _, s in self.rank_schedules)
+
+    def describe_schedule(self) -> str:
+        """In words: "×1.5 below timestep 300" or, per rank part, "rank 1: …; the rest: …"."""
+        if all(s == self.low_noise for _, s in self.rank_schedules):
+            return self.low_noise.describe()
+        parts = [f"rank {k}: {s.describe()}" for k, s in self.rank_schedules]
+        return "; ".join(parts + [f"the rest: {self.low_noise.describe()}"])
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,6 +116,9 @@ class Adapter:
         self.lidb = lidb
         self.info = info
         self.rank = self._check_shapes()
+        if sum(k for k, _ in info.rank_schedules) > self.rank:
+            raise HyperdiffError(f"`rank_schedules` cover {sum(k for k, _ in info.rank_schedules)} rank components, "
+                                 f"the adapter has {self.rank}")
 
     def _check_shapes(self) -> int:
         labels = ("down", "up") if self.kind == "lora" else ("A_train", "B_train")
@@ -251,6 +275,30 @@ class Adapter:
             yield self
         finally:
             restore(unet, previous)
+
+    def with_schedule(self, low_noise: LowNoiseGain) -> "Adapter":
+        """The same ΔW sampled with `low_noise` where `info.low_noise` applied (`info.rank_schedules` kept)."""
+        return self._derive(self.factors, low_noise=low_noise)
+
+    @property
+    def schedule_parts(self) -> tuple[tuple[int, LowNoiseGain], ...]:
+        """(rank count, schedule) over every rank component: `info.rank_schedules`, then the rest's `low_noise`."""
+        rest = self.rank - sum(k for k, _ in self.info.rank_schedules)
+        return self.info.rank_schedules + (((rest, self.info.low_noise),) if rest else ())
+
+    def at(self, timestep: float, low_noise: LowNoiseGain | None = None) -> tuple[tuple[float, ...], "Adapter"]:
+        """(key, adapter): this adapter as it samples at `timestep`, ΔW times its schedule's factor there (per rank
+        part with `info.rank_schedules`; `low_noise` replaces every schedule). Equal keys mean equal adapters;
+        factors of 1 give this adapter itself."""
+        if low_noise is not None or not self.info.rank_schedules:
+            f = (low_noise or self.info.low_noise).factor(timestep)
+            return (f,), (self if f == 1 else f * self)
+        factors = [s.factor(timestep) for k, s in self.schedule_parts for _ in range(k)]
+        if len(set(factors)) == 1:
+            return (factors[0],), (self if factors[0] == 1 else factors[0] * self)
+        column = torch.tensor(factors)  # (r,): one factor per rank component
+        scaled = {k: (d, u * column) for k, (d, u) in self._lora.items()}  # up (out, r) · diag(column)
+        return tuple(factors), self._derive(scaled, kind="lora")
 
     def fuse(self, unet: nn.Module, strength: float = 1.0) -> None:
         """Add ΔW into the Linear weights (zero inference overhead); `unfuse` restores them bit for bit."""

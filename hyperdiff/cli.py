@@ -43,8 +43,7 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
         ("architecture", ad.info.architecture),
         ("token", ad.info.token or "-"),
         ("source", ad.info.source or "-"),
-        ("low-noise gain", f"x{ad.info.low_noise.gain:g} below timestep {ad.info.low_noise.below}"
-         if ad.info.low_noise.active else "none (one strength)"),
+        ("low-noise schedule", ad.info.describe_schedule()),
     ]
     if ad.lidb:
         rows.insert(3, ("lidb", f"a={ad.lidb.a} b={ad.lidb.b} aux_seed={ad.lidb.aux_seed}"))
@@ -83,9 +82,10 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
     adapter = Adapter.load(args.adapter)
     low = adapter.info.low_noise
-    if args.low_noise_gain is not None or args.low_noise_below is not None:
-        low = LowNoiseGain(low.gain if args.low_noise_gain is None else args.low_noise_gain,
-                           low.below if args.low_noise_below is None else args.low_noise_below)
+    given = {k: v for k, v in (("gain", args.low_noise_gain), ("below", args.low_noise_below),
+                                ("off_from", args.low_noise_off_from)) if v is not None}
+    if given:
+        low = LowNoiseGain(**{**low.to_dict(), **given})
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise HyperdiffError(f"`--out` '{out}' is a file, expected a folder for the PNG images")
@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "1 = one strength throughout, as an exported LoRA file samples)")
     p.add_argument("--low-noise-below", type=int, default=None,
                    help="timestep in [0, 1000] below which --low-noise-gain applies (default: the adapter's own)")
+    p.add_argument("--low-noise-off-from", type=int, default=None,
+                   help="timestep in [--low-noise-below, 1000] from which the weight delta is off, keeping it out of the "
+                        "high-noise steps that lay out the scene (default: the adapter's own; 1000 = never off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (default: %(default)s)")
     p.add_argument("--base", help="base model the adapter was made for (default: embedded SynthFaces)")
     _add_device_flags(p)

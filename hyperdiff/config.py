@@ -48,8 +48,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "config
 
 
 def to_dict(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if dataclasses.is_dataclass(obj):  # a nested config with its own `to_dict` says how it is written
+        values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+        return {k: v.to_dict() if dataclasses.is_dataclass(v) and hasattr(v, "to_dict") else to_dict(v)
+                for k, v in values.items()}
     if isinstance(obj, (tuple, list)):
         return [to_dict(v) for v in obj]
     return obj

@@ -37,7 +37,9 @@ gain undoes part of that shrinkage (`HyperNetwork.set_gain` stores it in `alpha`
 (`hyperdiff.schedule`) every gain is also scored with each, and the winner's goes into the hypernet's config.
 `calibrate_finetune(pipe, hypernet, low_noise, config, tolerance)` applies the same rule to the fast fine-tune's
 sampling schedule (`FinetuneConfig.low_noise`), on its adapters told the reference's caption and not: a candidate
-must keep both within the tolerance.
+must keep both within the tolerance. Each candidate is scored as the recipe's schedule would sample: on the learned
+rank components, the start's keeping the hypernet's unless `config.finetune.start_keeps_schedule` is False; the
+reference is the same adapters at one strength throughout.
 """
 
 from __future__ import annotations
@@ -206,7 +208,7 @@ def run_fidelity(pipe, hypernets: dict, config: FidelityConfig = FidelityConfig(
             seconds = (time.perf_counter() - start) / len(refs)
             rows[label] = {**_score(pipe, adapters, refs, config), "seconds": seconds,
                            "adapter_values": adapters[0].num_values, "adapter_bytes": _size(adapters[0])}
-            if adapters[0].info.low_noise.active:  # what the low-noise gain adds: the same adapters at one strength
+            if adapters[0].info.scheduled:  # what the low-noise gain adds: the same adapters at one strength
                 same = {k: rows[label][k] for k in ("seconds", "adapter_values", "adapter_bytes")}
                 rows[f"{label}@one-strength"] = {**_score(pipe, adapters, refs, config, LowNoiseGain()), **same}
     return {"config": config.to_dict(), "identities": seeds, "rows": rows}
@@ -277,7 +279,9 @@ def calibrate_finetune(
     for text in (caption, None):
         adapters = [hdb.personalize([r], token=config.token, finetune_steps=config.finetune_steps, seed=config.seed,
                                     caption=text, finetune_config=config.finetune) for r in refs]
-        rows += [{"caption": text is not None, "low_noise": lo.to_dict(), **_score(pipe, adapters, refs, config, lo)}
+        rows += [{"caption": text is not None, "low_noise": lo.to_dict(),
+                  **(_score(pipe, [ad.with_schedule(lo) for ad in adapters], refs, config) if lo.active
+                     else _score(pipe, adapters, refs, config, lo))}  # as the recipe samples / one strength throughout
                  for lo in schedules]
     uses = [rows[:len(schedules)], rows[len(schedules):]]  # captioned, plain: one row per schedule, one strength first
     passing = [k for k in range(len(schedules))

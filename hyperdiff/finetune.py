@@ -16,7 +16,8 @@ Contract:
 - New factors start as a no-op that still learns: `up`/B_train = 0, `down`/A_train random.
 - Returns one Adapter per identity; with `start`, the exact concatenation `start[i] + learned[i]` (rank r + r', no
   SVD): the rank-relaxed fast fine-tune. Every adapter samples with `config.low_noise` (`hyperdiff.schedule`; one
-  strength by default), the start's own schedule replaced. `snapshot(k, adapters)` also receives them, as they
+  strength by default); in a concatenation only the learned rank components do, and the start's keep the start's
+  own schedule (`info.rank_schedules`), unless `start_keeps_schedule` is False. `snapshot(k, adapters)` also receives them, as they
   stand, after each step count k in `snapshot_steps`: with a constant learning rate and one seeded stream of draws, a
   run's state after k steps is that of a k-step run, so one run gives a whole convergence curve. One identity's start
   adapter is fused into the frozen UNet for the run (the processors then carry only the learned factors) and
@@ -85,6 +86,7 @@ class FinetuneConfig:
     identity_encoder: str = ""  # the identity_weight term's frozen encoder folder; "" = the shipped SynthFaces one
     seed: int = 0
     low_noise: LowNoiseGain = field(default_factory=LowNoiseGain)  # how its adapters sample (`hyperdiff.schedule`)
+    start_keeps_schedule: bool = True  # on top of a start: its rank components keep the start's schedule
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -94,6 +96,8 @@ class FinetuneConfig:
         if not self.learning_rate > 0 or self.prior_weight < 0:
             raise HyperdiffError(f"`learning_rate` must be > 0 and `prior_weight` ≥ 0, got {self.learning_rate}, {self.prior_weight}")
         check_number_in("identity_weight", self.identity_weight, 0.0, 1e6)
+        if not isinstance(self.start_keeps_schedule, bool):
+            raise HyperdiffError(f"`start_keeps_schedule` must be True or False, got {self.start_keeps_schedule!r}")
         self.prior_prompts = tuple(self.prior_prompts)
 
     def to_dict(self) -> dict:
@@ -331,9 +335,10 @@ def finetune(
             trained = {name: (f[i].detach().cpu().clone(), s[i].detach().cpu().clone()) for name, (f, s) in factors.items()}
             ad = (Adapter.from_factors(trained, table, alpha=alpha, info=info) if config.kind == "lora"
                   else Adapter.from_lidb(trained, table, config.lidb, alpha=alpha, info=info))
-            if start is not None:  # the concatenation samples as the recipe says, not as its start did
+            if start is not None:  # the learned part samples as the recipe says; the start as it did, or as the recipe
                 ad = Adapter.concat([start[i], ad])
-                ad.info = replace(ad.info, low_noise=config.low_noise)
+                lead = start[i].schedule_parts if config.start_keeps_schedule else ()
+                ad.info = replace(ad.info, low_noise=config.low_noise, rank_schedules=lead)
             out.append(ad)
         return out
 

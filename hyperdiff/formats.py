@@ -5,7 +5,8 @@ Contract (DESIGN.md, "Files"; REFERENCES.md, "File formats"):
   (kind `lidb`); string metadata `hyperdiff.format_version`, `.kind`, `.rank`, `.alpha`, `.aux_seed`,
   `.base_fingerprint`, `.base_model`, `.token`, `.source`, `.targets` (JSON), `.layers` (JSON
   `{attention module: {projection: [in, out]}}`, the dims a LiDB file needs to regenerate its aux bases),
-  `.low_noise` (JSON `{"gain", "below"}`, `hyperdiff.schedule`; absent in older files: no low-noise gain) and
+  `.low_noise` (JSON `{"gain", "below"}` and `"off_from"` when set, `hyperdiff.schedule`; absent in older files: no
+  low-noise gain), `.rank_schedules` (JSON `[[rank count, schedule], ...]`, only when the adapter has them) and
   `modelspec.*`. The same adapter gives the same tensors and metadata (safetensors orders the header itself).
 - `diffusers`: exactly what `StableDiffusionPipeline.save_lora_weights` writes (diffusers itself writes it):
   `unet.<layer>.lora.down.weight`/`.lora.up.weight` and `lora_adapter_metadata` (the PEFT `LoraConfig`, so
@@ -32,6 +33,7 @@ import re
 import shutil
 import tempfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -87,7 +89,11 @@ def _hyperdiff_metadata(adapter) -> dict[str, str]:
         "hyperdiff.targets": json.dumps(adapter.targets.to_dict(), separators=(",", ":")),
         "hyperdiff.layers": json.dumps(_nest_dims(adapter.dims), separators=(",", ":")),
         "hyperdiff.low_noise": json.dumps(adapter.info.low_noise.to_dict(), separators=(",", ":")),
-    }
+    } | ({"hyperdiff.rank_schedules": _rank_schedules_json(adapter.info)} if adapter.info.rank_schedules else {})
+
+
+def _rank_schedules_json(info) -> str:
+    return json.dumps([[k, s.to_dict()] for k, s in info.rank_schedules], separators=(",", ":"))
 
 
 def _nest_dims(dims) -> dict:
@@ -130,11 +136,32 @@ def _low_noise(meta: dict, path: Path) -> LowNoiseGain:
 
     def parse(text: str) -> LowNoiseGain:
         value = json.loads(text)
-        if not isinstance(value, dict) or set(value) != {"gain", "below"}:
+        if not isinstance(value, dict) or set(value) - {"off_from"} != {"gain", "below"}:
             raise ValueError(text)
         return LowNoiseGain(**value)
 
-    return _meta(meta, "low_noise", path, parse, 'JSON {"gain": number > 0, "below": timestep in [0, 1000]}')
+    return _meta(meta, "low_noise", path, parse, 'JSON {"gain": number > 0, "below": timestep in [0, 1000]} and '
+                 'optionally "off_from": timestep in [below, 1000]')
+
+
+def _rank_schedules(meta: dict, path: Path) -> tuple:
+    if "hyperdiff.rank_schedules" not in meta:  # one schedule for the whole adapter
+        return ()
+
+    def parse(text: str) -> tuple:
+        value = json.loads(text)
+        if not isinstance(value, list) or not value:
+            raise ValueError(text)
+        out = []
+        for item in value:
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], dict)
+                    and set(item[1]) - {"off_from"} == {"gain", "below"}):
+                raise ValueError(text)
+            out.append((item[0], LowNoiseGain(**item[1])))
+        return tuple(out)
+
+    return _meta(meta, "rank_schedules", path, parse,
+                 'a JSON list of [rank count, {"gain", "below"[, "off_from"]}] pairs')
 
 
 def load_native(path: str | Path):
@@ -182,6 +209,10 @@ def load_native(path: str | Path):
         low_noise=_low_noise(meta, path),
     )
     try:
+        info = replace(info, rank_schedules=_rank_schedules(meta, path))
+    except HyperdiffError as e:
+        raise HyperdiffError(f"adapter file '{path}': {e}") from None
+    try:
         adapter = Adapter(
             kind=kind,
             factors=factors,
@@ -207,11 +238,11 @@ def export(adapter, path: str | Path, format: str) -> Path:
     check_writable(path, "export file")
     if path.suffix != ".safetensors":
         raise HyperdiffError(f"export path '{path}' must end with .safetensors")
-    low = adapter.info.low_noise
-    if low.active:
+    if adapter.info.scheduled:
+        told = ("unless diffusers is given it (`hyperdiff.schedule.diffusers_schedule`)" if not adapter.info.rank_schedules
+                else "(one LoRA weight per step cannot give its parts their own schedules)")
         warnings.warn(f"a {format} LoRA file applies ΔW at one strength: '{path.name}' samples without this adapter's "
-                      f"low-noise gain (×{low.gain:g} below timestep {low.below}), so with less identity than in "
-                      "hyperdiff", stacklevel=2)
+                      f"low-noise schedule ({adapter.info.describe_schedule()}) {told}", stacklevel=2)
     return (export_diffusers if format == "diffusers" else export_kohya)(adapter, path)
 
 
@@ -272,6 +303,8 @@ def digest(adapter, length: int = 8) -> str:
     h.update(f"{adapter.kind}|{adapter.alpha!r}|{lidb}|{adapter.fingerprint}".encode())
     if adapter.info.low_noise.active:  # it changes what sampling computes (the names of older files stay)
         h.update(json.dumps(adapter.info.low_noise.to_dict(), sort_keys=True).encode())
+    if adapter.info.rank_schedules:
+        h.update(_rank_schedules_json(adapter.info).encode())
     for name in sorted(adapter.factors):
         h.update(name.encode())
         for t in adapter.factors[name]:

@@ -11,16 +11,17 @@ Contract:
   concatenation; on the embedded base with the identity encoder's term, `SYNTHFACES_FAST_FINETUNE`). Without a
   hypernet (none given, none shipped for the base), `finetune_steps > 0` fine-tunes LiDB factors from scratch
   (DreamBooth-LiDB) and 0 is a one-line error saying so. A zero-shot adapter carries the hypernet's low-noise gain
-  (`hyperdiff.schedule`), a fine-tuned one its recipe's (`FinetuneConfig.low_noise`). `caption` (what the references
+  (`hyperdiff.schedule`); a fine-tuned one samples its learned rank components with its recipe's
+  (`FinetuneConfig.low_noise`) and the start's with the hypernet's (`AdapterInfo.rank_schedules`). `caption` (what the references
   show, the subject named by the token) replaces the fine-tune's instance prompt "a {token} face"; the adapter's
   `info.source` records it.
 - `generate(prompt, adapter, ...)` → list of PIL images. One adapter is fused for the call (zero overhead) and unfused
   after, also on an error; a list of adapters (one per image) runs as one batch through the per-sample processors.
   Image i uses the generator seeded `seed + i`, so any image can be reproduced alone; the noise is drawn in float32
   on the CPU, so a seed gives the same image (within rounding) on every device and in every precision. An adapter
-  whose `info.low_noise` is active (a calibrated hypernet's prediction) is applied `gain` times stronger at the
-  timesteps below `below` (`hyperdiff.schedule`): the fused weights are re-fused once when sampling crosses it, the
-  per-sample deltas swapped; `low_noise=LowNoiseGain()` samples at one strength, as an exported LoRA file does.
+  with a schedule (`info.low_noise`, `info.rank_schedules`: `hyperdiff.schedule`) samples at each timestep as
+  `Adapter.at` says: the fused weights are re-fused when its factors change, the per-sample deltas swapped;
+  `low_noise=LowNoiseGain()` samples every adapter at one strength, as an exported LoRA file does.
 - `sample_adapters(image, n, prompt)` → (images of n sampled adapters, per-pixel spread map of the image's size).
 - `mix(adapters, weights)` → `Adapter.mix`.
 - `encoder_view(images)` → the reference images as the hypernet's image encoder sees them (its own preprocessing).
@@ -301,56 +302,63 @@ class HyperDreamBoothPipeline:
         if adapters is not None:  # one adapter per image: per-sample deltas, laid out like the CFG batch
             for ad in adapters:
                 ad.check_table(self.table)
-            lows = [ad.info.low_noise if low_noise is None else low_noise for ad in adapters]
             with hyper_lora_processors(self.pipe.unet, self.table), \
-                    self._per_sample(adapters, lows, strength, guidance > 1) as deltas:
+                    self._per_sample(adapters, low_noise, strength, guidance > 1) as deltas:
                 return self.pipe(**kwargs, cross_attention_kwargs={"hyper_lora": deltas}).images
         if adapter is None:
             return self.pipe(**kwargs).images
-        with self._fused(adapter, adapter.info.low_noise if low_noise is None else low_noise, strength):
+        with self._fused(adapter, low_noise, strength):
             return self.pipe(**kwargs).images
 
+    @staticmethod
+    def _scheduled(adapter: Adapter, low_noise: LowNoiseGain | None) -> bool:
+        return adapter.info.scheduled if low_noise is None else low_noise.active
+
     @contextmanager
-    def _fused(self, adapter: Adapter, low: LowNoiseGain, strength: float) -> Iterator[None]:
-        """The adapter fused into the UNet for the block (unfused after, also on an error), re-fused with ΔW × the
-        low-noise factor whenever a UNet call's timestep changes that factor."""
-        unet, fused = self.pipe.unet, [1.0]  # the factor of ΔW now fused
+    def _fused(self, adapter: Adapter, low_noise: LowNoiseGain | None, strength: float) -> Iterator[None]:
+        """The adapter fused into the UNet for the block (unfused after, also on an error), re-fused as it samples
+        at each UNet call's timestep (`Adapter.at`: its schedule's factors) whenever they change."""
+        unet = self.pipe.unet
+        fused = {"key": (1.0,), "adapter": adapter}  # what is fused now, and its factors
 
         def refuse(t: float, unet_kwargs: dict) -> dict:
-            if low.factor(t) != fused[0]:
-                adapter.unfuse(unet)
-                adapter.fuse(unet, strength=strength * low.factor(t))
-                fused[0] = low.factor(t)
+            key, scaled = adapter.at(t, low_noise)
+            if key != fused["key"]:
+                fused["adapter"].unfuse(unet)
+                scaled.fuse(unet, strength=strength)
+                fused.update(key=key, adapter=scaled)
             return unet_kwargs
 
         adapter.fuse(unet, strength=strength)
-        try:
-            with per_timestep(unet, refuse) if low.active else nullcontext():  # no hook on the hot path without a gain
+        try:  # no hook on the hot path without a schedule
+            with per_timestep(unet, refuse) if self._scheduled(adapter, low_noise) else nullcontext():
                 yield
         finally:
-            adapter.unfuse(unet)
+            fused["adapter"].unfuse(unet)
 
     @contextmanager
-    def _per_sample(self, adapters: list[Adapter], lows: list[LowNoiseGain], strength: float,
+    def _per_sample(self, adapters: list[Adapter], low_noise: LowNoiseGain | None, strength: float,
                     guidance: bool) -> Iterator[HyperLoRA]:
         """Yields the first step's per-sample deltas (image i = adapters[i], laid out like the CFG batch) and swaps
-        each UNet call's for those of its timestep's low-noise factors (built once per set of factors)."""
-        stacked: dict[tuple[float, ...], HyperLoRA] = {}
+        each UNet call's for those of its timestep (`Adapter.at`; built once per set of factors)."""
+        stacked: dict[tuple, HyperLoRA] = {}
 
-        def deltas(factors: tuple[float, ...]) -> HyperLoRA:
-            if factors not in stacked:
-                scaled = [f * ad if f != 1 else ad for f, ad in zip(factors, adapters)]
-                stacked[factors] = Adapter.stack(scaled, self.table, strength).repeat_for(1, guidance).to(self.device)
-            return stacked[factors]
+        def deltas(t: float | None) -> HyperLoRA:
+            at = [(((1.0,), ad) if t is None else ad.at(t, low_noise)) for ad in adapters]
+            key = tuple(k for k, _ in at)
+            if key not in stacked:
+                scaled = [ad for _, ad in at]
+                stacked[key] = Adapter.stack(scaled, self.table, strength).repeat_for(1, guidance).to(self.device)
+            return stacked[key]
 
         def update(t: float, unet_kwargs: dict) -> dict:
-            attention = {**(unet_kwargs.get("cross_attention_kwargs") or {}),
-                         "hyper_lora": deltas(tuple(lo.factor(t) for lo in lows))}
+            attention = {**(unet_kwargs.get("cross_attention_kwargs") or {}), "hyper_lora": deltas(t)}
             return {**unet_kwargs, "cross_attention_kwargs": attention}
 
-        # without a gain, one set of deltas serves the whole call: no hook on the UNet's hot path
-        with per_timestep(self.pipe.unet, update) if any(lo.active for lo in lows) else nullcontext():
-            yield deltas((1.0,) * len(adapters))
+        # without a schedule, one set of deltas serves the whole call: no hook on the UNet's hot path
+        scheduled = any(self._scheduled(ad, low_noise) for ad in adapters)
+        with per_timestep(self.pipe.unet, update) if scheduled else nullcontext():
+            yield deltas(None)
 
     def sample_adapters(
         self, image, n: int = 4, prompt: str = "a sks face", seed: int = 0, steps: int = 25, guidance: float = 4.0,

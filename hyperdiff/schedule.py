@@ -1,10 +1,13 @@
 """Low-noise gain: an adapter applied more strongly in the last, low-noise part of sampling.
 
 Contract:
-- `LowNoiseGain(gain, below)`: at UNet timesteps t < `below` the adapter's ΔW is multiplied by `gain`; at t ≥ `below`
-  it is applied as it is. `LowNoiseGain()` (gain 1) changes nothing. Sampling decides the layout first (hat,
+- `LowNoiseGain(gain, below, off_from)`: at UNet timesteps t < `below` the adapter's ΔW is multiplied by `gain`; at
+  `below` ≤ t < `off_from` it is applied as it is; at t ≥ `off_from` (1000, the default: never) it is off. `LowNoiseGain()`
+  changes nothing. Sampling decides the layout first (hat,
   background, expression: high noise) and the fine detail of a face last, so extra strength late adds identity at
   a smaller cost in scene words than a constant gain (PhotoMaker's delayed identity merge rests on the same split).
+  For the same reason an adapter that learned its reference's scene along with its identity (a fine-tune on one
+  image) can be kept out of the high-noise steps that lay the scene out (`off_from`).
   A hypernet carries its calibrated value (`HyperNetConfig.low_noise`) and stamps it on every adapter it predicts
   (`AdapterInfo.low_noise`); a fine-tune recipe stamps its own (`FinetuneConfig.low_noise`) on the adapters it
   trains. The native adapter file keeps it (`hyperdiff.low_noise`); diffusers and kohya LoRA files cannot say it, so
@@ -13,8 +16,9 @@ Contract:
   and passes on the keyword arguments it returns (a forward pre-hook, removed on exit however the block ends). The
   pipeline uses it to re-fuse a fused adapter, or to swap the per-sample deltas in `cross_attention_kwargs`, when
   the strength changes.
-- `diffusers_callback(low_noise, adapter_name)`: the same schedule for an exported LoRA file in vanilla diffusers (a
-  `callback_on_step_end` that sets the LoRA's weight per step).
+- `diffusers_schedule(pipe, low_noise, adapter_name, num_inference_steps)`: the same schedule for an exported LoRA file
+  in vanilla diffusers: it sets the LoRA's weight for the first step and returns a `callback_on_step_end` that sets
+  it for each next one.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ NUM_TIMESTEPS = 1000  # Stable Diffusion's training timesteps: t in [0, 1000)
 class LowNoiseGain:
     gain: float = 1.0  # ΔW × gain at timesteps below `below`
     below: int = 0  # in [0, 1000]; 0 = never
+    off_from: int = NUM_TIMESTEPS  # ΔW off at timesteps ≥ off_from; in [below, 1000]; 1000 = never
 
     def __post_init__(self) -> None:
         if isinstance(self.gain, bool) or not isinstance(self.gain, (int, float)) or not math.isfinite(self.gain) \
@@ -45,17 +50,33 @@ class LowNoiseGain:
         if isinstance(self.below, bool) or not isinstance(self.below, int) or not 0 <= self.below <= NUM_TIMESTEPS:
             raise HyperdiffError(
                 f"`low_noise.below` must be an integer timestep in [0, {NUM_TIMESTEPS}], got {self.below!r}")
+        if isinstance(self.off_from, bool) or not isinstance(self.off_from, int) \
+                or not max(self.below, 1) <= self.off_from <= NUM_TIMESTEPS:
+            raise HyperdiffError(f"`low_noise.off_from` must be an integer timestep in [max(`below`, 1), {NUM_TIMESTEPS}], "
+                                 f"got {self.off_from!r} (`below` is {self.below})")
 
     @property
     def active(self) -> bool:
-        return self.gain != 1 and self.below > 0
+        return (self.gain != 1 and self.below > 0) or self.off_from < NUM_TIMESTEPS
 
     def factor(self, timestep: float) -> float:
         """The multiplier of ΔW at `timestep`."""
+        if timestep >= self.off_from:
+            return 0.0
         return float(self.gain) if timestep < self.below else 1.0
 
+    def describe(self) -> str:
+        """In words, for messages: "×1.25 below timestep 200, off from 800", "one strength"."""
+        parts = [f"×{self.gain:g} below timestep {self.below}"] if self.gain != 1 and self.below > 0 else []
+        parts += [f"off from timestep {self.off_from}"] if self.off_from < NUM_TIMESTEPS else []
+        return ", ".join(parts) or "one strength"
+
     def to_dict(self) -> dict:
-        return to_dict(self)
+        """`off_from` only when set, so the metadata and file names of schedules without it read as before."""
+        d = to_dict(self)
+        if self.off_from == NUM_TIMESTEPS:
+            del d["off_from"]
+        return d
 
 
 def _timestep(args: tuple, kwargs: dict) -> float:
@@ -75,16 +96,19 @@ def per_timestep(unet: nn.Module, update: Callable[[float, dict], dict]) -> Iter
         handle.remove()
 
 
-def diffusers_callback(low_noise: LowNoiseGain, adapter_name: str, weight: float = 1.0):
-    """A `callback_on_step_end` for a vanilla diffusers pipeline that loaded an exported LoRA file as `adapter_name`
-    (`pipe.load_lora_weights(file, adapter_name=...)`): it sets the LoRA's weight for each next step to
-    `weight × low_noise.factor(t)`, which samples as hyperdiff does. The LoRA starts at `weight`, so `below` must not
-    exceed the first timestep (calibrated values are far below it)."""
+def diffusers_schedule(pipe, low_noise: LowNoiseGain, adapter_name: str, num_inference_steps: int, weight: float = 1.0):
+    """Sample an exported LoRA file in a vanilla diffusers pipeline as hyperdiff samples the adapter. `pipe` has
+    loaded it as `adapter_name` (`pipe.load_lora_weights(file, adapter_name=...)`); call this right before
+    `pipe(..., num_inference_steps=num_inference_steps, callback_on_step_end=<the result>)`. It sets the LoRA's weight
+    for the first step (`weight × low_noise.factor(first timestep)`) and returns the `callback_on_step_end` that sets
+    it for each next step."""
+    pipe.scheduler.set_timesteps(num_inference_steps)  # the call sets the same timesteps again
+    timesteps = [float(t) for t in pipe.scheduler.timesteps]
+    pipe.set_adapters([adapter_name], [weight * low_noise.factor(timesteps[0])])
 
     def callback(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-        timesteps = pipe.scheduler.timesteps
         if step + 1 < len(timesteps):
-            pipe.set_adapters([adapter_name], [weight * low_noise.factor(float(timesteps[step + 1]))])
+            pipe.set_adapters([adapter_name], [weight * low_noise.factor(timesteps[step + 1])])
         return callback_kwargs
 
     return callback

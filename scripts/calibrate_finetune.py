@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hypernet", help="hypernet folder (default: the embedded SynthFaces one)")
     p.add_argument("--low-noise-gains", required=True, help="comma-separated gains at low-noise timesteps to try")
     p.add_argument("--low-noise-below", default="200", help="comma-separated timesteps below which they apply")
+    p.add_argument("--low-noise-off-from", default="1000",
+                   help="comma-separated timesteps from which ΔW is off, each tried with every gain and --low-noise-below "
+                        "(default: 1000, never off)")
     p.add_argument("--identities", type=int, default=8, help="validation identities (6 scenes each)")
     p.add_argument("--finetune-steps", type=int, default=40, help="fast fine-tune steps per identity")
     p.add_argument("--tolerance", type=float, default=0.02,
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = Path(args.out)
         check_writable(out, "--out")
-        candidates = low_noise_candidates(args.low_noise_gains, args.low_noise_below)
+        candidates = low_noise_candidates(args.low_noise_gains, args.low_noise_below, args.low_noise_off_from)
         hdb = HyperDreamBoothPipeline.from_pretrained(args.base, args.hypernet)
         if hdb.hypernet is None:
             raise HyperdiffError("`--hypernet` is required with another `--base`: the fine-tune starts from its prediction")

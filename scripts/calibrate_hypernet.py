@@ -37,14 +37,15 @@ def numbers(flag: str, text: str, kind):
         raise HyperdiffError(f"`{flag}` must be comma-separated {what}, got {text!r}") from None
 
 
-def low_noise_candidates(gains: str, below: str) -> list[LowNoiseGain]:
-    """Every `--low-noise-gains` value with every `--low-noise-below` timestep."""
-    return [LowNoiseGain(g, b) for g in numbers("--low-noise-gains", gains, float)
-            for b in numbers("--low-noise-below", below, int)]
+def low_noise_candidates(gains: str, below: str, off_from: str = "1000") -> list[LowNoiseGain]:
+    """Every `--low-noise-gains` value with every `--low-noise-below` timestep and every `--low-noise-off-from` one."""
+    return [LowNoiseGain(g, b, o) for g in numbers("--low-noise-gains", gains, float)
+            for b in numbers("--low-noise-below", below, int) for o in numbers("--low-noise-off-from", off_from, int)]
 
 
 def describe_low(low_noise: dict) -> str:
-    return f", x{low_noise['gain']:g} below t={low_noise['below']}" if LowNoiseGain(**low_noise).active else ""
+    low = LowNoiseGain(**low_noise)
+    return f", {low.describe()}" if low.active else ""
 
 
 def print_scores(name: str, row: dict) -> None:
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--low-noise-gains", default="", help="comma-separated extra gains at low-noise timesteps to try"
                    " (with every --low-noise-below; '' = none)")
     p.add_argument("--low-noise-below", default="300", help="comma-separated timesteps below which they apply")
+    p.add_argument("--low-noise-off-from", default="1000",
+                   help="comma-separated timesteps from which ΔW is off, each tried with every gain and --low-noise-below "
+                        "(default: 1000, never off)")
     p.add_argument("--identities", type=int, default=8, help="validation identities (6 scenes each)")
     p.add_argument("--tolerance", type=float, default=0.02,
                    help="largest scene-fidelity loss accepted against the base model (or gain 1, where that is lower)")
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         gains = numbers("--gains", args.gains, float)
-        low_noise = low_noise_candidates(args.low_noise_gains, args.low_noise_below)
+        low_noise = low_noise_candidates(args.low_noise_gains, args.low_noise_below, args.low_noise_off_from)
         pipe = load_base(args.base)
         hypernet = HyperNetwork.from_pretrained(args.hypernet, LayerTable.from_unet(pipe.unet))
         result = calibrate_gain(pipe, hypernet, gains, FidelityConfig(identities=args.identities, steps=args.steps,

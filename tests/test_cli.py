@@ -53,7 +53,7 @@ def test_inspect_prints_the_adapter(adapter_file):
     res = run("inspect", adapter_file)
     assert res.returncode == 0, res.stderr
     assert "kind: lidb" in res.stdout and "values: 4,800" in res.stdout and "token: sks" in res.stdout
-    assert "low-noise gain: none (one strength)" in res.stdout
+    assert "low-noise schedule: one strength" in res.stdout
 
 
 def _bad_inputs(adapter_file, tmp_path):

@@ -106,9 +106,9 @@ def test_fidelity_benchmark_rows_and_table(tmp_path):
 
 def test_fidelity_rows_of_a_low_noise_hypernet_and_without_dreambooth(tmp_path):
     """A hypernet whose adapters carry a low-noise gain also gets its zero-shot row at one strength: the images of
-    the same hypernet without the gain; so does a fine-tune row whose recipe carries one (the recipe's schedule, not
-    the hypernet's: both hypernets' fine-tunes score alike), and at one strength it scores as a one-strength recipe's
-    fine-tune. `--no-dreambooth` leaves the slow rows out."""
+    the same hypernet without the gain; so does a fine-tune row whose recipe carries one (the recipe's schedule on the
+    learned rank components, the hypernet's on the start's; with `start_keeps_schedule=False` the recipe's on all, and
+    both hypernets' fine-tunes score alike), and at one strength it scores as a one-strength recipe's fine-tune. `--no-dreambooth` leaves the slow rows out."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import eval_fidelity
     from test_hypernet import make_hypernet, randomise_b_head
@@ -133,9 +133,13 @@ def test_fidelity_rows_of_a_low_noise_hypernet_and_without_dreambooth(tmp_path):
              for one in ("", "@one-strength")]
     assert list(rows) == ["base", "late", "late@one-strength", *tuned[:4], "plain", *tuned[4:]]
     assert rows["late@one-strength"]["id_similarity"] == rows["plain"]["id_similarity"] != rows["late"]["id_similarity"]
-    for label in ("+ft", "+ft+caption"):
-        assert rows[f"late{label}"]["id_similarity"] == rows[f"plain{label}"]["id_similarity"]
+    for label in ("+ft", "+ft+caption"):  # ×4 on both learned parts; the start keeps its hypernet's: ×3 / one strength
+        assert rows[f"late{label}"]["id_similarity"] != rows[f"plain{label}"]["id_similarity"]
+        assert rows[f"late{label}@one-strength"]["id_similarity"] == rows[f"plain{label}@one-strength"]["id_similarity"]
         assert rows[f"late{label}"]["id_similarity"] != rows[f"late{label}@one-strength"]["id_similarity"]
+    whole = replace(config, finetune=replace(recipe, start_keeps_schedule=False))  # the recipe's ×4 on every part
+    same = run_fidelity(pipe, {"late": hp, "plain": plain}, whole)["rows"]
+    assert same["late+ft"]["id_similarity"] == same["plain+ft"]["id_similarity"] != rows["plain+ft"]["id_similarity"]
     at_one = replace(config, finetune=replace(recipe, low_noise=LowNoiseGain()))
     one = run_fidelity(pipe, {"plain": plain}, at_one)["rows"]
     assert list(one) == ["base", "plain", "plain+ft", "plain+ft+caption"]
@@ -258,6 +262,11 @@ def test_finetune_calibration_picks_a_schedule_that_both_fine_tunes_pass(tmp_pat
         if adapters[0] is None:  # the base model's row
             return {"id_similarity": 0.0, "scene_fidelity": 0.9}
         seen.append(adapters[0].rank)  # fine-tuned: the prediction's rank + the recipe's
+        # one strength throughout is passed as the call's schedule; a candidate is the learned part's own, and the
+        # start's rank keeps the hypernet's schedule
+        start = hp.predict([Image.new("RGB", (32, 32))])
+        assert adapters[0].info.rank_schedules == ((start.rank, hp.config.low_noise),)
+        low_noise = low_noise or adapters[0].info.low_noise
         captioned = "caption=" in adapters[0].info.source
         late = (low_noise.gain - 1) * low_noise.below / 1000
         return {"id_similarity": 0.5 + 0.1 * captioned + late,

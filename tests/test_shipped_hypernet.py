@@ -56,6 +56,7 @@ def images(hdb):
         zero = hdb.personalize([ref], seed=0)
         tuned = hdb.personalize([ref], finetune_steps=40, seed=0, caption=CAPTION)
         assert tuned.info.low_noise == SYNTHFACES_FAST_FINETUNE.low_noise != zero.info.low_noise, tuned.info
+        assert tuned.info.rank_schedules == ((zero.rank, zero.info.low_noise),), tuned.info
         adapters = {"zero-shot": (zero, None), "one-strength": (zero, LowNoiseGain()), "base": (None, None),
                     "fine-tuned": (tuned, None), "fine-tuned at one strength": (tuned, LowNoiseGain())}
         for k, scene in enumerate(SCENES):
@@ -126,7 +127,9 @@ def test_the_cli_fine_tunes_on_the_embedded_base_with_the_identity_term(hdb, tmp
     cfg = replace(SYNTHFACES_FAST_FINETUNE, steps=3, token="sks", seed=2)
     want = finetune(hdb.pipe, [[ref]], cfg, start=[hdb.hypernet.predict([ref])], progress=False)[0]
     assert "identity_weight=1" in loaded.info.source and "lr=0.003" in loaded.info.source, loaded.info.source
-    assert loaded.info.low_noise == SYNTHFACES_FAST_FINETUNE.low_noise, loaded.info  # the file says how it samples
+    assert loaded.info.low_noise == SYNTHFACES_FAST_FINETUNE.low_noise, loaded.info  # the file says how it samples:
+    assert loaded.info.rank_schedules == ((want.rank - SYNTHFACES_FAST_FINETUNE.rank, hdb.hypernet.config.low_noise),)
+    assert loaded.info.rank_schedules == want.info.rank_schedules  # the start's rank keeps the hypernet's schedule
     for name in hdb.table.names:
         assert torch.equal(loaded.delta_weight(name), want.delta_weight(name)), name
     plain = finetune(hdb.pipe, [[ref]], replace(cfg, identity_weight=0.0), start=[hdb.hypernet.predict([ref])], progress=False)[0]

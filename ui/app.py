@@ -305,10 +305,9 @@ class _Handlers:
             warnings.simplefilter("ignore")  # said in the note instead
             path = adapter.save_as(session.folder, format)
         note = f"`{path.name}` · {path.stat().st_size:,} bytes"
-        low = adapter.info.low_noise
-        if format != "native" and low.active:
-            note += (f" · a LoRA file applies ΔW at one strength, where hyperdiff applies it ×{low.gain:g} below timestep "
-                     f"{low.below} (in diffusers: `hyperdiff.schedule.diffusers_callback`)")
+        if format != "native" and adapter.info.scheduled:
+            note += (f" · a LoRA file applies ΔW at one strength, where hyperdiff applies it "
+                     f"{adapter.info.describe_schedule()} (in diffusers: `hyperdiff.schedule.diffusers_schedule`)")
         return str(path), note, session
 
     def describe(self) -> dict:
