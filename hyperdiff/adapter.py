@@ -21,7 +21,8 @@ Contract (DESIGN.md, "Adapter" and "Files"):
   the pipeline samples with it; derived adapters (`w * ad`, `concat`, `mix`) keep the first one's, like the rest of
   `info`. `info.rank_schedules` (k₁, s₁), (k₂, s₂), … give the first k₁ rank components schedule s₁, the next k₂ s₂,
   and leave the rest to `low_noise`: a rank-relaxed fine-tune's start (the hypernet's prediction) keeps its own
-  schedule while the learned components sample with the recipe's. `at(t)` is the adapter as it samples at timestep t.
+  schedule while the learned components sample with the recipe's. `scaled(factors_at(t))` is the adapter as it
+  samples at timestep t.
 """
 
 from __future__ import annotations
@@ -286,19 +287,21 @@ class Adapter:
         rest = self.rank - sum(k for k, _ in self.info.rank_schedules)
         return self.info.rank_schedules + (((rest, self.info.low_noise),) if rest else ())
 
-    def at(self, timestep: float, low_noise: LowNoiseGain | None = None) -> tuple[tuple[float, ...], "Adapter"]:
-        """(key, adapter): this adapter as it samples at `timestep`, ΔW times its schedule's factor there (per rank
-        part with `info.rank_schedules`; `low_noise` replaces every schedule). Equal keys mean equal adapters;
-        factors of 1 give this adapter itself."""
+    def factors_at(self, timestep: float, low_noise: LowNoiseGain | None = None) -> tuple[float, ...]:
+        """ΔW's factor at `timestep`: one for the whole adapter, or one per rank component where its parts' schedules
+        (`info.rank_schedules`) differ there; `low_noise` replaces every schedule. Cheap: the sampling hooks call it
+        on every UNet call and build `scaled(factors)` only when it changes."""
         if low_noise is not None or not self.info.rank_schedules:
-            f = (low_noise or self.info.low_noise).factor(timestep)
-            return (f,), (self if f == 1 else f * self)
-        factors = [s.factor(timestep) for k, s in self.schedule_parts for _ in range(k)]
-        if len(set(factors)) == 1:
-            return (factors[0],), (self if factors[0] == 1 else factors[0] * self)
+            return ((low_noise or self.info.low_noise).factor(timestep),)
+        factors = tuple(s.factor(timestep) for k, s in self.schedule_parts for _ in range(k))
+        return factors[:1] if len(set(factors)) == 1 else factors
+
+    def scaled(self, factors: tuple[float, ...]) -> "Adapter":
+        """This adapter with ΔW times `factors` (from `factors_at`); (1,) gives this adapter itself."""
+        if len(factors) == 1:
+            return self if factors[0] == 1 else factors[0] * self
         column = torch.tensor(factors)  # (r,): one factor per rank component
-        scaled = {k: (d, u * column) for k, (d, u) in self._lora.items()}  # up (out, r) · diag(column)
-        return tuple(factors), self._derive(scaled, kind="lora")
+        return self._derive({k: (d, u * column) for k, (d, u) in self._lora.items()}, kind="lora")  # up · diag
 
     def fuse(self, unet: nn.Module, strength: float = 1.0) -> None:
         """Add ΔW into the Linear weights (zero inference overhead); `unfuse` restores them bit for bit."""

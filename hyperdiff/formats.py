@@ -135,13 +135,17 @@ def _low_noise(meta: dict, path: Path) -> LowNoiseGain:
         return LowNoiseGain()
 
     def parse(text: str) -> LowNoiseGain:
-        value = json.loads(text)
-        if not isinstance(value, dict) or set(value) - {"off_from"} != {"gain", "below"}:
-            raise ValueError(text)
-        return LowNoiseGain(**value)
+        return _schedule(json.loads(text))
 
     return _meta(meta, "low_noise", path, parse, 'JSON {"gain": number > 0, "below": timestep in [0, 1000]} and '
                  'optionally "off_from": timestep in [below, 1000]')
+
+
+def _schedule(value) -> LowNoiseGain:
+    """A schedule's JSON object: "gain" and "below", and "off_from" when set."""
+    if not isinstance(value, dict) or set(value) - {"off_from"} != {"gain", "below"}:
+        raise ValueError(value)
+    return LowNoiseGain(**value)
 
 
 def _rank_schedules(meta: dict, path: Path) -> tuple:
@@ -154,10 +158,9 @@ def _rank_schedules(meta: dict, path: Path) -> tuple:
             raise ValueError(text)
         out = []
         for item in value:
-            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], dict)
-                    and set(item[1]) - {"off_from"} == {"gain", "below"}):
+            if not (isinstance(item, list) and len(item) == 2):
                 raise ValueError(text)
-            out.append((item[0], LowNoiseGain(**item[1])))
+            out.append((item[0], _schedule(item[1])))
         return tuple(out)
 
     return _meta(meta, "rank_schedules", path, parse,

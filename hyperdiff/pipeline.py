@@ -20,7 +20,7 @@ Contract:
   Image i uses the generator seeded `seed + i`, so any image can be reproduced alone; the noise is drawn in float32
   on the CPU, so a seed gives the same image (within rounding) on every device and in every precision. An adapter
   with a schedule (`info.low_noise`, `info.rank_schedules`: `hyperdiff.schedule`) samples at each timestep as
-  `Adapter.at` says: the fused weights are re-fused when its factors change, the per-sample deltas swapped;
+  `Adapter.factors_at` says: the fused weights are re-fused when its factors change, the per-sample deltas swapped;
   `low_noise=LowNoiseGain()` samples every adapter at one strength, as an exported LoRA file does.
 - `sample_adapters(image, n, prompt)` → (images of n sampled adapters, per-pixel spread map of the image's size).
 - `mix(adapters, weights)` → `Adapter.mix`.
@@ -318,16 +318,16 @@ class HyperDreamBoothPipeline:
     @contextmanager
     def _fused(self, adapter: Adapter, low_noise: LowNoiseGain | None, strength: float) -> Iterator[None]:
         """The adapter fused into the UNet for the block (unfused after, also on an error), re-fused as it samples
-        at each UNet call's timestep (`Adapter.at`: its schedule's factors) whenever they change."""
+        at each UNet call's timestep (`Adapter.factors_at`: its schedule's factors) whenever they change."""
         unet = self.pipe.unet
         fused = {"key": (1.0,), "adapter": adapter}  # what is fused now, and its factors
 
         def refuse(t: float, unet_kwargs: dict) -> dict:
-            key, scaled = adapter.at(t, low_noise)
+            key = adapter.factors_at(t, low_noise)
             if key != fused["key"]:
                 fused["adapter"].unfuse(unet)
-                scaled.fuse(unet, strength=strength)
-                fused.update(key=key, adapter=scaled)
+                fused.update(key=key, adapter=adapter.scaled(key))
+                fused["adapter"].fuse(unet, strength=strength)
             return unet_kwargs
 
         adapter.fuse(unet, strength=strength)
@@ -341,14 +341,13 @@ class HyperDreamBoothPipeline:
     def _per_sample(self, adapters: list[Adapter], low_noise: LowNoiseGain | None, strength: float,
                     guidance: bool) -> Iterator[HyperLoRA]:
         """Yields the first step's per-sample deltas (image i = adapters[i], laid out like the CFG batch) and swaps
-        each UNet call's for those of its timestep (`Adapter.at`; built once per set of factors)."""
+        each UNet call's for those of its timestep (`Adapter.factors_at`; built once per set of factors)."""
         stacked: dict[tuple, HyperLoRA] = {}
 
         def deltas(t: float | None) -> HyperLoRA:
-            at = [(((1.0,), ad) if t is None else ad.at(t, low_noise)) for ad in adapters]
-            key = tuple(k for k, _ in at)
+            key = tuple((1.0,) if t is None else ad.factors_at(t, low_noise) for ad in adapters)
             if key not in stacked:
-                scaled = [ad for _, ad in at]
+                scaled = [ad.scaled(f) for ad, f in zip(adapters, key)]
                 stacked[key] = Adapter.stack(scaled, self.table, strength).repeat_for(1, guidance).to(self.device)
             return stacked[key]
 
