@@ -7,11 +7,16 @@ base's fast fine-tune train against: `identity_weight`) and by the judge (anothe
 saw). Measured on base version 4.1 with H's low-noise gain (× 1.5 below timestep 300), shipped encoder / judge:
 personalized images are 0.560 / 0.489 closer to their reference than the base model's (4 of 4 identities closer
 under both; at one strength 0.511 / 0.430), and 0.401 / 0.320 closer to their own reference than to the other three
-(fine-tuned: 0.525 / 0.488). The 40-step fast fine-tune, told the reference's caption, at one strength added
-0.149 / 0.200 over zero-shot at one strength, the prediction it starts from (4 of 4 identities gained under both).
-Its recipe's low-noise gain (× 1.25 below 200) added 0.013 / 0.013 more (4 of 4 under both, 0.002 to 0.027), and
-sampled as each samples by default, the fine-tune read 0.113 / 0.154 over zero-shot with H's gain. The asserted
-margins are about half of these or less.
+(fine-tuned: 0.517 / 0.467). The 40-step fast fine-tune, told the reference's caption, at one strength added
+0.150 / 0.198 over zero-shot at one strength, the prediction it starts from (4 of 4 identities gained under both),
+and each sampled as it samples by default (the fine-tune's parts with their own schedules), the fine-tune read
+0.117 / 0.142 over zero-shot (4 of 4). The asserted margins are about half of these or less, and stay so in all six
+of the benchmark's scenes (0.548 / 0.446, 0.424 / 0.346, 0.220 / 0.237 and 0.146 / 0.170, in the same order).
+What the recipe's schedule adds over the same fine-tuned adapter at one strength is not asserted here: on these
+four identities it reads +0.020 / +0.006 in these two scenes and −0.025 / −0.030 in all six (one identity of four
+gaining), while on the 16 held-out identities of the fidelity benchmark it adds 0.041 / 0.021 and 2.4 points of
+scene words; four identities are too few to tell its sign, so the benchmark reports it (README, "The fast
+fine-tune").
 """
 
 from __future__ import annotations
@@ -48,8 +53,9 @@ def hdb():
 def images(hdb):
     """(references, {kind: images}): one image per (identity, scene), the same seeds. Kinds: "zero-shot" and
     "fine-tuned" (the pipeline's default for the embedded base, 40 steps, told the reference's caption), each sampled
-    with its own low-noise gain (the hypernet's, the recipe's); "one-strength" and "fine-tuned at one strength", the
-    same adapters without it; "base"."""
+    as it samples by default (zero-shot with the hypernet's low-noise gain, the fine-tune's start with the same and its
+    learned part with the recipe's); "one-strength" and "fine-tuned at one strength", the same adapters without them;
+    "base"."""
     refs = [synthfaces.render(synthfaces.Identity.from_seed(s), REFERENCE, 64) for s in SEEDS]
     made = {"zero-shot": [], "one-strength": [], "fine-tuned": [], "fine-tuned at one strength": [], "base": []}
     for i, ref in enumerate(refs):
@@ -94,7 +100,7 @@ def test_the_prediction_is_specific_to_the_identity(sims):
 def test_the_fast_fine_tune_brings_the_identity_closer_than_zero_shot(sims):
     """The embedded base's fast fine-tune (with the identity encoder's term) adds identity to the prediction it
     starts from (both at one strength), for most identities and also as the judge reads it; sampled as each samples
-    by default (with its own low-noise gain) it adds identity over zero-shot too; and it keeps the images specific to
+    by default (with their own schedules) it adds identity over zero-shot too; and it keeps the images specific to
     their own reference."""
     tuned, one = sims["fine-tuned"], sims["fine-tuned at one strength"]
     gain = one.diagonal() - sims["one-strength"].diagonal()  # both sampled at one strength
@@ -103,14 +109,6 @@ def test_the_fast_fine_tune_brings_the_identity_closer_than_zero_shot(sims):
     assert (tuned.diagonal() - sims["zero-shot"].diagonal()).mean() >= 0.05, (tuned, sims["zero-shot"])
     others = (tuned.sum(1) - tuned.diagonal()) / (len(SEEDS) - 1)
     assert (tuned.diagonal() - others).mean() >= 0.25, tuned
-
-
-def test_the_fine_tunes_low_noise_gain_adds_identity(sims):
-    """The fast fine-tune recipe's low-noise gain (× 1.25 below timestep 200) brings the fine-tuned images closer to
-    their reference than the same adapter at one strength, for most identities, under both encoders."""
-    gain = sims["fine-tuned"].diagonal() - sims["fine-tuned at one strength"].diagonal()
-    assert gain.mean() >= 0.006, gain
-    assert int((gain > 0).sum()) >= 3, gain
 
 
 def test_the_cli_fine_tunes_on_the_embedded_base_with_the_identity_term(hdb, tmp_path):
