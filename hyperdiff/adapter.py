@@ -22,7 +22,8 @@ Contract (DESIGN.md, "Adapter" and "Files"):
   `info`. `info.rank_schedules` (k₁, s₁), (k₂, s₂), … give the first k₁ rank components schedule s₁, the next k₂ s₂,
   and leave the rest to `low_noise`: a rank-relaxed fine-tune's start (the hypernet's prediction) keeps its own
   schedule while the learned components sample with the recipe's. `scaled(factors_at(t))` is the adapter as it
-  samples at timestep t.
+  samples at timestep t; `split_by_schedule()` gives one adapter per part, ΔWs summing to this one's, for LoRA
+  files (one weight per step each).
 """
 
 from __future__ import annotations
@@ -286,6 +287,23 @@ class Adapter:
         """(rank count, schedule) over every rank component: `info.rank_schedules`, then the rest's `low_noise`."""
         rest = self.rank - sum(k for k, _ in self.info.rank_schedules)
         return self.info.rank_schedules + (((rest, self.info.low_noise),) if rest else ())
+
+    def split_by_schedule(self) -> tuple["Adapter", ...]:
+        """One LoRA adapter per part of `schedule_parts`: its rank components, with its schedule as `info.low_noise`;
+        their ΔWs sum to this adapter's. A LoRA file applies one weight per step to all of itself, so an adapter whose
+        parts have their own schedules exports part by part (`hyperdiff export --split`) and diffusers samples the
+        files together (`schedule.diffusers_schedule`). An adapter with one schedule is its own only part."""
+        parts = self.schedule_parts
+        if len(parts) == 1:
+            return (self,)
+        out, first = [], 0
+        for i, (k, low_noise) in enumerate(parts, 1):
+            factors = {n: (d[first:first + k].clone(), u[:, first:first + k].clone())  # (k, in), (out, k)
+                       for n, (d, u) in self._lora.items()}
+            out.append(self._derive(factors, kind="lora", alpha=self.scale * k, low_noise=low_noise, rank_schedules=(),
+                                    source=f"part {i} of {len(parts)} (rank {k}) of: {self.info.source}"))
+            first += k
+        return tuple(out)
 
     def factors_at(self, timestep: float, low_noise: LowNoiseGain | None = None) -> tuple[float, ...]:
         """ΔW's factor at `timestep`: one for the whole adapter, or one per rank component where its parts' schedules

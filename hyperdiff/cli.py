@@ -2,7 +2,8 @@
 
 Contract (DESIGN.md, "CLI"): subcommands map one-to-one onto library calls; the CLI holds no model logic.
 Exit code 0 on success; 2 on bad input, with one line `hyperdiff: error: <what input, what was wrong, what was
-expected>` on stderr and no traceback (argparse's own usage errors also exit 2). Outputs are written atomically.
+expected>` on stderr and no traceback (argparse's own usage errors also exit 2); a soft problem (a warning) is one
+line `hyperdiff: warning: <what>` on stderr. Outputs are written atomically.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -22,8 +24,15 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from hyperdiff.adapter import Adapter
 
     adapter = Adapter.load(args.adapter)
-    path = adapter.export(args.out, format=args.format)
-    print(f"wrote {args.format} LoRA ({adapter.kind} adapter, rank {adapter.rank}, alpha {adapter.alpha:g}) to {path}")
+    if not args.split:
+        path = adapter.export(args.out, format=args.format)
+        print(f"wrote {args.format} LoRA ({adapter.kind} adapter, rank {adapter.rank}, alpha {adapter.alpha:g}) to {path}")
+        return
+    out, parts = Path(args.out), adapter.split_by_schedule()
+    for i, part in enumerate(parts, 1):
+        path = part.export(out.with_name(f"{out.stem}-part{i}{out.suffix}"), format=args.format)
+        print(f"wrote {args.format} LoRA part {i} of {len(parts)} (rank {part.rank}, samples with "
+              f"{part.info.low_noise.describe()}) to {path}")
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
@@ -181,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusers: for pipe.load_lora_weights (PEFT keys + LoraConfig metadata); "
                    "kohya: lora_unet_* keys with per-module alpha, for A1111 and ComfyUI")
     p.add_argument("--out", required=True, help="output .safetensors path (written atomically)")
+    p.add_argument("--split", action="store_true",
+                   help="one file per schedule part, OUT's name + -part1, -part2, ...: a fine-tuned adapter's start and "
+                        "learned part sample with their own low-noise schedules, which one LoRA weight per step cannot "
+                        "give; load each under its own adapter name and sample them with "
+                        "hyperdiff.schedule.diffusers_schedule (an adapter with one schedule gives one part)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("inspect", help="print what a native adapter file holds")
@@ -209,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"hyperdiff: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     # An application, not a library: keep the libraries' import-time chatter (optional torchvision backends,
     # "no LoRA keys for the text encoder") off the user's terminal unless they ask for it.
@@ -216,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with warnings.catch_warnings():  # a soft problem is one line on stderr, like an error (restored on exit)
+            warnings.showwarning = _show_warning
+            args.func(args)
     except HyperdiffError as e:
         print(f"hyperdiff: error: {e}", file=sys.stderr)
         return 2

@@ -99,7 +99,10 @@ def run_demo(out: Path, seed: int = 0, identities: int = 2, base: str | None = N
         print(f"identity {s}: {f['native']} (+ .diffusers / .kohya exports)")
     for title, ads in columns.items():
         if ads[0] is not None and ads[0].info.scheduled:
-            print(f"the {title} adapters apply ΔW {ads[0].info.describe_schedule()}; a LoRA file cannot say so")
+            how = ("one file per part: hyperdiff export --split" if ads[0].info.rank_schedules
+                   else "hyperdiff.schedule.diffusers_schedule")
+            print(f"the {title} adapters apply ΔW {ads[0].info.describe_schedule()}; LoRA loaders apply one strength "
+                  f"unless given the schedule ({how})")
     print(f"vanilla diffusers load_lora_weights(export) vs hyperdiff's injection: max pixel difference {diff:.1e}")
     print("\nstep times:")
     for name, seconds in timings.items():

@@ -15,7 +15,9 @@ Contract (DESIGN.md, "Files"; REFERENCES.md, "File formats"):
   `modelspec.*` metadata (and `hyperdiff.*` provenance); loaded by A1111, ComfyUI and diffusers' non-diffusers
   LoRA conversion.
 - A LoRA file applies ΔW at one strength: exporting an adapter with an active low-noise gain warns that the
-  export samples as the adapter without it (`hyperdiff.low_noise` in its provenance says what it was).
+  export samples as the adapter without it unless diffusers is given the schedule (`hyperdiff.low_noise` in its
+  provenance says what it is: `file_schedule(path)`). An adapter whose rank parts have their own schedules exports
+  one file per part (`Adapter.split_by_schedule`), each with its own.
 - All writes are atomic (temp file + rename); all reads are safetensors; a bad file is a one-line
   `HyperdiffError` that names the file and the problem.
 - `digest(adapter)`: a short hex hash of what the adapter computes (kind, alpha, LiDB config, every factor's values),
@@ -141,6 +143,18 @@ def _low_noise(meta: dict, path: Path) -> LowNoiseGain:
                  'optionally "off_from": timestep in [below, 1000]')
 
 
+def file_schedule(path: str | Path) -> LowNoiseGain:
+    """The schedule a hyperdiff file says its ΔW samples with (`hyperdiff.low_noise`, native or exported; one
+    strength for files without it), for `schedule.diffusers_schedule`. A native adapter whose parts have their own
+    schedules has no single one: export it with `Adapter.split_by_schedule` and read each part's file."""
+    path = Path(path)
+    _, meta = read_safetensors(path, "LoRA file")
+    if "hyperdiff.rank_schedules" in meta:
+        raise HyperdiffError(f"adapter file '{path}' gives its rank parts their own schedules, so it has no single one; "
+                             "expected one file per part (`hyperdiff export --split`)")
+    return _low_noise(meta, path)
+
+
 def _schedule(value) -> LowNoiseGain:
     """A schedule's JSON object: "gain" and "below", and "off_from" when set."""
     if not isinstance(value, dict) or set(value) - {"off_from"} != {"gain", "below"}:
@@ -243,7 +257,9 @@ def export(adapter, path: str | Path, format: str) -> Path:
         raise HyperdiffError(f"export path '{path}' must end with .safetensors")
     if adapter.info.scheduled:
         told = ("unless diffusers is given it (`hyperdiff.schedule.diffusers_schedule`)" if not adapter.info.rank_schedules
-                else "(one LoRA weight per step cannot give its parts their own schedules)")
+                else "(one LoRA weight per step cannot give its parts their own schedules: export one file per part with "
+                "`hyperdiff export --split` or `Adapter.split_by_schedule`, and sample them with "
+                "`hyperdiff.schedule.diffusers_schedule`)")
         warnings.warn(f"a {format} LoRA file applies ΔW at one strength: '{path.name}' samples without this adapter's "
                       f"low-noise schedule ({adapter.info.describe_schedule()}) {told}", stacklevel=2)
     return (export_diffusers if format == "diffusers" else export_kohya)(adapter, path)

@@ -10,15 +10,17 @@ Contract:
   image) can be kept out of the high-noise steps that lay the scene out (`off_from`).
   A hypernet carries its calibrated value (`HyperNetConfig.low_noise`) and stamps it on every adapter it predicts
   (`AdapterInfo.low_noise`); a fine-tune recipe stamps its own (`FinetuneConfig.low_noise`) on the adapters it
-  trains. The native adapter file keeps it (`hyperdiff.low_noise`); diffusers and kohya LoRA files cannot say it, so
-  an export applies ΔW at one strength (a warning says so).
+  trains. The native adapter file keeps it (`hyperdiff.low_noise`); an export keeps it in its metadata too
+  (`hyperdiff.formats.file_schedule`), but diffusers', A1111's and ComfyUI's loaders apply ΔW at one strength (a
+  warning says so) unless diffusers is given the schedule (`diffusers_schedule`).
 - `per_timestep(unet, update)`: a context manager that calls `update(timestep, kwargs)` before every UNet forward
   and passes on the keyword arguments it returns (a forward pre-hook, removed on exit however the block ends). The
   pipeline uses it to re-fuse a fused adapter, or to swap the per-sample deltas in `cross_attention_kwargs`, when
   the strength changes.
-- `diffusers_schedule(pipe, low_noise, adapter_name, num_inference_steps)`: the same schedule for an exported LoRA file
-  in vanilla diffusers: it sets the LoRA's weight for the first step and returns a `callback_on_step_end` that sets
-  it for each next one.
+- `diffusers_schedule(pipe, {adapter_name: schedule}, num_inference_steps)`: the same schedules for exported LoRA files
+  in vanilla diffusers: it sets each LoRA's weight for the first step and returns a `callback_on_step_end` that sets
+  them for each next one. An adapter whose rank parts have their own schedules exports one file per part
+  (`Adapter.split_by_schedule`), each loaded under its own name.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -96,19 +98,36 @@ def per_timestep(unet: nn.Module, update: Callable[[float, dict], dict]) -> Iter
         handle.remove()
 
 
-def diffusers_schedule(pipe, low_noise: LowNoiseGain, adapter_name: str, num_inference_steps: int, weight: float = 1.0):
-    """Sample an exported LoRA file in a vanilla diffusers pipeline as hyperdiff samples the adapter. `pipe` has
-    loaded it as `adapter_name` (`pipe.load_lora_weights(file, adapter_name=...)`); call this right before
-    `pipe(..., num_inference_steps=num_inference_steps, callback_on_step_end=<the result>)`. It sets the LoRA's weight
-    for the first step (`weight × low_noise.factor(first timestep)`) and returns the `callback_on_step_end` that sets
-    it for each next step."""
+def diffusers_schedule(pipe, schedules: Mapping[str, LowNoiseGain], num_inference_steps: int,
+                       weights: Mapping[str, float] | None = None):
+    """Sample exported LoRA files in a vanilla diffusers pipeline as hyperdiff samples their adapters. `pipe` has loaded
+    each file under its adapter name (`pipe.load_lora_weights(file, adapter_name=name)`); `schedules` maps those names
+    to their schedules (an export's own: `hyperdiff.formats.file_schedule(file)`; one file per part of an adapter whose
+    parts have their own: `Adapter.split_by_schedule`), `weights` to their strengths (default 1). Call this right before
+    `pipe(..., num_inference_steps=num_inference_steps, callback_on_step_end=<the result>)`: it sets every LoRA's
+    weight for the first step (`weight × schedule.factor(first timestep)`) and returns the `callback_on_step_end` that
+    sets them for each next step."""
+    if not isinstance(schedules, Mapping) or not schedules:
+        raise HyperdiffError(f"`schedules` must map adapter names to LowNoiseGain schedules, got {schedules!r}")
+    for name, schedule in schedules.items():
+        if not isinstance(schedule, LowNoiseGain):
+            raise HyperdiffError(f"`schedules[{name!r}]` must be a LowNoiseGain, got {type(schedule).__name__}")
+    weights = dict(weights or {})
+    if set(weights) - set(schedules):
+        raise HyperdiffError(f"`weights` names adapters without a schedule: {sorted(set(weights) - set(schedules))}")
+    names = list(schedules)
+    strength = [weights.get(n, 1.0) for n in names]
     pipe.scheduler.set_timesteps(num_inference_steps)  # the call sets the same timesteps again
     timesteps = [float(t) for t in pipe.scheduler.timesteps]
-    pipe.set_adapters([adapter_name], [weight * low_noise.factor(timesteps[0])])
+
+    def set_weights(t: float) -> None:
+        pipe.set_adapters(names, [w * schedules[n].factor(t) for n, w in zip(names, strength)])
+
+    set_weights(timesteps[0])
 
     def callback(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         if step + 1 < len(timesteps):
-            pipe.set_adapters([adapter_name], [weight * low_noise.factor(timesteps[step + 1])])
+            set_weights(timesteps[step + 1])
         return callback_kwargs
 
     return callback

@@ -37,6 +37,19 @@ def plain(hdb):
     return random_lora(LayerTable.from_unet(hdb.pipe.unet), seed=3, std=0.4, token="sks")
 
 
+@pytest.fixture(scope="module")
+def other(hdb):
+    return random_lora(hdb.table, seed=4, std=0.4, token="sks")
+
+
+def parts(first: Adapter, second: Adapter, schedule: LowNoiseGain, rest: LowNoiseGain = LowNoiseGain()) -> Adapter:
+    """`first + second` (their rank concatenation), `first`'s rank components sampled with `schedule`, the rest with
+    `rest`: how a fine-tune's start and learned part sample."""
+    ad = Adapter.concat([first, second])
+    ad.info = replace(ad.info, low_noise=rest, rank_schedules=((first.rank, schedule),))
+    return ad
+
+
 def scheduled(adapter: Adapter, gain: float, below: int, off_from: int = 1000) -> Adapter:
     out = 1.0 * adapter  # a copy: `info` is the adapter's own
     out.info = replace(out.info, low_noise=LowNoiseGain(gain, below, off_from))
@@ -164,7 +177,7 @@ def test_vanilla_diffusers_with_the_step_callback_samples_as_hyperdiff(hdb, plai
         noise = torch.randn((1, channels, side, side), generator=torch.Generator().manual_seed(0))
         return vanilla(PROMPT, num_inference_steps=STEPS, guidance_scale=4.0, latents=noise, **kwargs).images
 
-    theirs = sample(callback_on_step_end=diffusers_schedule(vanilla, ad.info.low_noise, "id", STEPS))
+    theirs = sample(callback_on_step_end=diffusers_schedule(vanilla, {"id": ad.info.low_noise}, STEPS))
     assert np.abs(_arr(theirs) - _arr(ours)).max() <= 2  # PEFT branch vs fused weights: float rounding
     vanilla.set_adapters(["id"], [1.0])
     assert np.abs(_arr(sample()) - _arr(ours)).max() > 5  # without the callback the export samples at one strength
@@ -194,38 +207,32 @@ def test_cli_generate_samples_with_the_files_schedule_and_the_flags_override_it(
         assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
 
 
-def test_an_adapters_rank_parts_sample_with_their_own_schedules(hdb, plain, tmp_path):
+def test_an_adapters_rank_parts_sample_with_their_own_schedules(hdb, plain, other, tmp_path):
     """`info.rank_schedules` against known cases, in both paths: the first part off at every sampled timestep is the
     second part alone; the first part × 2 at every timestep is the concatenation of 2·first and second at one
     strength. A part × 2 below 500 only is neither. The native file keeps the parts; a LoRA export warns."""
-    other = random_lora(hdb.table, seed=4, std=0.4, token="sks")
-
-    def parts(first: LowNoiseGain, rest: LowNoiseGain = LowNoiseGain()) -> Adapter:
-        ad = Adapter.concat([plain, other])
-        ad.info = replace(ad.info, low_noise=rest, rank_schedules=((plain.rank, first),))
-        return ad
-
     def both_paths(ad: Adapter) -> tuple[np.ndarray, np.ndarray]:
         return (_arr(hdb.generate(PROMPT, ad, steps=STEPS, seed=1)), _arr(hdb.generate(PROMPT, [ad], steps=STEPS, seed=1)))
 
     alone = _arr(hdb.generate(PROMPT, other, steps=STEPS, seed=1))
     doubled = _arr(hdb.generate(PROMPT, Adapter.concat([2 * plain, other]), steps=STEPS, seed=1))
-    for ad, want in [(parts(LowNoiseGain(1.0, 0, 1)), alone), (parts(LowNoiseGain(2.0, 1000)), doubled)]:
+    for ad, want in [(parts(plain, other, LowNoiseGain(1.0, 0, 1)), alone),
+                     (parts(plain, other, LowNoiseGain(2.0, 1000)), doubled)]:
         for got in both_paths(ad):
             assert np.abs(got - want).max() <= 2  # the same ΔW summed in another order: float rounding
-    mid = both_paths(parts(LowNoiseGain(2.0, 500)))
+    mid = both_paths(parts(plain, other, LowNoiseGain(2.0, 500)))
     assert np.abs(mid[0] - mid[1]).max() <= 2
     assert min(np.abs(mid[0] - want).max() for want in (alone, doubled)) > 5
     # the call's own `low_noise` replaces every part's schedule
     one = _arr(hdb.generate(PROMPT, Adapter.concat([plain, other]), steps=STEPS, seed=1))
-    assert np.array_equal(_arr(hdb.generate(PROMPT, parts(LowNoiseGain(2.0, 500)), steps=STEPS, seed=1,
+    assert np.array_equal(_arr(hdb.generate(PROMPT, parts(plain, other, LowNoiseGain(2.0, 500)), steps=STEPS, seed=1,
                                             low_noise=LowNoiseGain())), one)
 
-    ad = parts(LowNoiseGain(1.5, 300), LowNoiseGain(1.25, 200, 800))
+    ad = parts(plain, other, LowNoiseGain(1.5, 300), LowNoiseGain(1.25, 200, 800))
     assert ad.schedule_parts == ((plain.rank, LowNoiseGain(1.5, 300)), (other.rank, LowNoiseGain(1.25, 200, 800)))
     back = Adapter.load(ad.save(tmp_path / "parts.safetensors"))
     assert back.info.rank_schedules == ad.info.rank_schedules and back.digest == ad.digest
-    assert ad.digest != parts(LowNoiseGain(1.25, 200, 800), LowNoiseGain(1.25, 200, 800)).digest
+    assert ad.digest != parts(plain, other, LowNoiseGain(1.25, 200, 800), LowNoiseGain(1.25, 200, 800)).digest
     assert ad.info.describe_schedule() == (f"rank {plain.rank}: ×1.5 below timestep 300; the rest: ×1.25 below "
                                            "timestep 200, off from timestep 800")
     with pytest.warns(UserWarning, match="cannot give its parts their own schedules"):
@@ -240,6 +247,56 @@ def test_an_adapters_rank_parts_sample_with_their_own_schedules(hdb, plain, tmp_
     with pytest.raises(HyperdiffError, match=r"`rank_schedules` cover 99 rank components, the adapter has"):
         Adapter.concat([plain, other]).with_schedule(LowNoiseGain())._derive(
             Adapter.concat([plain, other]).factors, rank_schedules=((99, LowNoiseGain()),))
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # two adapters, loaded on purpose
+def test_a_split_export_samples_in_vanilla_diffusers_as_hyperdiff_samples_its_parts(hdb, plain, other, tmp_path):
+    """`hyperdiff export --split` writes one LoRA file per schedule part: each holds its part's ΔW (known: the
+    concatenation's first part is `plain`, the second `other`) and says its schedule (`file_schedule`); loaded in
+    vanilla diffusers under two adapter names and sampled with `diffusers_schedule`, they give hyperdiff's images of
+    the whole adapter, from the same noise. One LoRA weight per step for both files does not."""
+    from hyperdiff.formats import file_schedule
+
+    start, rest = LowNoiseGain(2.0, 500), LowNoiseGain(1.5, 300, 700)
+    ad = parts(plain, other, start, rest)
+    split = ad.split_by_schedule()
+    want = [(plain.rank, start, ()), (other.rank, rest, ())]
+    assert [(p.rank, p.info.low_noise, p.info.rank_schedules) for p in split] == want
+    for name in hdb.table.names:
+        for part, want in zip(split, (plain, other)):
+            torch.testing.assert_close(part.delta_weight(name), want.delta_weight(name))
+    assert plain.split_by_schedule() == (plain,)  # one schedule: its own only part
+
+    native = ad.save(tmp_path / "parts.safetensors")
+    res = run("export", native, "--format", "diffusers", "--out", tmp_path / "me.safetensors", "--split")
+    assert res.returncode == 0, res.stderr
+    files = [tmp_path / "me-part1.safetensors", tmp_path / "me-part2.safetensors"]
+    assert sorted(tmp_path.glob("me*")) == files and "part 2 of 2" in res.stdout, res.stdout
+    said = res.stderr.strip().splitlines()  # each part's schedule is one a LoRA loader does not apply by itself
+    assert len(said) == 2 and all(s.startswith("hyperdiff: warning: a diffusers LoRA file applies") for s in said), said
+    assert [file_schedule(f) for f in files] == [start, rest]
+    with pytest.raises(HyperdiffError, match=r"'.*parts.safetensors' gives its rank parts their own schedules"):
+        file_schedule(native)
+
+    ours = _arr(hdb.generate(PROMPT, ad, steps=STEPS, seed=0))
+    vanilla = copy.deepcopy(hdb.pipe)
+    for name, f in zip(("start", "learned"), files):
+        vanilla.load_lora_weights(str(f), adapter_name=name)
+
+    def sample(**kwargs):
+        side, channels = vanilla.unet.config.sample_size, vanilla.unet.config.in_channels
+        noise = torch.randn((1, channels, side, side), generator=torch.Generator().manual_seed(0))
+        return _arr(vanilla(PROMPT, num_inference_steps=STEPS, guidance_scale=4.0, latents=noise, **kwargs).images)
+
+    schedules = {"start": file_schedule(files[0]), "learned": file_schedule(files[1])}
+    assert np.abs(sample(callback_on_step_end=diffusers_schedule(vanilla, schedules, STEPS)) - ours).max() <= 2
+    one = diffusers_schedule(vanilla, {"start": rest, "learned": rest}, STEPS)  # one schedule for the whole adapter
+    assert np.abs(sample(callback_on_step_end=one) - ours).max() > 5
+    for bad, needle in [({}, "`schedules` must map adapter names"), ({"start": 1.5}, r"`schedules\['start'\]` must be")]:
+        with pytest.raises(HyperdiffError, match=needle):
+            diffusers_schedule(vanilla, bad, STEPS)
+    with pytest.raises(HyperdiffError, match=r"`weights` names adapters without a schedule: \['x'\]"):
+        diffusers_schedule(vanilla, schedules, STEPS, weights={"x": 1.0})
 
 
 def test_a_calibrated_hypernets_prediction_carries_its_gain_and_a_fine_tunes_start_keeps_it(hdb, tmp_path):

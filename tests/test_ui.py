@@ -99,7 +99,7 @@ def test_personalize_generate_download_every_format_and_load_in_vanilla_diffuser
     vanilla.set_progress_bar_config(disable=True)
     vanilla.load_lora_weights(files["diffusers"], adapter_name="id")
     theirs = vanilla(PROMPT, num_inference_steps=STEPS, guidance_scale=4.0, generator=torch.Generator().manual_seed(5),
-                     callback_on_step_end=diffusers_schedule(vanilla, ours.info.low_noise, "id", STEPS)).images  # the adapter's schedule
+                     callback_on_step_end=diffusers_schedule(vanilla, {"id": ours.info.low_noise}, STEPS)).images  # the adapter's schedule
     assert np.abs(pixels(theirs) - pixels(images[:1])).max() <= 1  # fused (hyperdiff) vs PEFT branch: float rounding
 
 

@@ -306,8 +306,10 @@ class _Handlers:
             path = adapter.save_as(session.folder, format)
         note = f"`{path.name}` · {path.stat().st_size:,} bytes"
         if format != "native" and adapter.info.scheduled:
+            how = ("`hyperdiff export --split` on the native file gives one file per part, for"
+                   if adapter.info.rank_schedules else "in diffusers:")
             note += (f" · a LoRA file applies ΔW at one strength, where hyperdiff applies it "
-                     f"{adapter.info.describe_schedule()} (in diffusers: `hyperdiff.schedule.diffusers_schedule`)")
+                     f"{adapter.info.describe_schedule()} ({how} `hyperdiff.schedule.diffusers_schedule`)")
         return str(path), note, session
 
     def describe(self) -> dict:
