@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=1, help="images to generate; image i uses seed S+i (default: %(default)s)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default: %(default)s)")
-    p.add_argument("--strength", type=float, default=1.0, help="multiplier of the adapter's weight delta (default: %(default)s)")
+    p.add_argument("--strength", type=float, default=1.0, help="multiplier of the adapter's weight delta, in [-10, 10] (default: %(default)s)")
     p.add_argument("--low-noise-gain", type=float, default=None,
                    help="extra multiplier of the weight delta at the low-noise timesteps below --low-noise-below, where "
                         "sampling draws a face's detail (default: the adapter's own, which a calibrated hypernet sets; "

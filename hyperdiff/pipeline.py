@@ -290,6 +290,7 @@ class HyperDreamBoothPipeline:
         check_int_in("num_images", num_images, 1, MAX_IMAGES)
         check_int_in("steps", steps, 1, MAX_STEPS)
         check_number_in("guidance", guidance, 0, 50)
+        check_number_in("strength", strength, -10, 10)  # ΔW × strength: negative subtracts the identity
         if isinstance(adapter, Sequence) and not isinstance(adapter, Adapter):
             adapters = list(adapter)
             if len(adapters) != num_images:

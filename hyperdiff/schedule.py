@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from hyperdiff.config import to_dict
-from hyperdiff.errors import HyperdiffError
+from hyperdiff.errors import HyperdiffError, check_number_in
 
 NUM_TIMESTEPS = 1000  # Stable Diffusion's training timesteps: t in [0, 1000)
 
@@ -116,7 +116,7 @@ def diffusers_schedule(pipe, schedules: Mapping[str, LowNoiseGain], num_inferenc
     if set(weights) - set(schedules):
         raise HyperdiffError(f"`weights` names adapters without a schedule: {sorted(set(weights) - set(schedules))}")
     names = list(schedules)
-    strength = [weights.get(n, 1.0) for n in names]
+    strength = [check_number_in(f"weights[{n!r}]", weights.get(n, 1.0), -10.0, 10.0) for n in names]
     pipe.scheduler.set_timesteps(num_inference_steps)  # the call sets the same timesteps again
     timesteps = [float(t) for t in pipe.scheduler.timesteps]
 

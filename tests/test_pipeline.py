@@ -82,7 +82,8 @@ def test_sample_adapters_gives_n_images_and_a_spread_map(hdb, ref):
 
 
 def test_bad_arguments_are_one_line_errors(hdb, ref, tmp_path):
-    for kwargs, needle in [({"num_images": 0}, "`num_images`"), ({"steps": 10_000}, "`steps`"), ({"guidance": -1.0}, "`guidance`")]:
+    for kwargs, needle in [({"num_images": 0}, "`num_images`"), ({"steps": 10_000}, "`steps`"), ({"guidance": -1.0}, "`guidance`"),
+                           ({"strength": float("nan")}, r"`strength` must be a number in \[-10, 10\], got nan")]:
         with pytest.raises(HyperdiffError, match=needle):
             hdb.generate("a sks face", None, **kwargs)
     with pytest.raises(HyperdiffError, match="does not exist"):

@@ -297,6 +297,8 @@ def test_a_split_export_samples_in_vanilla_diffusers_as_hyperdiff_samples_its_pa
             diffusers_schedule(vanilla, bad, STEPS)
     with pytest.raises(HyperdiffError, match=r"`weights` names adapters without a schedule: \['x'\]"):
         diffusers_schedule(vanilla, schedules, STEPS, weights={"x": 1.0})
+    with pytest.raises(HyperdiffError, match=r"`weights\['start'\]` must be a number in \[-10.0, 10.0\], got 'a'"):
+        diffusers_schedule(vanilla, schedules, STEPS, weights={"start": "a"})
 
 
 def test_a_calibrated_hypernets_prediction_carries_its_gain_and_a_fine_tunes_start_keeps_it(hdb, tmp_path):
