@@ -263,8 +263,8 @@ def test_a_split_export_samples_in_vanilla_diffusers_as_hyperdiff_samples_its_pa
     want = [(plain.rank, start, ()), (other.rank, rest, ())]
     assert [(p.rank, p.info.low_noise, p.info.rank_schedules) for p in split] == want
     for name in hdb.table.names:
-        for part, want in zip(split, (plain, other)):
-            torch.testing.assert_close(part.delta_weight(name), want.delta_weight(name))
+        for part, made_from in zip(split, (plain, other)):
+            torch.testing.assert_close(part.delta_weight(name), made_from.delta_weight(name))
     assert plain.split_by_schedule() == (plain,)  # one schedule: its own only part
 
     native = ad.save(tmp_path / "parts.safetensors")
