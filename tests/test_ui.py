@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -84,8 +85,9 @@ def test_personalize_generate_download_every_format_and_load_in_vanilla_diffuser
 
     files = {}
     for fmt in ("native", "diffusers", "kohya"):
-        path, note = c.predict(fmt, api_name="/download")
+        path, parts, note = c.predict(fmt, api_name="/download")
         files[fmt] = path
+        assert not parts  # one schedule for the whole adapter: no part files
         assert re.fullmatch(rf"hyperdiff-sks-{ours.digest}-{fmt}\.safetensors", os.path.basename(path)), path
         assert f"{os.path.getsize(path):,} bytes" in note
         said = "applies ΔW at one strength, where hyperdiff applies it ×1.5 below timestep 500" in note
@@ -211,6 +213,29 @@ def test_the_reference_caption_reaches_the_fine_tune(server, expected, refs):
     with pytest.raises(Exception, match="must name the subject by the token 'sks'"):  # shown, and the adapter kept
         c.predict("sks", 2, 0, "a face on gray", api_name="/personalize")
     assert Adapter.load(c.predict("native", api_name="/download")[0]).digest == captioned.digest
+
+
+def test_a_fine_tunes_lora_download_comes_part_by_part_too(server, expected, refs, tmp_path):
+    """A fine-tuned adapter's start and learned part sample with their own schedules: its LoRA download also comes as
+    one file per part, the files `hyperdiff export --split` writes (same tensors, each part's schedule), and the note
+    says how to sample them."""
+    from hyperdiff.formats import file_schedule
+
+    c = client(server)
+    personalize(c, refs[0], finetune_steps=2)
+    tuned = expected.personalize([refs[0]], finetune_steps=2, seed=0)
+    assert len(tuned.schedule_parts) == 2, tuned.info  # the start keeps the test hypernet's gain
+    for fmt in ("diffusers", "kohya"):
+        path, parts, note = c.predict(fmt, api_name="/download")
+        assert len(parts) == 2 and "part files below carry one schedule each" in note, (parts, note)
+        assert [file_schedule(p) for p in parts] == [s for _, s in tuned.schedule_parts]
+        for i, (got, part) in enumerate(zip(parts, tuned.split_by_schedule()), 1):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a scheduled part's export warns, as the note says
+                want = part.export(tmp_path / f"{fmt}-part{i}.safetensors", fmt)
+            with safe_open(got, "pt") as g, safe_open(want, "pt") as w:
+                assert sorted(g.keys()) == sorted(w.keys())
+                assert all(torch.equal(g.get_tensor(k), w.get_tensor(k)) for k in w.keys())
 
 
 def test_uncertainty_and_mixing(server, expected, refs):

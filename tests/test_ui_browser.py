@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from hyperdiff import Adapter
+from hyperdiff.formats import file_schedule
 from hyperdiff.pipeline import HyperDreamBoothPipeline
 
 from ui_support import face, hypernet_dir, pixels, server  # noqa: F401 (fixtures)
@@ -139,4 +140,13 @@ def test_a_user_fine_tunes_with_a_caption_of_the_photo(browser, server, hypernet
     hdb = HyperDreamBoothPipeline.from_pretrained(hypernet=hypernet_dir, device="cpu")
     want = hdb.personalize([ref], finetune_steps=2, seed=0, caption="a {token} face, neutral, on a gray background")
     assert Adapter.load(saved).digest == want.digest  # the typed caption is what the fine-tune trained on
+    download(page, "diffusers", tmp_path)  # a LoRA file of the fine-tune: its parts come apart too
+    parts = page.locator("#download-parts a")
+    expect(parts).to_have_count(2)
+    with page.expect_download() as info:
+        parts.first.click()
+    part = tmp_path / info.value.suggested_filename
+    info.value.save_as(part)
+    start = want.schedule_parts[0][1]  # the hypernet's prediction keeps the test hypernet's low-noise gain
+    assert part.name.endswith("-diffusers-part1.safetensors") and start.active and file_schedule(part) == start
     context.close()

@@ -4,8 +4,9 @@ Contract:
 - `build_app(pipeline) -> gr.Blocks` builds the whole UI, with its bounded queue, around one loaded
   `HyperDreamBoothPipeline`. The UI holds no model logic: references are validated by
   `hyperdiff.pipeline.load_images`, the crop preview is `pipeline.encoder_view`, adapters come from
-  `pipeline.personalize`/`mix`, images from `generate`/`sample_adapters`, files from `Adapter.save_as` — the calls
-  the CLI makes, so the two cannot disagree.
+  `pipeline.personalize`/`mix`, images from `generate`/`sample_adapters`, files from `Adapter.save_as` (and a
+  fine-tune's LoRA files part by part from `Adapter.split_by_schedule`) — the calls the CLI makes, so the two cannot
+  disagree.
 - Sessions: every browser tab (every API client) has its own `Session` in `gr.State` (references, adapter, last seed,
   outputs, download folder). A request reads only its own session: one user's identity is never used for another's
   images.
@@ -298,19 +299,24 @@ class _Handlers:
 
     @_shown
     def download(self, format, session: Session):
+        """The adapter as one file; a LoRA file of an adapter whose rank parts have their own schedules (a fine-tune's
+        start and learned part) also as one file per part (`Adapter.split_by_schedule`, = `hyperdiff export --split`)."""
         adapter = self._adapter(session)
         if session.folder is None:
             session.folder = tempfile.mkdtemp(prefix="session-", dir=self.root)
+        split = format != "native" and bool(adapter.info.rank_schedules)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # said in the note instead
             path = adapter.save_as(session.folder, format)
+            parts = [part.export(path.with_name(f"{path.stem}-part{i}{path.suffix}"), format)
+                     for i, part in enumerate(adapter.split_by_schedule(), 1)] if split else []
         note = f"`{path.name}` · {path.stat().st_size:,} bytes"
         if format != "native" and adapter.info.scheduled:
-            how = ("`hyperdiff export --split` on the native file gives one file per part, for"
-                   if adapter.info.rank_schedules else "in diffusers:")
+            how = ("the part files below carry one schedule each: load them under their own adapter names and pass "
+                   "their schedules to" if split else "in diffusers:")
             note += (f" · a LoRA file applies ΔW at one strength, where hyperdiff applies it "
                      f"{adapter.info.describe_schedule()} ({how} `hyperdiff.schedule.diffusers_schedule`)")
-        return str(path), note, session
+        return str(path), [str(p) for p in parts] or None, note, session
 
     def describe(self) -> dict:
         return self.pipeline.describe()
@@ -419,6 +425,8 @@ def build_app(pipeline: HyperDreamBoothPipeline) -> gr.Blocks:
                         fmt = gr.Radio(list(FILE_FORMATS), value="diffusers", label="Format", elem_id="format")
                         download_btn = gr.Button("Prepare file", variant="primary", elem_id="download-btn")
                         download_file = gr.File(label="Adapter file", interactive=False, elem_id="download-file")
+                        download_parts = gr.File(label="A fine-tune's LoRA file, one file per schedule part",
+                                                 interactive=False, file_count="multiple", elem_id="download-parts")
                         download_info = gr.Markdown("", elem_id="download-info")
 
         gr.on([files.change, webcam.change], h.references, [files, webcam, session], [preview, status, session],
@@ -434,7 +442,8 @@ def build_app(pipeline: HyperDreamBoothPipeline) -> gr.Blocks:
                          api_name="sample", **model)
         mix_btn.click(h.mix, [mix_a, mix_b, mix_w, mix_prompt, mix_steps, mix_seed, token, mix_keep, session],
                       [mix_gallery, mix_info, session], api_name="mix", **model)
-        download_btn.click(h.download, [fmt, session], [download_file, download_info, session], api_name="download")
+        download_btn.click(h.download, [fmt, session], [download_file, download_parts, download_info, session],
+                           api_name="download")
         demo.load(h.describe, None, info_json, api_name="describe")
     demo.queue(default_concurrency_limit=1, max_size=MAX_QUEUE)
     return demo
