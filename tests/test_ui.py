@@ -227,7 +227,7 @@ def test_a_fine_tunes_lora_download_comes_part_by_part_too(server, expected, ref
     assert len(tuned.schedule_parts) == 2, tuned.info  # the start keeps the test hypernet's gain
     for fmt in ("diffusers", "kohya"):
         path, parts, note = c.predict(fmt, api_name="/download")
-        assert len(parts) == 2 and "part files below carry one schedule each" in note, (parts, note)
+        assert len(parts) == 2 and "part files above carry one schedule each" in note, (parts, note)
         assert [file_schedule(p) for p in parts] == [s for _, s in tuned.schedule_parts]
         for i, (got, part) in enumerate(zip(parts, tuned.split_by_schedule()), 1):
             with warnings.catch_warnings():

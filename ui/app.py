@@ -312,7 +312,7 @@ class _Handlers:
                      for i, part in enumerate(adapter.split_by_schedule(), 1)] if split else []
         note = f"`{path.name}` · {path.stat().st_size:,} bytes"
         if format != "native" and adapter.info.scheduled:
-            how = ("the part files below carry one schedule each: load them under their own adapter names and pass "
+            how = ("the part files above carry one schedule each: load them under their own adapter names and pass "
                    "their schedules to" if split else "in diffusers:")
             note += (f" · a LoRA file applies ΔW at one strength, where hyperdiff applies it "
                      f"{adapter.info.describe_schedule()} ({how} `hyperdiff.schedule.diffusers_schedule`)")
