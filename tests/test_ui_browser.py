@@ -68,10 +68,15 @@ def download(page, fmt: str, folder: Path) -> Path:
     page.get_by_role("tab", name="Download").click()
     page.get_by_label(fmt).check()
     page.locator("#download-btn").click()
-    link = page.locator("#download-file a")
-    expect(link).to_have_count(1)
+    return save_link(page, "download-file", 1, folder)
+
+
+def save_link(page, elem_id: str, count: int, folder: Path) -> Path:
+    """Component `elem_id` shows `count` file links; click the first and return the saved file."""
+    links = page.locator(f"#{elem_id} a")
+    expect(links).to_have_count(count)
     with page.expect_download() as info:
-        link.first.click()
+        links.first.click()
     saved = folder / info.value.suggested_filename
     info.value.save_as(saved)
     return saved
@@ -141,12 +146,7 @@ def test_a_user_fine_tunes_with_a_caption_of_the_photo(browser, server, hypernet
     want = hdb.personalize([ref], finetune_steps=2, seed=0, caption="a {token} face, neutral, on a gray background")
     assert Adapter.load(saved).digest == want.digest  # the typed caption is what the fine-tune trained on
     download(page, "diffusers", tmp_path)  # a LoRA file of the fine-tune: its parts come apart too
-    parts = page.locator("#download-parts a")
-    expect(parts).to_have_count(2)
-    with page.expect_download() as info:
-        parts.first.click()
-    part = tmp_path / info.value.suggested_filename
-    info.value.save_as(part)
+    part = save_link(page, "download-parts", 2, tmp_path)
     start = want.schedule_parts[0][1]  # the hypernet's prediction keeps the test hypernet's low-noise gain
     assert part.name.endswith("-diffusers-part1.safetensors") and start.active and file_schedule(part) == start
     context.close()
