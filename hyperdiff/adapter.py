@@ -450,3 +450,9 @@ class Adapter:
         from hyperdiff import formats
 
         return formats.export(self, path, format)
+
+    def export_parts(self, path: str | Path, format: str = "diffusers") -> list[Path]:
+        """One LoRA file per schedule part (`split_by_schedule`), named `path` + `-part1`, `-part2`, …"""
+        from hyperdiff import formats
+
+        return formats.export_parts(self, path, format)

@@ -28,11 +28,11 @@ def _cmd_export(args: argparse.Namespace) -> None:
         path = adapter.export(args.out, format=args.format)
         print(f"wrote {args.format} LoRA ({adapter.kind} adapter, rank {adapter.rank}, alpha {adapter.alpha:g}) to {path}")
         return
-    out, parts = Path(args.out), adapter.split_by_schedule()
-    for i, part in enumerate(parts, 1):
-        path = part.export(out.with_name(f"{out.stem}-part{i}{out.suffix}"), format=args.format)
-        print(f"wrote {args.format} LoRA part {i} of {len(parts)} (rank {part.rank}, samples with "
-              f"{part.info.low_noise.describe()}) to {path}")
+    from hyperdiff.formats import file_schedule
+
+    paths = adapter.export_parts(args.out, format=args.format)
+    for i, path in enumerate(paths, 1):  # each file's schedule as the file says it
+        print(f"wrote {args.format} LoRA part {i} of {len(paths)} (samples with {file_schedule(path).describe()}) to {path}")
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:

@@ -17,7 +17,7 @@ Contract (DESIGN.md, "Files"; REFERENCES.md, "File formats"):
 - A LoRA file applies ΔW at one strength: exporting an adapter with an active low-noise gain warns that the
   export samples as the adapter without it unless diffusers is given the schedule (`hyperdiff.low_noise` in its
   provenance says what it is: `file_schedule(path)`). An adapter whose rank parts have their own schedules exports
-  one file per part (`Adapter.split_by_schedule`), each with its own.
+  one file per part (`export_parts`: `<name>-part1`, `-part2`, …), each with its own.
 - All writes are atomic (temp file + rename); all reads are safetensors; a bad file is a one-line
   `HyperdiffError` that names the file and the problem.
 - `digest(adapter)`: a short hex hash of what the adapter computes (kind, alpha, LiDB config, every factor's values),
@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from hyperdiff.errors import HyperdiffError
-from hyperdiff.files import check_writable, read_safetensors, write_safetensors
+from hyperdiff.files import check_writable, read_header, read_safetensors, write_safetensors
 from hyperdiff.layers import TargetConfig
 from hyperdiff.lidb import LiDBConfig
 from hyperdiff.schedule import LowNoiseGain
@@ -148,7 +148,7 @@ def file_schedule(path: str | Path) -> LowNoiseGain:
     strength for files without it), for `schedule.diffusers_schedule`. A native adapter whose parts have their own
     schedules has no single one: export it with `Adapter.split_by_schedule` and read each part's file."""
     path = Path(path)
-    _, meta = read_safetensors(path, "LoRA file")
+    meta = dict(read_header(path, "LoRA file").get("__metadata__") or {})
     if "hyperdiff.rank_schedules" in meta:
         raise HyperdiffError(f"adapter file '{path}' gives its rank parts their own schedules, so it has no single one; "
                              "expected one file per part (`hyperdiff export --split`)")
@@ -263,6 +263,14 @@ def export(adapter, path: str | Path, format: str) -> Path:
         warnings.warn(f"a {format} LoRA file applies ΔW at one strength: '{path.name}' samples without this adapter's "
                       f"low-noise schedule ({adapter.info.describe_schedule()}) {told}", stacklevel=2)
     return (export_diffusers if format == "diffusers" else export_kohya)(adapter, path)
+
+
+def export_parts(adapter, path: str | Path, format: str) -> list[Path]:
+    """One LoRA file per schedule part (`Adapter.split_by_schedule`): `path`'s name + `-part1`, `-part2`, … before
+    its suffix; returns their paths."""
+    path = Path(path)
+    return [export(part, path.with_name(f"{path.stem}-part{i}{path.suffix}"), format)
+            for i, part in enumerate(adapter.split_by_schedule(), 1)]
 
 
 def peft_config(adapter) -> dict:

@@ -5,7 +5,7 @@ Contract:
   `HyperDreamBoothPipeline`. The UI holds no model logic: references are validated by
   `hyperdiff.pipeline.load_images`, the crop preview is `pipeline.encoder_view`, adapters come from
   `pipeline.personalize`/`mix`, images from `generate`/`sample_adapters`, files from `Adapter.save_as` (and a
-  fine-tune's LoRA files part by part from `Adapter.split_by_schedule`) — the calls the CLI makes, so the two cannot
+  fine-tune's LoRA files part by part from `Adapter.export_parts`) — the calls the CLI makes, so the two cannot
   disagree.
 - Sessions: every browser tab (every API client) has its own `Session` in `gr.State` (references, adapter, last seed,
   outputs, download folder). A request reads only its own session: one user's identity is never used for another's
@@ -300,7 +300,7 @@ class _Handlers:
     @_shown
     def download(self, format, session: Session):
         """The adapter as one file; a LoRA file of an adapter whose rank parts have their own schedules (a fine-tune's
-        start and learned part) also as one file per part (`Adapter.split_by_schedule`, = `hyperdiff export --split`)."""
+        start and learned part) also as one file per part (`Adapter.export_parts`, = `hyperdiff export --split`)."""
         adapter = self._adapter(session)
         if session.folder is None:
             session.folder = tempfile.mkdtemp(prefix="session-", dir=self.root)
@@ -308,8 +308,7 @@ class _Handlers:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # said in the note instead
             path = adapter.save_as(session.folder, format)
-            parts = [part.export(path.with_name(f"{path.stem}-part{i}{path.suffix}"), format)
-                     for i, part in enumerate(adapter.split_by_schedule(), 1)] if split else []
+            parts = adapter.export_parts(path, format) if split else []
         note = f"`{path.name}` · {path.stat().st_size:,} bytes"
         if format != "native" and adapter.info.scheduled:
             how = ("the part files above carry one schedule each: load them under their own adapter names and pass "
