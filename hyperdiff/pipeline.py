@@ -47,7 +47,7 @@ from hyperdiff.finetune import FinetuneConfig, finetune, initial_latents, make_p
 from hyperdiff.hypernet import HyperNetwork
 from hyperdiff.layers import LayerTable
 from hyperdiff.processors import HyperLoRA, hyper_lora_processors
-from hyperdiff.schedule import LowNoiseGain, per_timestep
+from hyperdiff.schedule import MAX_STRENGTH, LowNoiseGain, per_timestep
 
 EMBEDDED_HYPERNET = Path(__file__).resolve().parent / "assets" / "synthfaces" / "hypernet"
 MAX_IMAGES, MAX_STEPS = 64, 500
@@ -290,7 +290,7 @@ class HyperDreamBoothPipeline:
         check_int_in("num_images", num_images, 1, MAX_IMAGES)
         check_int_in("steps", steps, 1, MAX_STEPS)
         check_number_in("guidance", guidance, 0, 50)
-        check_number_in("strength", strength, -10, 10)  # ΔW × strength: negative subtracts the identity
+        check_number_in("strength", strength, -MAX_STRENGTH, MAX_STRENGTH)
         if isinstance(adapter, Sequence) and not isinstance(adapter, Adapter):
             adapters = list(adapter)
             if len(adapters) != num_images:

@@ -37,6 +37,7 @@ from hyperdiff.config import to_dict
 from hyperdiff.errors import HyperdiffError, check_number_in
 
 NUM_TIMESTEPS = 1000  # Stable Diffusion's training timesteps: t in [0, 1000)
+MAX_STRENGTH = 10  # an adapter's strength (ΔW × strength) lies in [-MAX_STRENGTH, MAX_STRENGTH]; negative subtracts it
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def diffusers_schedule(pipe, schedules: Mapping[str, LowNoiseGain], num_inferenc
     if set(weights) - set(schedules):
         raise HyperdiffError(f"`weights` names adapters without a schedule: {sorted(set(weights) - set(schedules))}")
     names = list(schedules)
-    strength = [check_number_in(f"weights[{n!r}]", weights.get(n, 1.0), -10.0, 10.0) for n in names]
+    strength = [check_number_in(f"weights[{n!r}]", weights.get(n, 1.0), -MAX_STRENGTH, MAX_STRENGTH) for n in names]
     pipe.scheduler.set_timesteps(num_inference_steps)  # the call sets the same timesteps again
     timesteps = [float(t) for t in pipe.scheduler.timesteps]
 

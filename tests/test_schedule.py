@@ -297,7 +297,7 @@ def test_a_split_export_samples_in_vanilla_diffusers_as_hyperdiff_samples_its_pa
             diffusers_schedule(vanilla, bad, STEPS)
     with pytest.raises(HyperdiffError, match=r"`weights` names adapters without a schedule: \['x'\]"):
         diffusers_schedule(vanilla, schedules, STEPS, weights={"x": 1.0})
-    with pytest.raises(HyperdiffError, match=r"`weights\['start'\]` must be a number in \[-10.0, 10.0\], got 'a'"):
+    with pytest.raises(HyperdiffError, match=r"`weights\['start'\]` must be a number in \[-10, 10\], got 'a'"):
         diffusers_schedule(vanilla, schedules, STEPS, weights={"start": "a"})
 
 
