@@ -13,6 +13,11 @@ Contract:
 - `identity_weight` > 0 adds that weight × `identity_loss` on the identity's samples, its reference image as the
   target (a frozen identity encoder, `identity_encoder`, "" = the shipped SynthFaces one): the denoising error on one
   reference says little about identity, the encoder says it directly. It costs a VAE decode per sample and step.
+- `anchor_weight` > 0 adds that weight × the MSE between the prediction with the identity's weights and the start's
+  own (no learned part; the base model's without a start) on fixed anchor samples: the identity's reference noised
+  under each of `anchor_prompts` (the token in other scenes; noise and timesteps drawn once, `make_anchors`), one
+  per step in turn, in the same UNet call as the reference samples. The learned part is kept from changing what
+  other prompts naming the token do: the fine-tune learns the face, not the reference's expression.
 - New factors start as a no-op that still learns: `up`/B_train = 0, `down`/A_train random.
 - Returns one Adapter per identity; with `start`, the exact concatenation `start[i] + learned[i]` (rank r + r', no
   SVD): the rank-relaxed fast fine-tune. Every adapter samples with `config.low_noise` (`hyperdiff.schedule`; one
@@ -34,6 +39,7 @@ Uses: (a) DreamBooth-LiDB from scratch, (b) stage-1 targets for hypernet trainin
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from typing import Callable, Collection, Sequence
 
@@ -63,6 +69,18 @@ DEFAULT_PRIOR_PROMPTS = (
     "a face, surprised, wearing a hat, on a red background",
     "a face, sad, on a blue background",
 )
+# Prompts for the anchor term: the identifier in scenes the fidelity benchmark does not ask for (nor its reference
+# scene), every expression twice, half with a hat. `{token}` is the identifier.
+DEFAULT_ANCHOR_PROMPTS = (
+    "a {token} face, smiling, on a blue background",
+    "a {token} face, smiling, wearing a hat, on a green background",
+    "a {token} face, sad, on a red background",
+    "a {token} face, sad, wearing a hat, on a gray background",
+    "a {token} face, surprised, wearing a hat, on a yellow background",
+    "a {token} face, surprised, on a purple background",
+    "a {token} face, neutral, wearing a hat, on a red background",
+    "a {token} face, neutral, on a green background",
+)
 
 
 @dataclass
@@ -84,6 +102,8 @@ class FinetuneConfig:
     token: str = "sks"
     identity_weight: float = 0.0  # identity-encoder loss on the one-step estimate x̂₀ of each reference sample
     identity_encoder: str = ""  # the identity_weight term's frozen encoder folder; "" = the shipped SynthFaces one
+    anchor_weight: float = 0.0  # keep the start's predictions on the reference under `anchor_prompts` (0 = off)
+    anchor_prompts: tuple[str, ...] = DEFAULT_ANCHOR_PROMPTS  # each names the subject by "{token}"
     seed: int = 0
     low_noise: LowNoiseGain = field(default_factory=LowNoiseGain)  # how its adapters sample (`hyperdiff.schedule`)
     start_keeps_schedule: bool = True  # on top of a start: its rank components keep the start's schedule
@@ -96,12 +116,31 @@ class FinetuneConfig:
         if not self.learning_rate > 0 or self.prior_weight < 0:
             raise HyperdiffError(f"`learning_rate` must be > 0 and `prior_weight` ≥ 0, got {self.learning_rate}, {self.prior_weight}")
         check_number_in("identity_weight", self.identity_weight, 0.0, 1e6)
+        check_number_in("anchor_weight", self.anchor_weight, 0.0, 1e6)
+        self.anchor_prompts = tuple(self.anchor_prompts)
+        if not self.anchor_prompts or any(not isinstance(p, str) or "{token}" not in p for p in self.anchor_prompts):
+            raise HyperdiffError(f"`anchor_prompts` must be prompts that each name the subject by {{token}}, got {list(self.anchor_prompts)}")
+        for prompt in self.anchor_prompts:
+            check_prompt("anchor_prompts", prompt, self.token)
         if not isinstance(self.start_keeps_schedule, bool):
             raise HyperdiffError(f"`start_keeps_schedule` must be True or False, got {self.start_keeps_schedule!r}")
         self.prior_prompts = tuple(self.prior_prompts)
 
     def to_dict(self) -> dict:
         return to_dict(self)
+
+
+def check_prompt(name: str, prompt: object, token: str) -> None:
+    """A prompt template (a reference caption, an anchor prompt) must format with `token` alone and then name the
+    subject by the token."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise HyperdiffError(f"`{name}` must be a non-empty string, got {prompt!r}")
+    try:
+        text = prompt.format(token=token)
+    except (KeyError, IndexError, ValueError):
+        raise HyperdiffError(f"`{name}` may hold no braces but {{token}}, got {prompt!r}") from None
+    if token not in re.findall(r"\w+", text):
+        raise HyperdiffError(f"`{name}` must name the subject by the token {token!r} (or {{token}}), got {prompt!r}")
 
 
 @dataclass
@@ -267,6 +306,58 @@ def diffusion_loss(pipe, noise_scheduler, latents, text, hyper_loras, gen: torch
     return per_sample.mean() if reduce else per_sample
 
 
+@dataclass
+class Anchors:
+    """The anchor term's fixed samples, K per identity (`anchor_prompts` in turn, the identity's images in turn): clean
+    latents and noise (n, K, C, h, w), timesteps (n, K), the prompts' text states (K, T, d), and `kept`, the
+    start's prediction on them (n, K, C, h, w): what the learned part must not change."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    text: torch.Tensor
+    kept: torch.Tensor
+
+    def at(self, step: int) -> tuple[torch.Tensor, ...]:
+        """Step `step`'s anchor sample of every identity (anchor `step` mod K): latents, noise (n, C, h, w),
+        timesteps (n,), text (n, T, d), kept (n, C, h, w)."""
+        k = step % self.text.shape[0]
+        n = self.latents.shape[0]
+        return (self.latents[:, k], self.noise[:, k], self.timesteps[:, k], self.text[k].expand(n, -1, -1),
+                self.kept[:, k])
+
+
+@torch.no_grad()
+def make_anchors(pipe, noise_scheduler, latents: Sequence[torch.Tensor], config: FinetuneConfig,
+                 starts: Sequence[Sequence[HyperLoRA]], gen: torch.Generator) -> Anchors:
+    """`Anchors` for identities with reference latents `latents[i]` (n_i, C, h, w), the start's prediction made
+    with the per-call deltas `starts[i]` (inside `hyper_lora_processors`; [] for none or a fused start). Noise and
+    timesteps are drawn from `gen`, identity by identity."""
+    prompts = [p.format(token=config.token) for p in config.anchor_prompts]
+    text = encode_prompts(pipe, prompts)  # (K, T, d)
+    rows = []
+    for lat, start in zip(latents, starts):
+        clean = lat[[k % lat.shape[0] for k in range(len(prompts))]]  # (K, C, h, w)
+        noise, t = draw_noise(noise_scheduler, clean, gen)
+        kept = noise_prediction(pipe, noise_scheduler, clean, text, list(start), noise, t)[0]  # (K, C, h, w)
+        rows.append((clean, noise, t, kept))
+    clean, noise, t, kept = (torch.stack(r) for r in zip(*rows))  # (n, K, ...)
+    return Anchors(clean, noise, t, text, kept)
+
+
+def _interleave(main: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+    """Identity-major batches: main (n * bs, ...) and extra (n, ...) -> (n * (bs + 1), ...), each identity's bs
+    samples followed by its extra one."""
+    n = extra.shape[0]
+    return torch.cat([main.reshape(n, -1, *main.shape[1:]), extra.unsqueeze(1)], dim=1).flatten(0, 1)
+
+
+def _split(both: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of `_interleave` for `n` identities: (n * (bs + 1), ...) -> (n * bs, ...), (n, ...)."""
+    grouped = both.reshape(n, -1, *both.shape[1:])  # (n, bs + 1, ...)
+    return grouped[:, :-1].flatten(0, 1), grouped[:, -1]
+
+
 def finetune(
     pipe,
     references: Sequence[Sequence[Image.Image]],
@@ -322,12 +413,20 @@ def finetune(
     # nothing repeated or batched). Several: each identity's deltas repeated for its bs samples (per-sample form).
     shared = n == 1
 
+    def laid_out(learned: HyperLoRA, reps: int, start_laid_out: HyperLoRA | None) -> list[HyperLoRA]:
+        """The per-call deltas for a batch of `reps` samples per identity: the learned ones (shared or repeated) and,
+        for several identities, their starts laid out alike."""
+        own = learned if shared else learned.repeat_for(reps, guidance=False)
+        return [own] + ([start_laid_out] if start_laid_out is not None else [])
+
     def adapters(done: int) -> list[Adapter]:
         """The factors as they stand after `done` steps, one Adapter per identity (copied to the CPU; the start
         concatenated)."""
         source = f"finetune {config.kind} steps={done} batch_size={config.batch_size} lr={config.learning_rate:g}"
         if encoder is not None:
             source += f" identity_weight={config.identity_weight:g}"
+        if config.anchor_weight > 0:
+            source += f" anchor_weight={config.anchor_weight:g}"
         info = AdapterInfo(token=config.token, source=source, architecture=table.architecture,
                            low_noise=config.low_noise)
         out = []
@@ -344,9 +443,13 @@ def finetune(
 
     # The starting adapters: one identity's is fused into the frozen UNet for the run (no processor work per step;
     # unfused bit for bit at the end); several are laid out like the batch for the processors.
-    fixed = None
+    # With the anchor term each identity's batch holds one more sample, its anchor of the step (`_interleave`).
+    per_identity = bs + 1 if config.anchor_weight > 0 else bs
+    fixed = fixed_main = None  # the starts laid out for the prior's samples and for the main batch
     if start is not None and not shared:
-        fixed = Adapter.stack(start, table).to(device).repeat_for(bs, guidance=False)
+        stacked = Adapter.stack(start, table).to(device)
+        fixed = stacked.repeat_for(bs, guidance=False)
+        fixed_main = stacked.repeat_for(per_identity, guidance=False)
     # the UNet and the VAE (whose decoder the identity term runs backward through) are frozen for the run: no weight
     # gradients are computed or left behind in them
     frozen = [p for module in (pipe.unet, pipe.vae) for p in module.parameters()]
@@ -359,20 +462,30 @@ def finetune(
             start[0].fuse(pipe.unet)
             fused = start[0]
         with hyper_lora_processors(pipe.unet, table):
+            anchors = None
+            if config.anchor_weight > 0:  # the start's predictions, made once: fused (one identity) or per call
+                starts = [[ad.hyper_lora(device=device)] for ad in start] if start is not None and not shared else [[]] * n
+                anchors = make_anchors(pipe, noise_scheduler, latents, config, starts, gen)
             for step in tqdm(range(config.steps), desc="fine-tune", disable=not progress, leave=False):
                 pick = [[(step * bs + j) % lat.shape[0] for j in range(bs)] for lat in latents]
                 x = torch.cat([lat[i] for lat, i in zip(latents, pick)])  # (n * bs, C, h, w), identity-major
                 txt = torch.cat([t[i] for t, i in zip(texts, pick)])  # (n * bs, T, d)
                 learned = HyperLoRA(_deltas(table, factors, config, alpha / rank, shared))
-                active = [learned if shared else learned.repeat_for(bs, guidance=False)] + ([fixed] if fixed is not None else [])
-                if encoder is None:
-                    loss = diffusion_loss(pipe, noise_scheduler, x, txt, active, gen)
-                else:
-                    noise, t = draw_noise(noise_scheduler, x, gen)
+                active = laid_out(learned, bs, fixed)
+                noise, t = draw_noise(noise_scheduler, x, gen)
+                if anchors is None:
                     pred, target = noise_prediction(pipe, noise_scheduler, x, txt, active, noise, t)
+                else:  # one UNet call for the reference samples and the anchors
+                    a_latents, a_noise, a_t, a_text, kept = anchors.at(step)
+                    both, targets = noise_prediction(pipe, noise_scheduler, _interleave(x, a_latents), _interleave(txt, a_text),
+                                                     laid_out(learned, per_identity, fixed_main), _interleave(noise, a_noise), _interleave(t, a_t))
+                    (pred, moved), target = _split(both, n), _split(targets, n)[0]
+                loss = per_sample_mse(pred, target).mean()
+                if encoder is not None:
                     wanted = torch.cat([e[i] for e, i in zip(embedded, pick)])  # (n * bs, e): each sample's reference
-                    loss = (per_sample_mse(pred, target).mean() + config.identity_weight
-                            * identity_loss(pipe, noise_scheduler, encoder, x, noise, t, pred, wanted))
+                    loss = loss + config.identity_weight * identity_loss(pipe, noise_scheduler, encoder, x, noise, t, pred, wanted)
+                if anchors is not None:
+                    loss = loss + config.anchor_weight * per_sample_mse(moved, kept).mean()
                 if config.prior_weight > 0:
                     j = torch.randint(0, prior.latents.shape[0], (n * bs,), generator=gen)
                     loss = loss + config.prior_weight * diffusion_loss(pipe, noise_scheduler, prior.latents[j], prior.text[j], active, gen)

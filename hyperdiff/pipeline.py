@@ -31,7 +31,6 @@ preservation images: adapters are passed explicitly.
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -43,7 +42,7 @@ from PIL import Image
 
 from hyperdiff.adapter import Adapter
 from hyperdiff.errors import HyperdiffError, check_int_in, check_number_in
-from hyperdiff.finetune import FinetuneConfig, finetune, initial_latents, make_prior
+from hyperdiff.finetune import FinetuneConfig, check_prompt, finetune, initial_latents, make_prior
 from hyperdiff.hypernet import HyperNetwork
 from hyperdiff.layers import LayerTable
 from hyperdiff.processors import HyperLoRA, hyper_lora_processors
@@ -72,18 +71,6 @@ FAST_FINETUNE = FinetuneConfig(kind="lora", rank=4, learning_rate=1e-2, batch_si
 SYNTHFACES_FAST_FINETUNE = replace(FAST_FINETUNE, learning_rate=3e-3, batch_size=2, identity_weight=1.0,
                                    low_noise=LowNoiseGain(1.5, 200, 800))
 DREAMBOOTH_LIDB = FinetuneConfig(kind="lidb", learning_rate=1e-2, batch_size=4, prior_weight=0.0)
-
-
-def _check_caption(caption: object, token: str) -> None:
-    """A reference caption must format with `token` alone and then name the subject by the token."""
-    if not isinstance(caption, str) or not caption.strip():
-        raise HyperdiffError(f"`caption` must be a non-empty string, got {caption!r}")
-    try:
-        text = caption.format(token=token)
-    except (KeyError, IndexError, ValueError):
-        raise HyperdiffError(f"`caption` may hold no braces but {{token}}, got {caption!r}") from None
-    if token not in re.findall(r"\w+", text):
-        raise HyperdiffError(f"`caption` must name the subject by the token {token!r} (or {{token}}), got {caption!r}")
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -240,7 +227,7 @@ class HyperDreamBoothPipeline:
         if not token or not token.isalnum():
             raise HyperdiffError(f"`token` must be one word of letters or digits, like 'sks', got {token!r}")
         if caption is not None:
-            _check_caption(caption, token)
+            check_prompt("caption", caption, token)
         if self.hypernet is None and not finetune_steps:
             self._require_hypernet()  # nothing to predict with and nothing to train: say what to pass
         start = [self.hypernet.predict(refs, token=token)] if self.hypernet is not None else None
