@@ -146,7 +146,8 @@ def _low_noise(meta: dict, path: Path) -> LowNoiseGain:
 def file_schedule(path: str | Path) -> LowNoiseGain:
     """The schedule a hyperdiff file says its ΔW samples with (`hyperdiff.low_noise`, native or exported; one
     strength for files without it), for `schedule.diffusers_schedule`. A native adapter whose parts have their own
-    schedules has no single one: export it with `Adapter.split_by_schedule` and read each part's file."""
+    schedules has no single one: export it part by part (`Adapter.export_parts`, `hyperdiff export --split`)
+    and read each part's file."""
     path = Path(path)
     meta = dict(read_header(path, "LoRA file").get("__metadata__") or {})
     if "hyperdiff.rank_schedules" in meta:

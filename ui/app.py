@@ -304,7 +304,7 @@ class _Handlers:
         adapter = self._adapter(session)
         if session.folder is None:
             session.folder = tempfile.mkdtemp(prefix="session-", dir=self.root)
-        split = format != "native" and bool(adapter.info.rank_schedules)
+        split = format != "native" and len(adapter.schedule_parts) > 1
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # said in the note instead
             path = adapter.save_as(session.folder, format)
