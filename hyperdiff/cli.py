@@ -62,24 +62,32 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
 
 def _cmd_personalize(args: argparse.Namespace) -> None:
     from hyperdiff.files import check_writable
-    from hyperdiff.pipeline import HyperDreamBoothPipeline, load_images
+    from hyperdiff.pipeline import HyperDreamBoothPipeline, caption_record, load_images
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise HyperdiffError(f"`--out` '{out}' must end with .safetensors")
     check_writable(out, "`--out`")
     images = load_images(args.image)  # fail on a bad image before loading any model
+    caption = args.caption
+    if caption is not None and len(caption) not in (1, len(images)):
+        raise HyperdiffError(f"`--caption` must be given once (for every image) or once per --image ({len(images)}), "
+                             f"got {len(caption)}")
+    if caption is not None and len(caption) == 1:
+        caption = caption[0]
     start = time.perf_counter()
     hdb = HyperDreamBoothPipeline.from_pretrained(args.base, args.hypernet, device=args.device, dtype=args.dtype)
     loaded = time.perf_counter()
     bar = tqdm(total=args.finetune_steps, desc="fast fine-tune", disable=not args.finetune_steps, leave=False)
     adapter = hdb.personalize(images, token=args.token, finetune_steps=args.finetune_steps, seed=args.seed,
-                              callback=lambda step, loss: bar.update(1), caption=args.caption)
+                              callback=lambda step, loss: bar.update(1), caption=caption)
     bar.close()
     done = time.perf_counter()
     adapter.save(out)
     print(f"personalized {len(images)} reference image(s) in {done - loaded:.2f} s (models loaded in {loaded - start:.1f} s): "
           f"{adapter.kind} adapter, rank {adapter.rank}, {adapter.num_values:,} values -> {out}")
+    if caption_record(adapter):  # what the fine-tune was told, read from the references or typed
+        print(f"fine-tuned on {caption_record(adapter)}")
     print(f'use it: hyperdiff generate --adapter {out} --prompt "a {args.token} face ..." --out DIR')
 
 
@@ -151,9 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "with a low-noise gain that `inspect` shows); without a hypernet, DreamBooth-LiDB steps from "
                    "scratch (300-600 on SynthFaces)")
     p.add_argument("--token", default="sks", help="identifier word to use in prompts (default: %(default)s)")
-    p.add_argument("--caption", help="what the references show, for the fine-tune, the subject named by the token or "
-                   "{token} (e.g. \"a {token} face, neutral, on a gray background\"; default: \"a {token} face\"): "
-                   "the words keep background and expression out of the token")
+    p.add_argument("--caption", action="append", metavar="TEXT",
+                   help="what the reference shows, for the fine-tune, the subject named by the token or {token} (e.g. "
+                   "\"a {token} face, neutral, on a gray background\"): the words keep the photo's background, hat "
+                   "and expression out of the token. Once for every image, or once per --image in order. Default: on "
+                   "the embedded SynthFaces base, read from each reference by its detectors; on another base \"a "
+                   "{token} face\" (pass \"a {token} face\" to fine-tune without a caption)")
     p.add_argument("--base", help="base model: diffusers folder, .safetensors file or hub id (default: embedded SynthFaces)")
     p.add_argument("--hypernet", help="hypernet folder made by save_pretrained (default: the embedded SynthFaces one "
                    "when shipped; none for another --base)")

@@ -1,15 +1,16 @@
 """`hyperdiff demo`: the main job on the embedded default, offline, saying what it did and how long each step took.
 
 Contract: personalizes a few held-out SynthFaces identities (evaluation seeds, never trained on) from one reference
-render each, generates them in new scenes, writes a contact sheet PNG (reference | zero-shot | + fast fine-tune |
-base model, or reference | DreamBooth-LiDB | base model without a hypernet; one row per identity and scene), the
+render each, generates them in new scenes, writes a contact sheet PNG (reference | zero-shot | + fast fine-tune | base model |
+truth, or reference | DreamBooth-LiDB | base model | truth without a hypernet; one row per identity and scene; the
+truth is the world's own render of that identity in the prompted scene, what every column should move toward), the
 native adapters and their diffusers/kohya exports, checks that vanilla diffusers' `load_lora_weights` of the export
 gives the image hyperdiff's own injection gives, and prints where everything is and each step's time. Returns a
 summary dict. Deterministic for a given seed.
 
 What runs depends on what is shipped (or passed), and the demo says which:
-- base + hypernet (the product): zero-shot hypernet prediction, then the 40-step rank-relaxed fine-tune (told the
-  reference's caption);
+- base + hypernet (the product): zero-shot hypernet prediction, then the 40-step rank-relaxed fine-tune, with the
+  defaults a user gets (no caption typed: the embedded base reads it from the reference);
 - base only: DreamBooth-LiDB fine-tuning from scratch (`dreambooth_steps` of the pipeline's no-hypernet
   `personalize`; no zero-shot column).
 """
@@ -26,11 +27,13 @@ import torch
 
 from hyperdiff.adapter import Adapter
 from hyperdiff.data import synthfaces
+from hyperdiff.pipeline import caption_record
 from hyperdiff.schedule import LowNoiseGain
 from hyperdiff.sheet import contact_sheet, save_png
 
 SCENES = (synthfaces.Scene("red", False, "smiling"), synthfaces.Scene("blue", True, "surprised"))
-REFERENCE_SCENE = synthfaces.Scene("gray", False, "neutral")
+# one reference per identity, in turn: coloured backgrounds and a hat, as a user's photo shows some scene
+REFERENCE_SCENES = (synthfaces.Scene("green", False, "neutral"), synthfaces.Scene("yellow", True, "sad"))
 TOKEN = "sks"  # the identifier every adapter is personalized with and every prompt names
 
 
@@ -61,10 +64,10 @@ def run_demo(out: Path, seed: int = 0, identities: int = 2, base: str | None = N
     print(f"hyperdiff demo: {what}, on {info['device']} in {info['dtype']}")
     size = hdb.pipe.unet.config.sample_size * hdb.pipe.vae_scale_factor
     seeds = list(synthfaces.eval_seeds(identities))
-    refs = [synthfaces.render(synthfaces.Identity.from_seed(s), REFERENCE_SCENE, size) for s in seeds]
-    # column title -> fine-tune steps, all through `personalize` (the call the CLI and the UI make); the fine-tunes
-    # are told what the reference shows, so its gray background and neutral face stay out of the token
-    caption = synthfaces.caption(REFERENCE_SCENE, TOKEN)
+    refs = [synthfaces.render(synthfaces.Identity.from_seed(s), REFERENCE_SCENES[i % len(REFERENCE_SCENES)], size)
+            for i, s in enumerate(seeds)]
+    # column title -> fine-tune steps, all through `personalize` with its defaults (the call the CLI and the UI make:
+    # on the embedded base the fine-tune reads the reference's caption, so its scene stays out of the token)
     if hdb.hypernet is not None:
         plan = {"zero-shot": 0, f"+{finetune_steps}-step ft": finetune_steps}
     else:
@@ -72,7 +75,7 @@ def run_demo(out: Path, seed: int = 0, identities: int = 2, base: str | None = N
     columns: dict[str, list[Adapter | None]] = {}
     for title, n in plan.items():
         with _step(timings, f"personalize {identities} identities: {title}"):
-            columns[title] = [hdb.personalize([r], token=TOKEN, finetune_steps=n, seed=seed, caption=caption) for r in refs]
+            columns[title] = [hdb.personalize([r], token=TOKEN, finetune_steps=n, seed=seed) for r in refs]
     columns["base model"] = [None] * identities
 
     rows, files = [], {}
@@ -83,13 +86,13 @@ def run_demo(out: Path, seed: int = 0, identities: int = 2, base: str | None = N
             with _step(timings, "generate"):
                 for adapters in columns.values():
                     row += hdb.generate(prompt, adapters[i], steps=steps, seed=seed + 100 * i + k)
-            rows.append(row)
+            rows.append(row + [synthfaces.render(synthfaces.Identity.from_seed(s), scene, size)])  # the truth
         best = list(columns.values())[-2][i]  # the most personalized column (the last before "base model")
         with _step(timings, "save + export adapters"), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # said once below: a LoRA file cannot carry the low-noise gain
-            files[s] = {"native": best.save(out / f"identity{s}.safetensors")}
+            files[s] = {"native": best.save(out / f"identity{s}.safetensors"), "told": caption_record(best)}
             files[s].update({f: best.export(out / f"identity{s}.{f}.safetensors", f) for f in ("diffusers", "kohya")})
-    titles = ["reference", *columns]
+    titles = ["reference", *columns, "truth"]
     sheet = save_png(contact_sheet(rows, titles, cell=128), out / "sheet.png")
 
     with _step(timings, "vanilla diffusers load_lora_weights check"):
@@ -97,6 +100,8 @@ def run_demo(out: Path, seed: int = 0, identities: int = 2, base: str | None = N
     print(f"\nwrote {sheet}: rows = {identities} held-out identities x {len(SCENES)} new scenes; columns = {' | '.join(titles)}")
     for s, f in files.items():
         print(f"identity {s}: {f['native']} (+ .diffusers / .kohya exports)")
+        if f["told"]:
+            print(f"identity {s}: fine-tuned on {f['told']}")
     for title, ads in columns.items():
         if ads[0] is not None and ads[0].info.scheduled:
             how = ("one file per part: hyperdiff export --split" if ads[0].info.rank_schedules

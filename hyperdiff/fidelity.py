@@ -1,45 +1,49 @@
-"""Fidelity benchmark on held-out SynthFaces identities, paper-style (HyperDreamBooth's table).
+"""Fidelity benchmark on held-out SynthFaces identities, scored against the truth.
 
 Contract: `run_fidelity(pipe, hypernets, config)` personalizes `config.identities` evaluation identities (seeds
 ≥ 1,000,000, never trained on) from one reference render each, generates every `config.scenes` prompt with the
 identifier token, and reports per method:
-- `id_similarity`: mean identity-encoder cosine between each generation and its reference (the FaceRec column);
-  with `config.judge` (another identity encoder's folder) also `id_similarity_judge`, the same mean under that
-  encoder: a hypernet trained against the shipped encoder (`HypernetTrainConfig.identity_weight`) has to be judged
-  by one it never saw, as face-recognition losses in training are judged by another face model;
+- `truth_similarity` (the headline): mean identity-encoder cosine between each generation and the *true render* of
+  that identity in the prompted scene (SynthFaces can draw it), so a method is paid for keeping who the face is, not
+  for copying the photo; `reference_similarity`: the same cosine to the reference image (what copying it raises);
+  `copy_index`: their difference, reference − truth (how much closer a generation is to the photo than to the truth;
+  a method that learns the photo and not the person raises it). With `config.judge` (another identity encoder's
+  folder) all three also under that encoder, suffixed `_judge`: a hypernet trained against the shipped encoder has to
+  be judged by one it never saw;
 - `scene_fidelity`: fraction of scene words obeyed (background, hat, expression) — editability; `scene_words`: the
-  same fraction per word, which tells where editability is lost;
-- `per_identity`: those scores per identity (the row's means are their means), and `standard_error`: the standard
-  error of each mean over identities (sample standard deviation / √n; none for one identity), since with a few
-  identities a point or two of scene fidelity is within noise;
+  same fraction per word;
+- `per_identity`: those scores per identity (the row's means are their means), `standard_error`: the standard error
+  of each mean over identities (none for one), and `by_reference`: truth similarity, copy index and scene fidelity
+  per reference condition (`REFERENCE_CONDITIONS`: the reference's background gray or coloured, hat or not, neutral
+  or another expression), since a user's photo can show any scene;
 - `seconds`: wall time to personalize one identity alone (model loading excluded; DreamBooth-LiDB also reports
   `seconds_batched`, its batch's time per identity, which flatters it on a CPU), and `adapter_values`/`adapter_bytes`.
-Methods: `base` (no personalization), `dreambooth_lidb` (LiDB fine-tuned from scratch; every row's scores are also
+References: `config.reference_scene` "random" (the default) draws each identity's reference scene from its seed
+(`reference_scene`), the same for every `config.seed`; a (background, hat, expression) tuple renders all in one scene.
+Methods, each as a user gets it by default — the fine-tunes told what the reference shows by the caption the
+pipeline reads from it when none is typed (`metrics.reference_caption`, as `hyperdiff personalize` does on the
+embedded base): `base` (no personalization), `dreambooth_lidb` (LiDB fine-tuned from scratch; its scores are also
 reported along `config.dreambooth_curve`, so convergence is visible: one run to the longest, its adapters and times
-taken at each point, the last point listed being the row; with `config.dreambooth_caption` also
-`dreambooth_lidb+caption`, trained on the reference's caption like the captioned fine-tune below), and for every
-hypernet given (name → model):
-`<name>` (zero-shot), `<name>+ft` (the rank-relaxed fast fine-tune, `config.finetune_steps` steps of
-`config.finetune`) and `<name>+ft+caption` (the same fine-tune told what the reference shows: its caption instead of
-"a <token> face"); hypernets given as `ablations` get the zero-shot row only (decoder and K comparisons). A row
-whose adapters carry a low-noise gain (`hyperdiff.schedule`: a calibrated hypernet's zero-shot prediction, or a
-fine-tune recipe's `low_noise`) is followed by `<label>@one-strength`: the same adapters sampled without it.
+taken at each point, the last point listed being the row; with `config.dreambooth_plain` also
+`dreambooth_lidb+plain`, trained on "a <token> face"), and for every hypernet given (name → model): `<name>`
+(zero-shot), `<name>+ft` (the rank-relaxed fast fine-tune, `config.finetune_steps` steps of `config.finetune`) and
+`<name>+ft+plain` (the same fine-tune on "a <token> face", no caption: what the read caption adds); hypernets given
+as `ablations` get the zero-shot row only. A row whose adapters carry a low-noise gain (`hyperdiff.schedule`) is
+followed by `<label>@one-strength`: the same adapters sampled without it (`config.one_strength_rows`).
 `config.seed` seeds every fine-tune's draws and every generation's noise (identity i, scene k: seed + 1000 i + k),
-so another seed replicates the whole table on the same identities. `write_fidelity(result, out)` writes JSON and a
-Markdown table.
+so another seed replicates the whole table on the same identities and references. `write_fidelity(result, out)`
+writes JSON and a Markdown table.
 
 `calibrate_gain(pipe, hypernet, gains, config, tolerance)` picks a hypernet's output gain on *validation* identities
 (`VAL_SEEDS`, never the evaluation range): the base model and the zero-shot adapters times each gain are scored like
-table rows, and the gain with the highest ID similarity wins among those that keep the base model's editability:
-scene fidelity within `tolerance` of the base model's (or of gain 1's, where that is lower). A
-distilled hypernet regresses to its teachers' conditional mean, which shrinks the identity-specific part of ΔW; the
-gain undoes part of that shrinkage (`HyperNetwork.set_gain` stores it in `alpha`). With `low_noise` candidates
-(`hyperdiff.schedule`) every gain is also scored with each, and the winner's goes into the hypernet's config.
-`calibrate_finetune(pipe, hypernet, low_noise, config, tolerance)` applies the same rule to the fast fine-tune's
-sampling schedule (`FinetuneConfig.low_noise`), on its adapters told the reference's caption and not: a candidate
-must keep both within the tolerance. Each candidate is scored as the recipe's schedule would sample: on the learned
-rank components, the start's keeping the hypernet's unless `config.finetune.start_keeps_schedule` is False; the
-reference is the same adapters at one strength throughout.
+table rows, and the gain with the highest truth similarity wins among those that keep the base model's editability:
+scene fidelity within `tolerance` of the base model's (or of gain 1's, where that is lower). With `low_noise`
+candidates (`hyperdiff.schedule`) every gain is also scored with each, and the winner's goes into the hypernet's
+config. `calibrate_finetune(pipe, hypernet, low_noise, config, tolerance)` applies the same rule to the fast
+fine-tune's sampling schedule (`FinetuneConfig.low_noise`), on its adapters told the caption read from the
+reference (the default) and on "a <token> face": a candidate must keep both within the tolerance. Each candidate is
+scored as the recipe's schedule would sample: on the learned rank components, the start's keeping the hypernet's
+unless `config.finetune.start_keeps_schedule` is False; the reference is the same adapters at one strength throughout.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import random
 import statistics
 import tempfile
 import time
@@ -54,13 +59,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
+from PIL import Image
+
 from hyperdiff.adapter import Adapter
 from hyperdiff.config import to_dict
 from hyperdiff.data import synthfaces
 from hyperdiff.errors import HyperdiffError, check_int_in, check_number_in, check_positive_int, check_positive_number
 from hyperdiff.files import atomic_path
 from hyperdiff.finetune import FinetuneConfig, finetune
-from hyperdiff.metrics import SCENE_CHECKS as WORDS, IdentityEncoder, default_encoder, scene_fidelity
+from hyperdiff.metrics import SCENE_CHECKS as WORDS, IdentityEncoder, default_encoder, reference_caption, scene_fidelity
 from hyperdiff.pipeline import DREAMBOOTH_LIDB, SYNTHFACES_FAST_FINETUNE, HyperDreamBoothPipeline
 from hyperdiff.schedule import LowNoiseGain
 
@@ -68,12 +75,23 @@ DEFAULT_SCENES = (
     ("red", False, "smiling"), ("blue", True, "neutral"), ("green", False, "surprised"), ("yellow", True, "sad"),
     ("purple", True, "smiling"), ("gray", False, "surprised"),
 )
+PLAIN = "a {token} face"  # the fine-tune's instance prompt without a caption: what the "+plain" rows train on
+# reference condition -> whether a reference scene meets it (`by_reference`)
+REFERENCE_CONDITIONS = {
+    "gray background": lambda s: s.background == "gray",
+    "coloured background": lambda s: s.background != "gray",
+    "hat": lambda s: s.hat,
+    "no hat": lambda s: not s.hat,
+    "neutral": lambda s: s.expression == "neutral",
+    "expressive": lambda s: s.expression != "neutral",
+}
+SIMILARITIES = ("truth_similarity", "reference_similarity", "copy_index")
 
 
 @dataclass
 class FidelityConfig:
     identities: int = 16
-    reference_scene: tuple = ("gray", False, "neutral")
+    reference_scene: tuple | str = "random"  # "random": one scene per identity, drawn from its seed; or one scene
     scenes: tuple = DEFAULT_SCENES
     steps: int = 25
     guidance: float = 4.0
@@ -82,13 +100,20 @@ class FidelityConfig:
     finetune: FinetuneConfig = field(default_factory=lambda: replace(SYNTHFACES_FAST_FINETUNE))  # the embedded base's
     dreambooth_curve: tuple[int, ...] = (50, 100, 200, 400)
     dreambooth: FinetuneConfig = field(default_factory=lambda: replace(DREAMBOOTH_LIDB))  # the pipeline's recipe
-    dreambooth_caption: bool = False  # also DreamBooth-LiDB told the reference's caption, like the captioned fine-tune
+    dreambooth_plain: bool = False  # also DreamBooth-LiDB trained on "a <token> face" without the read caption
     dreambooth_rows: bool = True  # False: no DreamBooth-LiDB rows (they are deterministic: re-scoring hypernets only)
+    one_strength_rows: bool = True  # a scheduled row is followed by the same adapters at one strength
     seed: int = 0
-    judge: str = ""  # an identity encoder folder that scores ID similarity a second time ("" = none)
+    judge: str = ""  # an identity encoder folder that scores every similarity a second time ("" = none)
 
     def __post_init__(self) -> None:
         check_int_in("seed", self.seed, 0, 2**32 - 1)
+        if self.reference_scene != "random":
+            try:
+                self.reference_scene = tuple(_scene(self.reference_scene).to_dict().values())
+            except (TypeError, HyperdiffError):
+                raise HyperdiffError("`reference_scene` must be 'random' or (background, hat, expression), got "
+                                     f"{self.reference_scene!r}") from None
         self.dreambooth_curve = tuple(self.dreambooth_curve)
         if not self.dreambooth_curve or any(not isinstance(k, int) or k < 1 for k in self.dreambooth_curve):
             raise HyperdiffError(f"`dreambooth_curve` must be positive step counts, got {list(self.dreambooth_curve)}")
@@ -97,33 +122,60 @@ class FidelityConfig:
         return to_dict(self)
 
 
+@dataclass(frozen=True)
+class Reference:
+    """One identity's reference: its seed, the scene it is rendered in, and the render."""
+
+    seed: int
+    scene: synthfaces.Scene
+    image: Image.Image
+
+
 def _scene(t) -> synthfaces.Scene:
     return synthfaces.Scene(*t)
 
 
-def _references(pipe, seeds: list[int], config: FidelityConfig) -> list:
-    """One render per identity seed in `config.reference_scene`, at the base model's image size."""
+def reference_scene(seed: int, config: FidelityConfig) -> synthfaces.Scene:
+    """The scene identity `seed`'s reference is rendered in: `config.reference_scene`, or with "random" one drawn
+    from a generator seeded by the identity seed alone (the same in every run and for every `config.seed`)."""
+    if config.reference_scene == "random":
+        return synthfaces.Scene.random(random.Random(f"hyperdiff-reference-{seed}"))
+    return _scene(config.reference_scene)
+
+
+def _references(pipe, seeds: list[int], config: FidelityConfig) -> list[Reference]:
+    """One reference per identity seed, rendered at the base model's image size."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return [synthfaces.render(synthfaces.Identity.from_seed(s), _scene(config.reference_scene), size) for s in seeds]
+    out = []
+    for s in seeds:
+        scene = reference_scene(s, config)
+        out.append(Reference(s, scene, synthfaces.render(synthfaces.Identity.from_seed(s), scene, size)))
+    return out
 
 
-def _score(pipe, adapters: list[Adapter | None], refs, cfg: FidelityConfig,
-           low_noise: LowNoiseGain | None = None) -> dict[str, float]:
-    """Generate every scene for every identity; identity similarity to the reference and scene-word accuracy, overall
-    and per word. `low_noise` overrides the adapters' own (`HyperDreamBoothPipeline.generate`)."""
+def _score(pipe, adapters: list[Adapter | None], refs: list[Reference], cfg: FidelityConfig,
+           low_noise: LowNoiseGain | None = None) -> dict:
+    """Generate every scene for every identity; identity similarity to the true render of that identity in that
+    scene and to the reference, and scene-word accuracy, overall, per word and per reference condition.
+    `low_noise` overrides the adapters' own (`HyperDreamBoothPipeline.generate`)."""
     hdb = HyperDreamBoothPipeline(pipe, None)
-    enc = default_encoder()
-    judge = _judge(cfg.judge) if cfg.judge else None
-    sims, judged, obeyed = [], [], {w: [] for w in WORDS}
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    encoders = {"": default_encoder(), **({"_judge": _judge(cfg.judge)} if cfg.judge else {})}
+    sims = {f"{key}{suffix}": [] for suffix in encoders for key in SIMILARITIES}
+    obeyed = {w: [] for w in WORDS}
     for i, (ad, ref) in enumerate(zip(adapters, refs)):
+        identity = synthfaces.Identity.from_seed(ref.seed)
         for k, t in enumerate(cfg.scenes):
             scene = _scene(t)
             prompt = synthfaces.caption(scene, cfg.token)
             image = hdb.generate(prompt, ad, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed + 1000 * i + k,
                                  low_noise=low_noise)[0]
-            sims.append(float(enc.similarity([image], [ref])[0]))
-            if judge is not None:
-                judged.append(float(judge.similarity([image], [ref])[0]))
+            truth = synthfaces.render(identity, scene, size)
+            for suffix, enc in encoders.items():
+                to_truth, to_ref = (float(v) for v in enc.similarity([image, image], [truth, ref.image]))
+                sims[f"truth_similarity{suffix}"].append(to_truth)
+                sims[f"reference_similarity{suffix}"].append(to_ref)
+                sims[f"copy_index{suffix}"].append(to_ref - to_truth)
             fid = scene_fidelity(image, scene)
             for w in WORDS:
                 obeyed[w].append(float(fid[w]))
@@ -132,14 +184,20 @@ def _score(pipe, adapters: list[Adapter | None], refs, cfg: FidelityConfig,
     def means(values: list[float]) -> list[float]:
         return [statistics.fmean(values[i:i + n]) for i in range(0, len(values), n)]
 
-    per_identity = {"id_similarity": means(sims),
+    per_identity = {**{k: means(v) for k, v in sims.items()},
                     "scene_fidelity": [statistics.fmean(s) for s in zip(*(means(obeyed[w]) for w in WORDS))]}
-    if judge is not None:
-        per_identity["id_similarity_judge"] = means(judged)
     per_word = {w: statistics.fmean(v) for w, v in obeyed.items()}  # every image counts once per word
+    by_reference = {}
+    for condition, meets in REFERENCE_CONDITIONS.items():
+        chosen = [i for i, ref in enumerate(refs) if meets(ref.scene)]
+        if chosen:
+            by_reference[condition] = {"identities": len(chosen), **{
+                k: statistics.fmean(per_identity[k][i] for i in chosen)
+                for k in ("truth_similarity", "copy_index", "scene_fidelity")}}
     return {**{k: statistics.fmean(v) for k, v in per_identity.items()}, "scene_words": per_word,
             "standard_error": {k: _standard_error(v) for k, v in per_identity.items()},
-            "per_identity": [dict(zip(per_identity, values)) for values in zip(*per_identity.values())]}
+            "per_identity": [dict(zip(per_identity, values)) for values in zip(*per_identity.values())],
+            "by_reference": by_reference}
 
 
 def _standard_error(values: list[float]) -> float | None:
@@ -157,22 +215,28 @@ def _size(adapter: Adapter) -> int:
         return adapter.save(Path(tmp) / "a.safetensors").stat().st_size
 
 
-def _dreambooth(pipe, refs, config: FidelityConfig, prompt: str) -> dict:
-    """DreamBooth-LiDB from scratch on `prompt` (the instance prompt or the reference's caption): one run to the
-    curve's longest, its adapters taken at every point of the curve (the state after k steps of a constant-rate run is
-    that of a k-step run), all identities in one batch; then one identity alone, for the time a user waits."""
-    points = set(config.dreambooth_curve)
-    ft = replace(config.dreambooth, steps=max(points), token=config.token, seed=config.seed, instance_prompt=prompt)
+def _read_captions(refs: list[Reference], token: str) -> list[str]:
+    """The caption the pipeline reads from each reference when none is typed, with the token filled in."""
+    return [reference_caption(ref.image).format(token=token) for ref in refs]
 
-    def curve_run(identities: list) -> dict[int, tuple[float, list[Adapter]]]:
+
+def _dreambooth(pipe, refs: list[Reference], config: FidelityConfig, captions: list[str]) -> dict:
+    """DreamBooth-LiDB from scratch, identity i trained on `captions[i]`: one run to the curve's longest, its adapters
+    taken at every point of the curve (the state after k steps of a constant-rate run is that of a k-step run), all
+    identities in one batch; then one identity alone, for the time a user waits."""
+    points = set(config.dreambooth_curve)
+    ft = replace(config.dreambooth, steps=max(points), token=config.token, seed=config.seed)
+
+    def curve_run(chosen: list[Reference], texts: list[str]) -> dict[int, tuple[float, list[Adapter]]]:
         """Step count → (seconds since the run began, the adapters then)."""
         taken, start = {}, time.perf_counter()
-        finetune(pipe, [[r] for r in identities], ft, progress=False, snapshot_steps=points,
+        finetune(pipe, [[r.image] for r in chosen], ft, prompts=[[t] for t in texts], progress=False,
+                 snapshot_steps=points,
                  snapshot=lambda k, adapters: taken.__setitem__(k, (time.perf_counter() - start, adapters)))
         return taken
 
-    batched = curve_run(refs)
-    alone = curve_run(refs[:1])
+    batched = curve_run(refs, captions)
+    alone = curve_run(refs[:1], captions[:1])
     curve = [{"steps": k, **_score(pipe, batched[k][1], refs, config), "seconds": alone[k][0],
               "seconds_batched": batched[k][0] / len(refs)} for k in config.dreambooth_curve]
     last = curve[-1]
@@ -189,29 +253,30 @@ def run_fidelity(pipe, hypernets: dict, config: FidelityConfig = FidelityConfig(
     rows: dict[str, dict] = {}
     rows["base"] = {**_score(pipe, [None] * len(refs), refs, config), "seconds": 0.0, "adapter_values": 0, "adapter_bytes": 0}
 
-    caption = synthfaces.caption(_scene(config.reference_scene), config.token)  # what the reference shows, for the captioned rows
+    plain = PLAIN.format(token=config.token)
     if config.dreambooth_rows:
-        rows["dreambooth_lidb"] = _dreambooth(pipe, refs, config, config.dreambooth.instance_prompt)
-    if config.dreambooth_rows and config.dreambooth_caption:
-        rows["dreambooth_lidb+caption"] = _dreambooth(pipe, refs, config, caption)
+        rows["dreambooth_lidb"] = _dreambooth(pipe, refs, config, _read_captions(refs, config.token))
+    if config.dreambooth_rows and config.dreambooth_plain:
+        rows["dreambooth_lidb+plain"] = _dreambooth(pipe, refs, config, [plain] * len(refs))
 
     steps = config.finetune_steps
-    runs = [(name, hp, ((name, 0, None), (f"{name}+ft", steps, None), (f"{name}+ft+caption", steps, caption)))
+    runs = [(name, hp, ((name, 0, None), (f"{name}+ft", steps, None), (f"{name}+ft+plain", steps, PLAIN)))
             for name, hp in hypernets.items()]
     runs += [(name, hp, ((name, 0, None),)) for name, hp in (ablations or {}).items()]
     for name, hp, labels in runs:
-        hdb = HyperDreamBoothPipeline(pipe, hp)
+        hdb = HyperDreamBoothPipeline(pipe, hp, captioner=reference_caption)  # as on the embedded base
         for label, ft_steps, text in labels:
-            start = time.perf_counter()
-            adapters = [hdb.personalize([r], token=config.token, finetune_steps=ft_steps, seed=config.seed, caption=text,
-                                        finetune_config=config.finetune) for r in refs]
+            start = time.perf_counter()  # the caption is read inside `personalize`: its time counts
+            adapters = [hdb.personalize([r.image], token=config.token, finetune_steps=ft_steps, seed=config.seed,
+                                        caption=text, finetune_config=config.finetune) for r in refs]
             seconds = (time.perf_counter() - start) / len(refs)
             rows[label] = {**_score(pipe, adapters, refs, config), "seconds": seconds,
                            "adapter_values": adapters[0].num_values, "adapter_bytes": _size(adapters[0])}
-            if adapters[0].info.scheduled:  # what the low-noise gain adds: the same adapters at one strength
+            if config.one_strength_rows and adapters[0].info.scheduled:  # what the schedule adds
                 same = {k: rows[label][k] for k in ("seconds", "adapter_values", "adapter_bytes")}
                 rows[f"{label}@one-strength"] = {**_score(pipe, adapters, refs, config, LowNoiseGain()), **same}
-    return {"config": config.to_dict(), "identities": seeds, "rows": rows}
+    return {"config": config.to_dict(), "identities": seeds,
+            "references": [synthfaces.caption(r.scene) for r in refs], "rows": rows}
 
 
 def _validation(pipe, config: FidelityConfig, tolerance: float) -> tuple[list[int], list, dict]:
@@ -241,20 +306,20 @@ def calibrate_gain(
     pipe, hypernet, gains: Sequence[float], config: FidelityConfig | None = None, tolerance: float = 0.02,
     low_noise: Sequence[LowNoiseGain] = (),
 ) -> dict:
-    """{"gain": chosen, "low_noise": chosen as a dict, "base": {"id_similarity", "scene_fidelity"}, "rows": [{"gain",
-    "low_noise", "id_similarity", "scene_fidelity"}, ...], "identities": seeds}. Every gain is tried at one strength
-    and with each `low_noise` candidate (on top of the gain); the rule is the same for all rows."""
+    """{"gain": chosen, "low_noise": chosen as a dict, "base": {"truth_similarity", "scene_fidelity", ...}, "rows":
+    [{"gain", "low_noise", "truth_similarity", "scene_fidelity", ...}, ...], "identities": seeds}. Every gain is
+    tried at one strength and with each `low_noise` candidate (on top of the gain); the rule is the same for all rows."""
     config = config or FidelityConfig()
     for g in gains:
         check_positive_number("gains", g)
     gains = sorted({1.0, *(float(g) for g in gains)})
     seeds, refs, base = _validation(pipe, config, tolerance)
-    adapters = [hypernet.predict([r], token=config.token) for r in refs]
+    adapters = [hypernet.predict([r.image], token=config.token) for r in refs]
     schedules = _schedules(low_noise)
     rows = [{"gain": g, "low_noise": lo.to_dict(), **_score(pipe, [g * ad for ad in adapters], refs, config, lo)}
             for g in gains for lo in schedules]
     floor = _floor(base, rows[gains.index(1.0) * len(schedules)], tolerance)  # gain 1 at one strength
-    best = max((r for r in rows if r["scene_fidelity"] >= floor), key=lambda r: r["id_similarity"])
+    best = max((r for r in rows if r["scene_fidelity"] >= floor), key=lambda r: r["truth_similarity"])
     return {"gain": best["gain"], "low_noise": best["low_noise"], "tolerance": tolerance, "identities": seeds,
             "base": base, "rows": rows}
 
@@ -262,31 +327,30 @@ def calibrate_gain(
 def calibrate_finetune(
     pipe, hypernet, low_noise: Sequence[LowNoiseGain], config: FidelityConfig | None = None, tolerance: float = 0.02,
 ) -> dict:
-    """{"low_noise": chosen as a dict, "base", "rows": [{"caption": bool, "low_noise", "id_similarity",
+    """{"low_noise": chosen as a dict, "base", "rows": [{"caption": bool, "low_noise", "truth_similarity",
     "scene_fidelity", ...}, ...], "identities": seeds, "tolerance"}: the fast fine-tune's sampling schedule
     (`FinetuneConfig.low_noise`) by `calibrate_gain`'s rule. Each validation reference gets `config.finetune_steps`
-    of `config.finetune` on `hypernet`'s prediction twice, told its caption and not (the two ways it is used); both
-    sets are scored at one strength and with each candidate. A candidate passes when both keep scene fidelity within
-    `tolerance` of the lower of the base model's and their own at one strength; of those (one strength always passes)
-    the one with the most ID similarity, averaged over both, wins."""
+    of `config.finetune` on `hypernet`'s prediction twice, told the caption read from it (the default) and on
+    "a <token> face" (`caption` False); both sets are scored at one strength and with each candidate. A candidate
+    passes when both keep scene fidelity within `tolerance` of the lower of the base model's and their own at one
+    strength; of those (one strength always passes) the one with the most truth similarity, averaged over both, wins."""
     config = config or FidelityConfig()
     check_positive_int("finetune_steps", config.finetune_steps)
     seeds, refs, base = _validation(pipe, config, tolerance)
-    hdb = HyperDreamBoothPipeline(pipe, hypernet)
-    caption = synthfaces.caption(_scene(config.reference_scene), config.token)
+    hdb = HyperDreamBoothPipeline(pipe, hypernet, captioner=reference_caption)
     schedules = _schedules(low_noise)
     rows = []
-    for text in (caption, None):
-        adapters = [hdb.personalize([r], token=config.token, finetune_steps=config.finetune_steps, seed=config.seed,
-                                    caption=text, finetune_config=config.finetune) for r in refs]
-        rows += [{"caption": text is not None, "low_noise": lo.to_dict(),
+    for text in (None, PLAIN):  # the caption read from the reference, then none
+        adapters = [hdb.personalize([r.image], token=config.token, finetune_steps=config.finetune_steps,
+                                    seed=config.seed, caption=text, finetune_config=config.finetune) for r in refs]
+        rows += [{"caption": text is None, "low_noise": lo.to_dict(),
                   **(_score(pipe, [ad.with_schedule(lo) for ad in adapters], refs, config) if lo.active
                      else _score(pipe, adapters, refs, config, lo))}  # as the recipe samples / one strength throughout
                  for lo in schedules]
     uses = [rows[:len(schedules)], rows[len(schedules):]]  # captioned, plain: one row per schedule, one strength first
     passing = [k for k in range(len(schedules))
                if all(u[k]["scene_fidelity"] >= _floor(base, u[0], tolerance) for u in uses)]
-    best = max(passing, key=lambda k: statistics.fmean(u[k]["id_similarity"] for u in uses))
+    best = max(passing, key=lambda k: statistics.fmean(u[k]["truth_similarity"] for u in uses))
     return {"low_noise": schedules[best].to_dict(), "tolerance": tolerance, "identities": seeds, "base": base,
             "rows": rows}
 
@@ -298,30 +362,45 @@ def _pm(row: dict, key: str, fmt: str) -> str:
 
 
 def write_fidelity(result: dict, out: Path, command: str = "") -> dict[str, Path]:
+    """`fidelity.json` (the whole result) and `fidelity.md`: the main table (truth similarity first, the judge's
+    beside it, then what copying the reference reads), each DreamBooth row's convergence, and truth similarity per
+    reference condition."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "fidelity.json", "markdown": out / "fidelity.md"}
     with atomic_path(paths["json"], "report") as tmp:
         tmp.write_text(json.dumps(result, indent=2))
-    judged = all("id_similarity_judge" in row for row in result["rows"].values())
-    lines = ["| method | ID similarity " + ("| ID similarity (judge) " if judged else "")
-             + "| scene fidelity | background / hat / expression | time to personalize | adapter |",
-             "|---|---|---|---|---|---|" + ("---|" if judged else "")]
-    for name, row in result["rows"].items():
+    rows = result["rows"]
+    judged = all("truth_similarity_judge" in row for row in rows.values())
+    lines = ["| method | ID to the truth " + ("| judge " if judged else "")
+             + "| ID to the reference (copy) | copy index | scene fidelity | background / hat / expression "
+             "| time to personalize | adapter |",
+             "|---|---|---|---|---|---|---|---|" + ("---|" if judged else "")]
+    for name, row in rows.items():
         size = f"{row['adapter_values']:,} values, {row['adapter_bytes'] / 1000:.0f} KB" if row["adapter_values"] else "-"
         words = " / ".join(f"{row['scene_words'][w]:.0%}" for w in WORDS)
-        judge = f" {_pm(row, 'id_similarity_judge', '.3f')} |" if judged else ""
-        lines.append(f"| {name} | {_pm(row, 'id_similarity', '.3f')} |{judge} {_pm(row, 'scene_fidelity', '.1%')} |"
-                     f" {words} | {row['seconds']:.2f} s | {size} |")
-    for name, row in result["rows"].items():
+        judge = f" {_pm(row, 'truth_similarity_judge', '.3f')} |" if judged else ""
+        lines.append(f"| {name} | {_pm(row, 'truth_similarity', '.3f')} |{judge} {row['reference_similarity']:.3f} |"
+                     f" {row['copy_index']:+.3f} | {_pm(row, 'scene_fidelity', '.1%')} | {words} | {row['seconds']:.2f} s"
+                     f" | {size} |")
+    for name, row in rows.items():
         if "curve" not in row:
             continue
         curve = row["curve"]
-        lines += ["", f"{name} convergence, one run taken at each point (ID similarity"
+        lines += ["", f"{name} convergence, one run taken at each point (ID to the truth"
                   + (" / judge" if judged else "") + " / scene fidelity; seconds for one identity alone; per identity in"
                   " one batch of all): " + ", ".join(
-                      f"{c['steps']} steps → {c['id_similarity']:.3f}" + (f" / {c['id_similarity_judge']:.3f}" if judged else "")
+                      f"{c['steps']} steps → {c['truth_similarity']:.3f}"
+                      + (f" / {c['truth_similarity_judge']:.3f}" if judged else "")
                       + f" / {c['scene_fidelity']:.1%} ({c['seconds']:.1f} s; {c['seconds_batched']:.1f} s)" for c in curve)]
-    if any(v is not None for row in result["rows"].values() for v in row.get("standard_error", {}).values()):
+    conditions = [c for c in REFERENCE_CONDITIONS if all(c in row.get("by_reference", {}) for row in rows.values())]
+    if conditions:
+        counts = next(iter(rows.values()))["by_reference"]
+        lines += ["", "ID to the truth by reference condition (identities):", "",
+                  "| method | " + " | ".join(f"{c} ({counts[c]['identities']})" for c in conditions) + " |",
+                  "|---|" + "---|" * len(conditions)]
+        lines += [f"| {name} | " + " | ".join(f"{row['by_reference'][c]['truth_similarity']:.3f}" for c in conditions)
+                  + " |" for name, row in rows.items()]
+    if any(v is not None for row in rows.values() for v in row.get("standard_error", {}).values()):
         lines += ["", f"± is the standard error of the mean over the {len(result['identities'])} identities."]
     if command:
         lines += ["", f"Command: `{command}`"]

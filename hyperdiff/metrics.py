@@ -29,7 +29,8 @@ Contract
   word of `scene`), `"all"` (all three), and the detected values `"detected_background"` (a `PALETTE` word or None,
   read from the corners with `synthfaces.background_of`), `"detected_hat"` (bool), `"detected_expression"` (word).
   `scene` may be a `Scene` or a caption/prompt string (parsed with `synthfaces.scene_from_caption`).
-  `detect_scene(image) -> Scene | None` (None when no palette background is found).
+  `detect_scene(image) -> Scene | None` (None when no palette background is found). `reference_caption(image)`
+  -> the caption template ("a {token} face, ...") of what the image shows: the fine-tune's words when none is typed.
 * `roc_auc(positive_scores, negative_scores)`: area under the ROC curve (Mann-Whitney, ties count one half), plain numpy.
 * Bad input (wrong type, shape, value range, a missing or incomplete weights folder) raises a one-line `HyperdiffError`.
 """
@@ -51,7 +52,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from hyperdiff.config import from_dict, to_dict
-from hyperdiff.data.synthfaces import EXPRESSIONS, TRAIN_SEEDS, Scene, background_of, scene_from_caption
+from hyperdiff.data.synthfaces import EXPRESSIONS, TRAIN_SEEDS, Scene, background_of, scene_from_caption, scene_words
 from hyperdiff.errors import HyperdiffError, check_number_in, check_positive_int
 from hyperdiff.files import atomic_path, read_safetensors, write_safetensors
 
@@ -617,6 +618,15 @@ def detect_scene(image: Any, encoder: IdentityEncoder | None = None) -> Scene | 
     return Scene(found["background"], found["hat"], found["expression"])
 
 
+def reference_caption(image: Any, encoder: IdentityEncoder | None = None) -> str:
+    """What a SynthFaces reference shows, as a fine-tune caption template naming the subject `{token}`: the
+    expression and hat the encoder's heads read and the background its corners show (left out when they match no
+    `PALETTE` colour), e.g. "a {token} face, neutral, wearing a hat, on a green background". The words keep the
+    reference's scene out of the token (`HyperDreamBoothPipeline.personalize` reads it when no caption is given)."""
+    found = _encoder(encoder).detect(_one_image(image))[0]
+    return scene_words("a {token} face", found["expression"], found["hat"], found["background"])
+
+
 SCENE_CHECKS = ("background", "hat", "expression")  # the scene words `scene_fidelity` checks: its first keys
 
 
@@ -646,6 +656,7 @@ __all__ = [
     "detect_scene",
     "equal_error_threshold",
     "pil_to_tensor",
+    "reference_caption",
     "roc_auc",
     "scene_fidelity",
     "tensor_to_pil",

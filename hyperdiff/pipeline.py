@@ -12,9 +12,12 @@ Contract:
   hypernet (none given, none shipped for the base), `finetune_steps > 0` fine-tunes LiDB factors from scratch
   (DreamBooth-LiDB) and 0 is a one-line error saying so. A zero-shot adapter carries the hypernet's low-noise gain
   (`hyperdiff.schedule`); a fine-tuned one samples its learned rank components with its recipe's
-  (`FinetuneConfig.low_noise`) and the start's with the hypernet's (`AdapterInfo.rank_schedules`). `caption` (what the references
-  show, the subject named by the token) replaces the fine-tune's instance prompt "a {token} face"; the adapter's
-  `info.source` records it.
+  (`FinetuneConfig.low_noise`) and the start's with the hypernet's (`AdapterInfo.rank_schedules`). `caption` (what the
+  references show, the subject named by the token; one for all or one per image) replaces the fine-tune's instance
+  prompt "a {token} face". With no caption, a pipeline that has a `captioner` (the embedded base's:
+  `metrics.reference_caption`, which reads background, hat and expression from each reference) captions every
+  reference itself, so the fine-tune learns the face and not the photo's scene; without one the instance prompt
+  stays. The adapter's `info.source` records the captions and whether they were read or given.
 - `generate(prompt, adapter, ...)` → list of PIL images. One adapter is fused for the call (zero overhead) and unfused
   after, also on an error; a list of adapters (one per image) runs as one batch through the per-sample processors.
   Image i uses the generator seeded `seed + i`, so any image can be reproduced alone; the noise is drawn in float32
@@ -166,12 +169,21 @@ def _check_side(what: str, size: tuple[int, int], max_side: int | None) -> None:
         raise HyperdiffError(f"{what} is {size[0]}x{size[1]} px, expected at most {max_side} px on each side")
 
 
+def caption_record(adapter: Adapter) -> str:
+    """What a fine-tuned adapter's record says it was told, as `personalize` wrote it ("caption (read from the
+    references)='a sks face, ...'"), or "" when no caption was used."""
+    source = adapter.info.source
+    return source[source.index("; caption") + 2:] if "; caption" in source else ""
+
+
 class HyperDreamBoothPipeline:
     def __init__(self, pipe, hypernet: HyperNetwork | None, base_name: str = "", hypernet_name: str = "",
-                 fast_finetune: FinetuneConfig = FAST_FINETUNE):
+                 fast_finetune: FinetuneConfig = FAST_FINETUNE, captioner: Callable[[Image.Image], str] | None = None):
         """`hypernet=None` makes a generation-only pipeline (adapters from files); `fast_finetune` is the recipe of
-        `personalize(finetune_steps > 0)` on top of the hypernet's prediction (`from_pretrained` picks it per base)."""
-        self.pipe, self.hypernet, self.fast_finetune = pipe, hypernet, fast_finetune
+        `personalize(finetune_steps > 0)` on top of the hypernet's prediction, and `captioner` (a reference image ->
+        a caption template naming the subject `{token}`) what the fine-tune is told when no caption is given
+        (`from_pretrained` picks both per base)."""
+        self.pipe, self.hypernet, self.fast_finetune, self.captioner = pipe, hypernet, fast_finetune, captioner
         self.table = LayerTable.from_unet(pipe.unet)
         if hypernet is not None:
             self.table.check_fingerprint(hypernet.fingerprint, "the hypernet")
@@ -193,6 +205,10 @@ class HyperDreamBoothPipeline:
             load_hypernet = False  # the embedded hypernet belongs to the embedded base, and only when shipped
         common = {"base_name": base or "synthfaces (embedded)",
                   "fast_finetune": SYNTHFACES_FAST_FINETUNE if base is None else FAST_FINETUNE}
+        if base is None:  # the embedded world's detectors read what a reference shows: its caption when none is typed
+            from hyperdiff.metrics import reference_caption
+
+            common["captioner"] = reference_caption
         if not load_hypernet:
             return cls(pipe, None, **common)
         path = Path(hypernet) if hypernet is not None else EMBEDDED_HYPERNET
@@ -218,42 +234,60 @@ class HyperDreamBoothPipeline:
     def personalize(
         self, images, token: str = "sks", finetune_steps: int = 0, seed: int = 0,
         finetune_config: FinetuneConfig | None = None, callback: Callable[[int, float], None] | None = None,
-        caption: str | None = None,
+        caption: str | Sequence[str] | None = None,
     ) -> Adapter:
         """An adapter for the identity in `images`: the hypernet's prediction, then `finetune_steps` of fine-tuning.
 
         `caption` describes the references for the fine-tune, the subject named by `{token}` or the token itself
-        (e.g. "a {token} face, neutral, on a gray background"). It replaces the instance prompt "a {token} face",
-        so what the words name (background, expression) is not learned into the token: on SynthFaces validation
-        identities 40 steps kept 65 % of scene words instead of 53 % and identity rose 0.164 -> 0.180.
+        (e.g. "a {token} face, neutral, on a gray background"): one string for every image, or one per image. It
+        replaces the instance prompt "a {token} face", so what the words name (background, hat, expression) is not
+        learned into the token. None: the pipeline's `captioner` reads each reference's caption (the embedded base),
+        else the instance prompt. Pass "a {token} face" to fine-tune without a caption.
         """
         refs = load_images(images)
         check_int_in("finetune_steps", finetune_steps, 0, 10_000)
         if not token or not token.isalnum():
             raise HyperdiffError(f"`token` must be one word of letters or digits, like 'sks', got {token!r}")
-        if caption is not None:
-            check_prompt("caption", caption, token)
+        captions = self._captions(caption, len(refs), token)
         if self.hypernet is None and not finetune_steps:
             self._require_hypernet()  # nothing to predict with and nothing to train: say what to pass
         start = [self.hypernet.predict(refs, token=token)] if self.hypernet is not None else None
         how = f"hypernet {self.hypernet_name}"
         adapter = start[0] if start else None
+        read = ""
         if finetune_steps:
             cfg = replace(finetune_config or (self.fast_finetune if start else DREAMBOOTH_LIDB),
                           steps=finetune_steps, token=token, seed=seed)
-            if caption is not None:
-                cfg = replace(cfg, instance_prompt=caption)
+            if captions is None and self.captioner is not None:  # what each reference shows, read from it
+                captions = [self.captioner(im) for im in refs]
+                read = " (read from the references)"
             if not start:
                 how = "DreamBooth-LiDB" if cfg.kind == "lidb" else "DreamBooth-LoRA"
             prior = self._prior(cfg) if cfg.prior_weight > 0 else None
-            adapter = finetune(self.pipe, [refs], cfg, start=start, prior=prior, progress=False, callback=callback)[0]
+            prompts = [[c.format(token=token) for c in captions]] if captions is not None else None
+            adapter = finetune(self.pipe, [refs], cfg, start=start, prompts=prompts, prior=prior, progress=False,
+                               callback=callback)[0]
         source = f"{how}; finetune_steps={finetune_steps}"
         if finetune_steps:
             source += f"; {adapter.info.source}"  # the engine's recipe: kind, batch size, learning rate, identity weight
-        if finetune_steps and caption is not None:
-            source += f"; caption={caption.format(token=token)!r}"
+        if finetune_steps and captions is not None:
+            told = [c.format(token=token) for c in captions]
+            source += f"; caption{read}=" + (repr(told[0]) if len(set(told)) == 1 else repr(told))
         adapter.info = replace(adapter.info, base_model=self.base_name, token=token, source=source)
         return adapter
+
+    @staticmethod
+    def _captions(caption: str | Sequence[str] | None, n: int, token: str) -> list[str] | None:
+        """`personalize`'s caption(s) checked, one per reference image (a single string serves them all)."""
+        if caption is None:
+            return None
+        captions = [caption] * n if isinstance(caption, str) else list(caption) if isinstance(caption, Sequence) else None
+        if captions is None or len(captions) != n:
+            raise HyperdiffError(f"`caption` must be one string or one per reference image ({n}), got "
+                                 + (f"{len(captions)}" if captions is not None else type(caption).__name__))
+        for c in captions:
+            check_prompt("caption", c, token)
+        return captions
 
     def encoder_view(self, images) -> list[Image.Image]:
         """What the hypernet's image encoder sees of each reference: its resize/crop, normalisation undone."""

@@ -5,10 +5,10 @@
 
 Fine-tunes each of `--identities` validation identities (never the evaluation seeds) from the hypernet's prediction
 with the pipeline's fast fine-tune recipe for the base (`SYNTHFACES_FAST_FINETUNE` on the embedded one), told the
-reference's caption and not, and scores both at one strength and with ΔW × each `--low-noise-gains` below each
+caption read from the reference (the default) and on "a sks face", and scores both at one strength and with ΔW × each `--low-noise-gains` below each
 `--low-noise-below` timestep (hyperdiff.schedule) in the fidelity benchmark's scenes. The calibration's rule picks the
 schedule: both fine-tunes keep scene fidelity within `--tolerance` of the lower of the base model's and their own at
-one strength, and of those the most ID similarity wins. Writes every score and the choice as JSON; the choice is the
+one strength, and of those the most identity similarity to the true renders wins (references in random scenes). Writes every score and the choice as JSON; the choice is the
 recipe's `FinetuneConfig.low_noise` (hyperdiff/pipeline.py). Logic: hyperdiff.fidelity.calibrate_finetune.
 """
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print_scores("base model", result["base"])
     for r in result["rows"]:
-        how = "told the caption" if r["caption"] else "without a caption"
+        how = "told the caption read from the reference" if r["caption"] else "without a caption"
         print_scores(f"fine-tune {how}{describe_low(r['low_noise']) or ', one strength'}", r)
     print(f"chose {describe_low(result['low_noise']).removeprefix(', ') or 'one strength'}; wrote {out}")
     return 0

@@ -5,8 +5,8 @@
         [--tolerance 0.02] [--base PATH] [--dtype float16]
 
 Scores the base model and the zero-shot adapters × each gain on `--identities` validation identities (never the
-evaluation seeds) in the fidelity benchmark's scenes, keeps the gain with the best ID similarity whose scene fidelity
-is within `--tolerance` of the base model's (of gain 1's where that is lower), and saves the hypernet with that gain
+evaluation seeds, references in random scenes) in the fidelity benchmark's scenes, keeps the gain with the best
+identity similarity to the true renders whose scene fidelity is within `--tolerance` of the base model's (of gain 1's where that is lower), and saves the hypernet with that gain
 in its `alpha` (the choice and every score go into its config.json). With `--low-noise-gains`, every gain is also
 scored with ΔW × each of them at the timesteps below each `--low-noise-below` (hyperdiff.schedule), and the
 winner's low-noise gain goes into the hypernet's config, so the adapters it predicts carry it.
@@ -49,8 +49,9 @@ def describe_low(low_noise: dict) -> str:
 
 
 def print_scores(name: str, row: dict) -> None:
-    judged = f" (judge {row['id_similarity_judge']:.3f})" if "id_similarity_judge" in row else ""
-    print(f"{name}: ID similarity {row['id_similarity']:.3f}{judged}, scene fidelity {row['scene_fidelity']:.1%}")
+    judged = f" (judge {row['truth_similarity_judge']:.3f})" if "truth_similarity_judge" in row else ""
+    print(f"{name}: ID to the truth {row['truth_similarity']:.3f}{judged}, copy index {row['copy_index']:+.3f}, "
+          f"scene fidelity {row['scene_fidelity']:.1%}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,15 @@
 """Fidelity benchmark on held-out SynthFaces identities (seeds >= 1,000,000), paper-style, JSON + Markdown.
 
     python scripts/eval_fidelity.py --hypernet shipped=PATH [--ablation mlp=PATH --ablation k1=PATH] \
-        [--base PATH] [--identities 16] [--curve 100,200,400] [--dreambooth-caption | --no-dreambooth] \
-        [--seed 0] [--out outputs/fidelity]
+        [--base PATH] [--identities 16] [--curve 100,200,400] [--dreambooth-plain | --no-dreambooth] \
+        [--reference random|CAPTION] [--no-one-strength] [--seed 0] [--out outputs/fidelity]
 
-Rows: base model, DreamBooth-LiDB from scratch (with its convergence curve, from one run; with --dreambooth-caption
-also trained on the reference's caption; none with --no-dreambooth), each --hypernet zero-shot (and, when its adapters
-carry a low-noise gain, zero-shot at one strength) and with the 40-step rank-relaxed fine-tune, each --ablation
-zero-shot. Logic: hyperdiff.fidelity.
+Identity is scored against the true render of each identity in each prompted scene (similarity to the reference is
+the copy column beside it); references are drawn in random scenes unless --reference names one. Rows: base model,
+DreamBooth-LiDB from scratch told the caption read from the reference, as the fine-tunes are by default (with its
+convergence curve, from one run; with --dreambooth-plain also trained on "a sks face"; none with --no-dreambooth),
+each --hypernet zero-shot (and, when its adapters carry a low-noise gain, at one strength) and with the 40-step
+rank-relaxed fine-tune (as a user gets it, and on "a sks face"), each --ablation zero-shot. Logic: hyperdiff.fidelity.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from hyperdiff.data import synthfaces
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.fidelity import FidelityConfig, run_fidelity, write_fidelity
 from hyperdiff.hypernet import HyperNetwork
@@ -44,8 +47,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="a hypernet with a zero-shot row only (repeatable)")
     p.add_argument("--curve", default="50,100,200,400", help="DreamBooth-LiDB steps, comma-separated: one run to the"
                    " longest, scored at each; the last listed is its row")
-    p.add_argument("--dreambooth-caption", action="store_true", help="also a DreamBooth-LiDB row (and curve) trained on"
-                   " the reference's caption instead of 'a sks face', as the captioned fast fine-tune is")
+    p.add_argument("--dreambooth-plain", action="store_true", help="also a DreamBooth-LiDB row (and curve) trained on"
+                   " 'a sks face' instead of the caption read from the reference")
+    p.add_argument("--reference", default="random", help="the references' scene: 'random' (one per identity, drawn from"
+                   " its seed) or a caption naming one, e.g. 'a face, neutral, on a green background'")
+    p.add_argument("--no-one-strength", action="store_true", help="leave out the @one-strength rows (the same adapters"
+                   " sampled without their schedules)")
     p.add_argument("--no-dreambooth", action="store_true", help="leave out the DreamBooth-LiDB rows, the slow part (a"
                    " seed gives the same rows every time: re-score hypernets against an earlier run's)")
     p.add_argument("--identities", type=int, default=16)
@@ -66,9 +73,12 @@ def main(argv: list[str] | None = None) -> int:
             curve = tuple(int(v) for v in args.curve.split(","))
         except ValueError:
             raise HyperdiffError(f"`--curve` must be comma-separated step counts, got {args.curve!r}") from None
+        reference = ("random" if args.reference == "random"
+                     else tuple(synthfaces.scene_from_caption(args.reference).to_dict().values()))
         config = FidelityConfig(identities=args.identities, steps=args.steps, finetune_steps=args.finetune_steps,
-                                dreambooth_curve=curve, dreambooth_caption=args.dreambooth_caption, judge=args.judge,
-                                dreambooth_rows=not args.no_dreambooth, seed=args.seed)
+                                dreambooth_curve=curve, dreambooth_plain=args.dreambooth_plain, judge=args.judge,
+                                dreambooth_rows=not args.no_dreambooth, seed=args.seed, reference_scene=reference,
+                                one_strength_rows=not args.no_one_strength)
         result = run_fidelity(pipe, hypernets, config, ablations)
     except HyperdiffError as e:
         print(f"eval_fidelity: error: {e}", file=sys.stderr)

@@ -93,8 +93,24 @@ def test_demo_runs_offline_and_writes_its_outputs(tmp_path):
     assert res.returncode == 0, res.stderr
     out = tmp_path / "demo"
     with_hypernet = EMBEDDED_HYPERNET.is_dir()
-    with Image.open(out / "sheet.png") as sheet:  # reference | [zero-shot |] personalized | base model
-        assert sheet.size[0] == (4 if with_hypernet else 3) * 128 and 18 <= sheet.size[1] - 2 * 2 * 128 <= 60  # titles on top
+    from hyperdiff.data import synthfaces
+    from hyperdiff.demo import REFERENCE_SCENES, SCENES
+
+    with Image.open(out / "sheet.png") as sheet:  # reference | [zero-shot |] personalized | base model | truth
+        cols = 5 if with_hypernet else 4
+        top = sheet.size[1] - 2 * 2 * 128
+        assert sheet.size[0] == cols * 128 and 18 <= top <= 60  # titles on top
+        for r, (i, k) in enumerate((i, k) for i in range(2) for k in range(len(SCENES))):  # identity-major rows
+            identity = synthfaces.Identity.from_seed(1_000_000 + i)
+            cells = {c: sheet.crop((c * 128, top + r * 128, (c + 1) * 128, top + (r + 1) * 128)) for c in (0, cols - 1)}
+            want = {0: synthfaces.render(identity, REFERENCE_SCENES[i], 64),  # the coloured reference, and the truth:
+                    cols - 1: synthfaces.render(identity, SCENES[k], 64)}  # that identity in the prompted scene
+            for c, image in want.items():
+                assert cells[c].tobytes() == image.resize((128, 128), Image.NEAREST).tobytes(), (r, c)
+    assert all(scene.background != "gray" for scene in REFERENCE_SCENES)
+    # the fine-tune ran with the defaults a user gets: told what each reference shows, read from it
+    assert "identity 1000000: fine-tuned on caption (read from the references)='a sks face, neutral, on a green background'" in res.stdout
+    assert "identity 1000001: fine-tuned on caption (read from the references)='a sks face, sad, wearing a hat, on a yellow background'" in res.stdout
     for seed in (1_000_000, 1_000_001):  # held-out identities
         ad = Adapter.load(out / f"identity{seed}.safetensors")
         assert (ad.kind, ad.rank) == (("lora", 1 + 4) if with_hypernet else ("lidb", 1))

@@ -62,13 +62,13 @@ def test_fidelity_benchmark_rows_and_table(tmp_path):
     pipe = tiny_pipeline(seed=0)
     judge = str(ROOT / "hyperdiff" / "assets" / "synthfaces" / "identity_encoder")  # the shipped encoder, loaded again
     config = FidelityConfig(identities=2, scenes=(("red", False, "smiling"),), steps=2, finetune_steps=2, dreambooth_curve=(2, 3),
-                            dreambooth_caption=True, judge=judge)
+                            dreambooth_plain=True, judge=judge)
     result = run_fidelity(pipe, {"attention": HyperNetwork.from_pretrained(run)}, config, {"k1": HyperNetwork.from_pretrained(run)})
     rows = result["rows"]
-    assert list(rows) == ["base", "dreambooth_lidb", "dreambooth_lidb+caption", "attention", "attention+ft",
-                          "attention+ft@one-strength", "attention+ft+caption", "attention+ft+caption@one-strength",
+    assert list(rows) == ["base", "dreambooth_lidb", "dreambooth_lidb+plain", "attention", "attention+ft",
+                          "attention+ft@one-strength", "attention+ft+plain", "attention+ft+plain@one-strength",
                           "k1"]  # ablations: zero-shot only; the embedded base's fine-tune recipe samples with a gain
-    assert rows["k1"]["id_similarity"] == rows["attention"]["id_similarity"]  # the same hypernet, the same images
+    assert rows["k1"]["truth_similarity"] == rows["attention"]["truth_similarity"]  # the same hypernet, the same images
     assert [c["steps"] for c in rows["dreambooth_lidb"]["curve"]] == [2, 3]
     assert all(c["seconds"] > 0 and c["seconds_batched"] > 0 for c in rows["dreambooth_lidb"]["curve"])
     assert rows["dreambooth_lidb"]["seconds"] == rows["dreambooth_lidb"]["curve"][-1]["seconds"]  # alone, like the hypernet rows
@@ -77,30 +77,35 @@ def test_fidelity_benchmark_rows_and_table(tmp_path):
     for row in rows.values():  # one image counts once for each word: the overall score is the mean of the words'
         assert list(row["scene_words"]) == ["background", "hat", "expression"]
         assert abs(sum(row["scene_words"].values()) / 3 - row["scene_fidelity"]) < 1e-12
-        assert row["id_similarity_judge"] == row["id_similarity"]  # the judge scored the same images
+        for key in ("truth_similarity", "reference_similarity", "copy_index"):  # the judge scored the same images
+            assert row[f"{key}_judge"] == row[key]
+        assert abs(row["copy_index"] - (row["reference_similarity"] - row["truth_similarity"])) < 1e-12
         # two identities: the row is their mean, and the standard error of a mean of two is half their difference
-        for key in ("id_similarity", "scene_fidelity"):
+        for key in ("truth_similarity", "scene_fidelity"):
             a, b = (p[key] for p in row["per_identity"])
             assert abs((a + b) / 2 - row[key]) < 1e-12 and abs(abs(a - b) / 2 - row["standard_error"][key]) < 1e-12
-    assert len({p["id_similarity"] for p in rows["attention"]["per_identity"]}) == 2
+    assert len({p["truth_similarity"] for p in rows["attention"]["per_identity"]}) == 2
     md = write_fidelity(result, tmp_path / "out")["markdown"].read_text()
     base_line = next(line for line in md.splitlines() if line.startswith("| base |"))
-    assert md.splitlines()[0].startswith("| method | ID similarity | ID similarity (judge) | scene fidelity |")
-    se = rows["base"]["standard_error"]
-    assert base_line.split(" | ")[2] == f"{rows['base']['id_similarity_judge']:.3f} ± {se['id_similarity_judge']:.3f}"
-    assert base_line.split(" | ")[3] == f"{rows['base']['scene_fidelity']:.1%} ± {se['scene_fidelity']:.1%}"
+    assert md.splitlines()[0].startswith("| method | ID to the truth | judge | ID to the reference (copy) | copy index |"
+                                         " scene fidelity |")
+    se, cells = rows["base"]["standard_error"], base_line.split(" | ")
+    assert cells[2] == f"{rows['base']['truth_similarity_judge']:.3f} ± {se['truth_similarity_judge']:.3f}"
+    assert cells[3:5] == [f"{rows['base']['reference_similarity']:.3f}", f"{rows['base']['copy_index']:+.3f}"]
+    assert cells[5] == f"{rows['base']['scene_fidelity']:.1%} ± {se['scene_fidelity']:.1%}"
     assert "± is the standard error of the mean over the 2 identities." in md
-    assert base_line.split(" | ")[4] == " / ".join(f"{rows['base']['scene_words'][w]:.0%}" for w in ("background", "hat", "expression"))
-    assert [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| ")][1:] == [f"| {r}" for r in rows]
+    assert cells[6] == " / ".join(f"{rows['base']['scene_words'][w]:.0%}" for w in ("background", "hat", "expression"))
+    main_table = md.split("\n\n")[0].splitlines()
+    assert [line.split(" | ")[0] for line in main_table[2:]] == [f"| {r}" for r in rows]
     curve = rows["dreambooth_lidb"]["curve"]  # one run, taken after 2 and 3 steps
     assert curve[0]["seconds"] < curve[1]["seconds"] and curve[0]["seconds_batched"] < curve[1]["seconds_batched"]
-    assert rows["dreambooth_lidb+caption"]["id_similarity"] != rows["dreambooth_lidb"]["id_similarity"]  # another prompt
-    assert [c["steps"] for c in rows["dreambooth_lidb+caption"]["curve"]] == [2, 3]
-    assert sum(line.startswith("dreambooth_lidb+caption convergence") for line in md.splitlines()) == 1
+    assert rows["dreambooth_lidb+plain"]["truth_similarity"] != rows["dreambooth_lidb"]["truth_similarity"]  # another prompt
+    assert [c["steps"] for c in rows["dreambooth_lidb+plain"]["curve"]] == [2, 3]
+    assert sum(line.startswith("dreambooth_lidb+plain convergence") for line in md.splitlines()) == 1
     line = next(line for line in md.splitlines() if line.startswith("dreambooth_lidb convergence"))
-    assert f"3 steps → {curve[1]['id_similarity']:.3f} / {curve[1]['id_similarity_judge']:.3f} / {curve[1]['scene_fidelity']:.1%}" in line
+    assert f"3 steps → {curve[1]['truth_similarity']:.3f} / {curve[1]['truth_similarity_judge']:.3f} / {curve[1]['scene_fidelity']:.1%}" in line
     for bad in (["--hypernet", "bad"], ["--ablation", "=x"], ["--curve", "10,x"], ["--curve", "10,0"], ["--seed", "-1"],
-                ["--judge", str(tmp_path / "none"), "--curve", "1"]):
+                ["--judge", str(tmp_path / "none"), "--curve", "1"], ["--reference", "a face on the moon"]):
         assert eval_fidelity.main(["--base", "hyperdiff:tiny", *bad, "--out", str(tmp_path)]) == 2
 
 
@@ -129,33 +134,33 @@ def test_fidelity_rows_of_a_low_noise_hypernet_and_without_dreambooth(tmp_path):
                             dreambooth_rows=False, finetune=recipe)
     plain = HyperNetwork.from_pretrained(tmp_path / "plain")
     rows = run_fidelity(pipe, {"late": hp, "plain": plain}, config)["rows"]
-    tuned = [f"{name}+ft{caption}{one}" for name in ("late", "plain") for caption in ("", "+caption")
+    tuned = [f"{name}+ft{caption}{one}" for name in ("late", "plain") for caption in ("", "+plain")
              for one in ("", "@one-strength")]
     assert list(rows) == ["base", "late", "late@one-strength", *tuned[:4], "plain", *tuned[4:]]
-    assert rows["late@one-strength"]["id_similarity"] == rows["plain"]["id_similarity"] != rows["late"]["id_similarity"]
-    for label in ("+ft", "+ft+caption"):  # ×4 on both learned parts; the start keeps its hypernet's: ×3 / one strength
-        assert rows[f"late{label}"]["id_similarity"] != rows[f"plain{label}"]["id_similarity"]
-        assert rows[f"late{label}@one-strength"]["id_similarity"] == rows[f"plain{label}@one-strength"]["id_similarity"]
-        assert rows[f"late{label}"]["id_similarity"] != rows[f"late{label}@one-strength"]["id_similarity"]
+    assert rows["late@one-strength"]["truth_similarity"] == rows["plain"]["truth_similarity"] != rows["late"]["truth_similarity"]
+    for label in ("+ft", "+ft+plain"):  # ×4 on both learned parts; the start keeps its hypernet's: ×3 / one strength
+        assert rows[f"late{label}"]["truth_similarity"] != rows[f"plain{label}"]["truth_similarity"]
+        assert rows[f"late{label}@one-strength"]["truth_similarity"] == rows[f"plain{label}@one-strength"]["truth_similarity"]
+        assert rows[f"late{label}"]["truth_similarity"] != rows[f"late{label}@one-strength"]["truth_similarity"]
     whole = replace(config, finetune=replace(recipe, start_keeps_schedule=False))  # the recipe's ×4 on every part
     same = run_fidelity(pipe, {"late": hp, "plain": plain}, whole)["rows"]
-    assert same["late+ft"]["id_similarity"] == same["plain+ft"]["id_similarity"] != rows["plain+ft"]["id_similarity"]
+    assert same["late+ft"]["truth_similarity"] == same["plain+ft"]["truth_similarity"] != rows["plain+ft"]["truth_similarity"]
     at_one = replace(config, finetune=replace(recipe, low_noise=LowNoiseGain()))
     one = run_fidelity(pipe, {"plain": plain}, at_one)["rows"]
-    assert list(one) == ["base", "plain", "plain+ft", "plain+ft+caption"]
-    assert one["plain+ft"]["id_similarity"] == rows["plain+ft@one-strength"]["id_similarity"]
+    assert list(one) == ["base", "plain", "plain+ft", "plain+ft+plain"]
+    assert one["plain+ft"]["truth_similarity"] == rows["plain+ft@one-strength"]["truth_similarity"]
     assert eval_fidelity.main(["--base", "hyperdiff:tiny", "--hypernet", f"late={folder}", "--no-dreambooth", "--identities",
                                "1", "--steps", "2", "--finetune-steps", "1", "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "fidelity.md").read_text()
     assert "| late@one-strength |" in md and "dreambooth" not in md.replace("--no-dreambooth", "")
-    assert "±" not in md and rows["late"]["standard_error"]["id_similarity"] is None  # one identity: no spread to show
+    assert "±" not in md and rows["late"]["standard_error"]["truth_similarity"] is None  # one identity: no spread to show
     # another seed replicates the table on the same identity: other noise, so other images and scores
     assert eval_fidelity.main(["--base", "hyperdiff:tiny", "--hypernet", f"late={folder}", "--no-dreambooth", "--identities",
                                "1", "--steps", "2", "--finetune-steps", "1", "--seed", "1", "--out", str(tmp_path / "s1")]) == 0
     runs = [json.loads((tmp_path / out / "fidelity.json").read_text()) for out in ("out", "s1")]
     assert [r["config"]["seed"] for r in runs] == [0, 1] and runs[0]["identities"] == runs[1]["identities"]
     for row in ("base", "late", "late+ft"):
-        assert runs[0]["rows"][row]["id_similarity"] != runs[1]["rows"][row]["id_similarity"]
+        assert runs[0]["rows"][row]["truth_similarity"] != runs[1]["rows"][row]["truth_similarity"]
 
 
 def test_gain_calibration_picks_the_best_gain_within_the_scene_tolerance(tmp_path, monkeypatch):
@@ -176,19 +181,19 @@ def test_gain_calibration_picks_the_best_gain_within_the_scene_tolerance(tmp_pat
 
     def score(pipe, adapters, refs, config, low_noise=None):
         if adapters[0] is None:  # the base model's row
-            return {"id_similarity": 0.0, **base}
+            return {"truth_similarity": 0.0, **base}
         name = adapters[0].layer_names[0]
         if not plain:
             plain["delta"] = adapters[0].delta_weight(name)  # gain 1 comes first
         gain = float((adapters[0].delta_weight(name) * plain["delta"]).sum() / plain["delta"].square().sum())
         late = 0.0 if low_noise is None else (low_noise.gain - 1) * low_noise.below / 1000  # more identity, no scene cost
-        return {"id_similarity": min(gain, 3.0) / 10 + late,
+        return {"truth_similarity": min(gain, 3.0) / 10 + late,
                 "scene_fidelity": 0.9 - (0.05 if gain > 2.2 else 0.01 * (gain - 1)) - (0.1 if late > 0.2 else 0)}
 
     monkeypatch.setattr(fidelity, "_score", score)
     result = fidelity.calibrate_gain(tiny_pipeline(seed=0), hp, [3, 2, 2.5], fidelity.FidelityConfig(identities=2))
     assert [r["gain"] for r in result["rows"]] == [1.0, 2.0, 2.5, 3.0]  # 1 is always scored, as the reference
-    assert abs(result["rows"][2]["id_similarity"] - 0.25) < 1e-4  # the adapters really were scaled
+    assert abs(result["rows"][2]["truth_similarity"] - 0.25) < 1e-4  # the adapters really were scaled
     assert result["gain"] == 2.0  # 2.5 and 3 lose 5 points of scene fidelity: more than the tolerance
     assert result["identities"] == list(synthfaces.VAL_SEEDS[:2])  # validation identities, never evaluation ones
     assert fidelity.calibrate_gain(tiny_pipeline(seed=0), hp, [3], fidelity.FidelityConfig(identities=2), 0.1)["gain"] == 3.0
@@ -201,7 +206,7 @@ def test_gain_calibration_picks_the_best_gain_within_the_scene_tolerance(tmp_pat
     lows = [LowNoiseGain(1.5, 300), LowNoiseGain(3.0, 300), LowNoiseGain(1.0, 300)]  # the last is no candidate
     result = fidelity.calibrate_gain(tiny_pipeline(seed=0), hp, [2], fidelity.FidelityConfig(identities=2), low_noise=lows)
     assert [(r["gain"], r["low_noise"]["gain"]) for r in result["rows"]] == [(g, lo) for g in (1.0, 2.0) for lo in (1, 1.5, 3)]
-    assert abs(result["rows"][4]["id_similarity"] - (0.2 + 0.15)) < 1e-4  # gain 2 and ×1.5 below 300 reached the scorer
+    assert abs(result["rows"][4]["truth_similarity"] - (0.2 + 0.15)) < 1e-4  # gain 2 and ×1.5 below 300 reached the scorer
     assert result["gain"] == 2.0 and result["low_noise"] == {"gain": 1.5, "below": 300}  # ×3 loses 10 scene points
 
 
@@ -243,7 +248,8 @@ def test_calibrate_script_writes_a_hypernet_whose_deltas_carry_the_gain(tmp_path
 
 def test_finetune_calibration_picks_a_schedule_that_both_fine_tunes_pass(tmp_path, monkeypatch):
     """The rule for the fast fine-tune's schedule, on a scorer that reads back what it is given (the caption from the
-    adapters' record, the schedule passed to it): a candidate must keep both fine-tunes, told the caption and not,
+    adapters' record, the schedule passed to it): a candidate must keep both fine-tunes, told the caption read from
+    the reference and not,
     within the tolerance of their own floors; the one with the most identity over both wins."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import train_hypernet
@@ -260,16 +266,16 @@ def test_finetune_calibration_picks_a_schedule_that_both_fine_tunes_pass(tmp_pat
 
     def score(pipe, adapters, refs, config, low_noise=None):
         if adapters[0] is None:  # the base model's row
-            return {"id_similarity": 0.0, "scene_fidelity": 0.9}
+            return {"truth_similarity": 0.0, "scene_fidelity": 0.9}
         seen.append(adapters[0].rank)  # fine-tuned: the prediction's rank + the recipe's
         # one strength throughout is passed as the call's schedule; a candidate is the learned part's own, and the
         # start's rank keeps the hypernet's schedule
         start = hp.predict([Image.new("RGB", (32, 32))])
         assert adapters[0].info.rank_schedules == ((start.rank, hp.config.low_noise),)
         low_noise = low_noise or adapters[0].info.low_noise
-        captioned = "caption=" in adapters[0].info.source
+        captioned = "caption (read from the references)=" in adapters[0].info.source
         late = (low_noise.gain - 1) * low_noise.below / 1000
-        return {"id_similarity": 0.5 + 0.1 * captioned + late,
+        return {"truth_similarity": 0.5 + 0.1 * captioned + late,
                 "scene_fidelity": (0.88 - 0.15 * late) if captioned else (0.82 - 0.3 * late)}
 
     monkeypatch.setattr(fidelity, "_score", score)
@@ -312,10 +318,69 @@ def test_calibrate_finetune_script_writes_its_scores_and_choice(tmp_path, capsys
     assert not out.exists()
     assert calibrate_finetune.main([*common, "--low-noise-gains", "3", "--low-noise-below", "500", "--tolerance", "1"]) == 0
     saved = json.loads(out.read_text())
-    chosen = "one strength" if saved["low_noise"]["gain"] == 1.0 else "x3 below t=500"
+    chosen = "one strength" if saved["low_noise"]["gain"] == 1.0 else "×3 below timestep 500"
     assert f"chose {chosen}; wrote {out}" in capsys.readouterr().out
     assert [(r["caption"], r["low_noise"]) for r in saved["rows"]] == [
         (c, lo) for c in (True, False) for lo in ({"gain": 1.0, "below": 0}, {"gain": 3.0, "below": 500})]
     assert saved["low_noise"] in ({"gain": 1.0, "below": 0}, {"gain": 3.0, "below": 500})
     assert saved["config"]["finetune_steps"] == 1 and saved["config"]["finetune"]["rank"] == 4
-    assert saved["rows"][0]["id_similarity"] != saved["rows"][2]["id_similarity"]  # the caption changed the adapters
+    assert saved["rows"][0]["truth_similarity"] != saved["rows"][2]["truth_similarity"]  # the caption changed the adapters
+
+
+def test_fidelity_scores_identity_against_the_true_render_and_counts_copying():
+    """Each generation is scored against the world's own render of that identity in the prompted scene, recomputed
+    here through the public calls (generate, render, the encoder); similarity to the reference is the copy column,
+    and where the reference *is* the prompted scene, truth and reference are one image: the copy index is 0."""
+    from hyperdiff.data import synthfaces
+    from hyperdiff.fidelity import REFERENCE_CONDITIONS, FidelityConfig, reference_scene, run_fidelity
+    from hyperdiff.metrics import default_encoder
+    from hyperdiff.pipeline import HyperDreamBoothPipeline
+
+    pipe = tiny_pipeline(seed=0)
+    scenes = (("red", False, "smiling"), ("blue", True, "sad"))
+    config = FidelityConfig(identities=2, scenes=scenes, steps=2, dreambooth_rows=False, seed=5)
+    result = run_fidelity(pipe, {}, config)
+    base = result["rows"]["base"]
+    hdb, enc = HyperDreamBoothPipeline(pipe, None), default_encoder()
+    truth, copy = [], []
+    for i, seed in enumerate(result["identities"]):
+        identity, ref_scene = synthfaces.Identity.from_seed(seed), reference_scene(seed, config)
+        reference = synthfaces.render(identity, ref_scene, 32)
+        assert result["references"][i] == synthfaces.caption(ref_scene)
+        for k, t in enumerate(scenes):
+            scene = synthfaces.Scene(*t)
+            image = hdb.generate(synthfaces.caption(scene, "sks"), None, steps=2, seed=5 + 1000 * i + k)[0]
+            truth.append(float(enc.similarity([image], [synthfaces.render(identity, scene, 32)])[0]))
+            copy.append(float(enc.similarity([image], [reference])[0]))
+    assert abs(base["truth_similarity"] - sum(truth) / 4) < 1e-6
+    assert abs(base["reference_similarity"] - sum(copy) / 4) < 1e-6
+    assert abs(base["copy_index"] - (sum(copy) - sum(truth)) / 4) < 1e-6 and abs(base["copy_index"]) > 1e-4
+    # per reference condition: each identity counts under the conditions its reference meets, with its own scores
+    for condition, meets in REFERENCE_CONDITIONS.items():
+        chosen = [i for i, s in enumerate(result["identities"]) if meets(reference_scene(s, config))]
+        got = base["by_reference"].get(condition)
+        assert (got is None) == (not chosen), condition
+        if chosen:
+            assert got["identities"] == len(chosen)
+            want = sum(base["per_identity"][i]["truth_similarity"] for i in chosen) / len(chosen)
+            assert abs(got["truth_similarity"] - want) < 1e-12
+    # the reference in the one prompted scene: the truth is the reference, nothing to copy beyond it
+    same = run_fidelity(pipe, {}, replace(config, scenes=scenes[:1], reference_scene=scenes[0]))["rows"]["base"]
+    assert same["truth_similarity"] == same["reference_similarity"] and same["copy_index"] == 0.0
+
+
+def test_references_are_drawn_in_varied_scenes_from_the_identity_seed():
+    """Random references: one scene per identity, from its seed alone (the same for every run seed), and varied —
+    a user's photo has any background, hat and expression. A fixed scene is checked like any scene."""
+    from hyperdiff.data import synthfaces
+    from hyperdiff.fidelity import FidelityConfig, reference_scene
+
+    seeds = list(synthfaces.eval_seeds(16))
+    drawn = [reference_scene(s, FidelityConfig()) for s in seeds]
+    assert drawn == [reference_scene(s, FidelityConfig(seed=7)) for s in seeds]
+    assert len({s.background for s in drawn}) >= 4 and {s.hat for s in drawn} == {True, False}
+    assert len({s.expression for s in drawn}) >= 3
+    assert reference_scene(seeds[0], FidelityConfig(reference_scene=("green", False, "neutral"))) == synthfaces.Scene("green")
+    for bad in (("mauve", False, "neutral"), "gray", 3):
+        with pytest.raises(HyperdiffError, match="`reference_scene` must be 'random' or"):
+            FidelityConfig(reference_scene=bad)

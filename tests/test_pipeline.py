@@ -118,6 +118,39 @@ def test_a_caption_replaces_the_fine_tunes_instance_prompt(hdb, ref):
             hdb.personalize([ref], finetune_steps=2, caption=bad)
 
 
+def test_without_a_caption_the_pipelines_captioner_reads_each_reference(hdb, ref):
+    """With a captioner (the embedded base's: `metrics.reference_caption`) and no caption, the fine-tune trains on
+    what each reference shows, read from it: the engine's `finetune` told those captions, bit for bit, and the record
+    says they were read. One caption per image works too; a count that fits neither is a one-line error. Without a
+    captioner the instance prompt stays."""
+    from dataclasses import replace
+
+    from hyperdiff.finetune import finetune
+    from hyperdiff.metrics import reference_caption
+    from hyperdiff.pipeline import FAST_FINETUNE
+
+    other = sf.render(sf.Identity.from_seed(1_000_007), sf.Scene("yellow", True, "smiling"), 32)
+    reading = HyperDreamBoothPipeline(hdb.pipe, hdb.hypernet, captioner=reference_caption)
+    read = [reference_caption(im).format(token="sks") for im in (ref, other)]
+    assert read == ["a sks face, neutral, on a gray background", "a sks face, smiling, wearing a hat, on a yellow background"]
+    got = reading.personalize([ref, other], finetune_steps=2, seed=3)
+    cfg = replace(FAST_FINETUNE, steps=2, token="sks", seed=3)
+    start = [hdb.hypernet.predict([ref, other])]
+    want = finetune(hdb.pipe, [[ref, other]], cfg, start=start, prompts=[read], progress=False)[0]
+    assert all(torch.equal(got.delta_weight(n), want.delta_weight(n)) for n in hdb.table.names)
+    assert got.info.source.endswith(f"caption (read from the references)={read!r}"), got.info.source
+    given = reading.personalize([ref, other], finetune_steps=2, seed=3, caption=read)  # typed, one per image
+    assert all(torch.equal(given.delta_weight(n), want.delta_weight(n)) for n in hdb.table.names)
+    assert given.info.source.endswith(f"caption={read!r}")
+    plain = reading.personalize([ref, other], finetune_steps=2, seed=3, caption="a {token} face")  # no caption asked
+    assert plain.info.source.endswith("caption='a sks face'")
+    assert any(not torch.equal(plain.delta_weight(n), want.delta_weight(n)) for n in hdb.table.names)
+    assert "caption" not in hdb.personalize([ref], finetune_steps=2, seed=3).info.source  # no captioner: no caption
+    assert "caption" not in reading.personalize([ref]).info.source  # zero-shot: nothing is fine-tuned, nothing read
+    with pytest.raises(HyperdiffError, match=r"`caption` must be one string or one per reference image \(2\), got 3"):
+        reading.personalize([ref, other], finetune_steps=2, caption=read + read[:1])
+
+
 def run(*args):
     # one thread, like this test process (tests/conftest.py): CPU reductions round differently with another count
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -164,6 +197,8 @@ def test_cli_bad_inputs_exit_2_and_leave_no_file(hypernet_dir, tmp_path):
           "--finetune-steps", "-3"], "`finetune_steps`"),
         (["personalize", "--image", good, "--out", tmp_path / "a.safetensors", "--base", TINY_BASE, "--hypernet", hypernet_dir,
           "--finetune-steps", "2", "--caption", "a face"], "`caption` must name the subject"),
+        (["personalize", "--image", good, "--image", good, "--out", tmp_path / "a.safetensors", "--finetune-steps", "2",
+          *["--caption", "a {token} face"] * 3], "`--caption` must be given once (for every image) or once per --image (2), got 3"),
         (["generate", "--adapter", text, "--prompt", "a sks face", "--out", tmp_path / "o"], "is not a safetensors file"),
         (["personalize", "--image", good, "--out", tmp_path / "a.safetensors", "--device", "cuda:7"], "`device` 'cuda:7' is not available"),
         (["personalize", "--image", good, "--out", tmp_path / "a.safetensors", "--device", "tpu"], "`device` must be cpu, cuda"),

@@ -41,7 +41,7 @@ from hyperdiff.adapter import Adapter
 from hyperdiff.data import synthfaces
 from hyperdiff.errors import HyperdiffError, check_int_in, check_number_in
 from hyperdiff.formats import FILE_FORMATS
-from hyperdiff.pipeline import MAX_IMAGES, HyperDreamBoothPipeline, load_images
+from hyperdiff.pipeline import MAX_IMAGES, HyperDreamBoothPipeline, caption_record, load_images
 
 MAX_SIDE, MAX_MB = 4096, 20  # uploads larger than this are refused (pixels on either side, megabytes)
 MAX_QUEUE = 16  # model requests waiting at most; more get "queue full"
@@ -211,7 +211,7 @@ class _Handlers:
         steps = _int("finetune_steps", finetune_steps, 0, MAX_FINETUNE_STEPS)
         seed = _int("seed", seed, 0, MAX_SEED)
         token = (token or "").strip()
-        caption = (caption or "").strip() or None  # empty: the fine-tune's default "a {token} face"
+        caption = (caption or "").strip() or None  # empty: read from each reference (embedded base), else "a {token} face"
         key = request.session_hash if request is not None else ""
         flag = self.runs.start(key)
 
@@ -237,7 +237,8 @@ class _Handlers:
             how = f"{steps}-step DreamBooth-LiDB fine-tune from scratch: no hypernet loaded"
         else:
             how = "zero-shot hypernet prediction" if steps == 0 else f"zero-shot prediction + {steps}-step fast fine-tune"
-        return (f"Personalized from {len(references)} reference(s) in **{seconds:.2f} s** ({how}). "
+        told = f" Fine-tuned on {caption_record(adapter)}." if caption_record(adapter) else ""
+        return (f"Personalized from {len(references)} reference(s) in **{seconds:.2f} s** ({how}).{told} "
                 f"Put **{token}** in your prompt.", _adapter_summary(adapter), session)
 
     def cancel(self, request: gr.Request):
@@ -361,7 +362,8 @@ def build_app(pipeline: HyperDreamBoothPipeline) -> gr.Blocks:
                                             placeholder="a {token} face, neutral, on a gray background",
                                             info="What the photos show besides the face: those words then stay with "
                                                  "their meaning instead of being learned into the token. Empty: "
-                                                 "'a {token} face'.")
+                                                 + ("read from each photo (background, hat, expression)."
+                                                    if pipeline.captioner is not None else "'a {token} face'."))
                 with gr.Row():
                     personalize_btn = gr.Button("Personalize", variant="primary", elem_id="personalize-btn", scale=3)
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn", scale=1)

@@ -320,12 +320,14 @@ def caption(scene: Scene, token: str | None = None) -> str:
         raise HyperdiffError(f"`scene` must be a Scene, got {type(scene).__name__}")
     if token is not None and (not isinstance(token, str) or not _TOKEN.fullmatch(token)):
         raise HyperdiffError(f"`token` must be one lowercase word of letters (like 'sks') or None, got {token!r}")
-    subject = f"a {token} face" if token else "a face"
-    parts = [subject, scene.expression]
-    if scene.hat:
-        parts.append("wearing a hat")
-    parts.append(f"on a {scene.background} background")
-    return ", ".join(parts)
+    return scene_words(f"a {token} face" if token else "a face", scene.expression, scene.hat, scene.background)
+
+
+def scene_words(subject: str, expression: str, hat: bool, background: str | None) -> str:
+    """The caption's word order for `subject`: `"<subject>, <expression>[, wearing a hat][, on a <background>
+    background]"` (no background clause for None: a scene whose background is none of `PALETTE`)."""
+    parts = [subject, expression] + (["wearing a hat"] if hat else [])
+    return ", ".join(parts + ([f"on a {background} background"] if background is not None else []))
 
 
 def scene_from_caption(text: str) -> Scene:
