@@ -32,14 +32,14 @@ import torch
 from hyperdiff import Adapter
 from hyperdiff.data import synthfaces
 from hyperdiff.finetune import finetune
-from hyperdiff.fidelity import DEFAULT_SCENES, FidelityConfig
+from hyperdiff.fidelity import DEFAULT_SCENES
 from hyperdiff.metrics import JUDGE_ENCODER_DIR, IdentityEncoder, default_encoder
 from hyperdiff.pipeline import EMBEDDED_HYPERNET, SYNTHFACES_FAST_FINETUNE, HyperDreamBoothPipeline
 from hyperdiff.schedule import LowNoiseGain
 
 SEEDS = list(synthfaces.eval_seeds(104))[100:]  # held out, and not the fidelity table's or the demo's identities
 SCENES = [synthfaces.Scene(*t) for t in DEFAULT_SCENES[:2]]
-REFERENCE = synthfaces.Scene(*FidelityConfig.reference_scene)
+REFERENCE = synthfaces.Scene("gray", False, "neutral")  # the scene these figures were measured from
 CAPTION = synthfaces.caption(REFERENCE, "sks")  # what the reference shows, for the fine-tune
 
 
