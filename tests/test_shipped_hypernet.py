@@ -33,7 +33,7 @@ from hyperdiff import Adapter
 from hyperdiff.data import synthfaces
 from hyperdiff.finetune import finetune
 from hyperdiff.fidelity import DEFAULT_SCENES
-from hyperdiff.metrics import JUDGE_ENCODER_DIR, IdentityEncoder, default_encoder
+from hyperdiff.metrics import JUDGE_ENCODER_DIR, IdentityEncoder, default_encoder, reference_caption
 from hyperdiff.pipeline import EMBEDDED_HYPERNET, SYNTHFACES_FAST_FINETUNE, HyperDreamBoothPipeline
 from hyperdiff.schedule import LowNoiseGain
 
@@ -123,12 +123,15 @@ def test_the_cli_fine_tunes_on_the_embedded_base_with_the_identity_term(hdb, tmp
     assert res.returncode == 0, res.stderr
     loaded = Adapter.load(out)
     cfg = replace(SYNTHFACES_FAST_FINETUNE, steps=3, token="sks", seed=2)
-    want = finetune(hdb.pipe, [[ref]], cfg, start=[hdb.hypernet.predict([ref])], progress=False)[0]
+    read = [[reference_caption(ref).format(token="sks")]]  # no --caption: the embedded base reads the reference's
+    want = finetune(hdb.pipe, [[ref]], cfg, start=[hdb.hypernet.predict([ref])], prompts=read, progress=False)[0]
+    assert f"caption (read from the references)={read[0][0]!r}" in loaded.info.source, loaded.info.source
     assert "identity_weight=1" in loaded.info.source and "lr=0.003" in loaded.info.source, loaded.info.source
     assert loaded.info.low_noise == SYNTHFACES_FAST_FINETUNE.low_noise, loaded.info  # the file says how it samples:
     assert loaded.info.rank_schedules == ((want.rank - SYNTHFACES_FAST_FINETUNE.rank, hdb.hypernet.config.low_noise),)
     assert loaded.info.rank_schedules == want.info.rank_schedules  # the start's rank keeps the hypernet's schedule
     for name in hdb.table.names:
         assert torch.equal(loaded.delta_weight(name), want.delta_weight(name)), name
-    plain = finetune(hdb.pipe, [[ref]], replace(cfg, identity_weight=0.0), start=[hdb.hypernet.predict([ref])], progress=False)[0]
+    plain = finetune(hdb.pipe, [[ref]], replace(cfg, identity_weight=0.0), start=[hdb.hypernet.predict([ref])],
+                     prompts=read, progress=False)[0]
     assert any(not torch.equal(plain.delta_weight(n), want.delta_weight(n)) for n in hdb.table.names)

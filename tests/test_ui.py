@@ -203,11 +203,12 @@ def test_fast_finetune_reports_progress_and_cancel_keeps_the_previous_adapter(se
 def test_the_reference_caption_reaches_the_fine_tune(server, expected, refs):
     c = client(server)
     personalize(c, refs[0])
-    caption = "a {token} face, neutral, on a gray background"
+    caption = "a {token} face, smiling, wearing a hat, on a gray background"  # not what the reference shows
     status, summary = c.predict("sks", 2, 0, caption, api_name="/personalize")
-    assert "2-step fast fine-tune" in status
+    assert "2-step fast fine-tune" in status and "caption='a sks face, smiling, wearing a hat" in status
     captioned = expected.personalize([refs[0]], finetune_steps=2, seed=0, caption=caption)
-    assert captioned.digest != expected.personalize([refs[0]], finetune_steps=2, seed=0).digest
+    read = expected.personalize([refs[0]], finetune_steps=2, seed=0)  # empty field: the caption read from the photo
+    assert captioned.digest != read.digest and "caption (read from the references)=" in read.info.source
     downloaded = Adapter.load(c.predict("native", api_name="/download")[0])
     assert downloaded.digest == captioned.digest and downloaded.info.source == captioned.info.source
     with pytest.raises(Exception, match="must name the subject by the token 'sks'"):  # shown, and the adapter kept
