@@ -254,7 +254,7 @@ class HyperDreamBoothPipeline:
         start = [self.hypernet.predict(refs, token=token)] if self.hypernet is not None else None
         how = f"hypernet {self.hypernet_name}"
         adapter = start[0] if start else None
-        read = ""
+        read, told = "", None
         if finetune_steps:
             cfg = replace(finetune_config or (self.fast_finetune if start else DREAMBOOTH_LIDB),
                           steps=finetune_steps, token=token, seed=seed)
@@ -264,14 +264,13 @@ class HyperDreamBoothPipeline:
             if not start:
                 how = "DreamBooth-LiDB" if cfg.kind == "lidb" else "DreamBooth-LoRA"
             prior = self._prior(cfg) if cfg.prior_weight > 0 else None
-            prompts = [[c.format(token=token) for c in captions]] if captions is not None else None
-            adapter = finetune(self.pipe, [refs], cfg, start=start, prompts=prompts, prior=prior, progress=False,
-                               callback=callback)[0]
+            told = [c.format(token=token) for c in captions] if captions is not None else None  # one per image
+            adapter = finetune(self.pipe, [refs], cfg, start=start, prompts=[told] if told else None, prior=prior,
+                               progress=False, callback=callback)[0]
         source = f"{how}; finetune_steps={finetune_steps}"
         if finetune_steps:
             source += f"; {adapter.info.source}"  # the engine's recipe: kind, batch size, learning rate, identity weight
-        if finetune_steps and captions is not None:
-            told = [c.format(token=token) for c in captions]
+        if finetune_steps and told:
             source += f"; caption{read}=" + (repr(told[0]) if len(set(told)) == 1 else repr(told))
         adapter.info = replace(adapter.info, base_model=self.base_name, token=token, source=source)
         return adapter
