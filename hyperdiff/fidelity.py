@@ -39,9 +39,10 @@ writes JSON and a Markdown table.
 table rows, and the gain with the highest truth similarity wins among those that keep the base model's editability:
 scene fidelity within `tolerance` of the base model's (or of gain 1's, where that is lower). With `low_noise`
 candidates (`hyperdiff.schedule`) every gain is also scored with each, and the winner's goes into the hypernet's
-config. `calibrate_finetune(pipe, hypernet, low_noise, config, tolerance)` applies the same rule to the fast
-fine-tune's sampling schedule (`FinetuneConfig.low_noise`), on its adapters told the caption read from the
-reference (the default) and on "a <token> face": a candidate must keep both within the tolerance. Each candidate is
+config. `calibrate_finetune(pipe, hypernet, low_noise, config, tolerance, recipes)` applies the same rule to the
+fast fine-tune's recipes (`FinetuneConfig`s: learning rate, rank, loss weights, ...) and sampling schedule
+(`FinetuneConfig.low_noise`), on its adapters told the caption read from the reference (the default) and on
+"a <token> face": a candidate must keep both within the tolerance. Each candidate is
 scored as the recipe's schedule would sample: on the learned rank components, the start's keeping the hypernet's
 unless `config.finetune.start_keeps_schedule` is False; the reference is the same adapters at one strength throughout.
 """
@@ -326,33 +327,47 @@ def calibrate_gain(
 
 def calibrate_finetune(
     pipe, hypernet, low_noise: Sequence[LowNoiseGain], config: FidelityConfig | None = None, tolerance: float = 0.02,
+    recipes: Sequence[FinetuneConfig] = (), plain: bool = True,
 ) -> dict:
-    """{"low_noise": chosen as a dict, "base", "rows": [{"caption": bool, "low_noise", "truth_similarity",
-    "scene_fidelity", ...}, ...], "identities": seeds, "tolerance"}: the fast fine-tune's sampling schedule
-    (`FinetuneConfig.low_noise`) by `calibrate_gain`'s rule. Each validation reference gets `config.finetune_steps`
-    of `config.finetune` on `hypernet`'s prediction twice, told the caption read from it (the default) and on
-    "a <token> face" (`caption` False); both sets are scored at one strength and with each candidate. A candidate
-    passes when both keep scene fidelity within `tolerance` of the lower of the base model's and their own at one
-    strength; of those (one strength always passes) the one with the most truth similarity, averaged over both, wins."""
+    """{"recipe": the chosen recipe's changes to `config.finetune`, "low_noise": its chosen schedule as a dict,
+    "base", "recipes": [changes, ...], "rows": [{"recipe": index, "caption": bool, "low_noise", "truth_similarity",
+    "scene_fidelity", ...}, ...], "identities": seeds, "tolerance"}: the fast fine-tune's recipe and sampling schedule
+    (`FinetuneConfig.low_noise`) by `calibrate_gain`'s rule. Each recipe (`recipes`, default `config.finetune`
+    alone) gets `config.finetune_steps` steps on `hypernet`'s prediction of every validation reference, told the
+    caption read from it (the default) and, with `plain`, on "a <token> face" (`caption` False); each set is scored
+    at one strength and with each candidate schedule. A (recipe, schedule) passes when every set keeps scene fidelity
+    within `tolerance` of the lower of the base model's and the recipe's own at one strength; of those (one strength
+    always passes) the one with the most truth similarity, averaged over the sets, wins."""
     config = config or FidelityConfig()
     check_positive_int("finetune_steps", config.finetune_steps)
+    recipes = list(recipes) or [config.finetune]
     seeds, refs, base = _validation(pipe, config, tolerance)
     hdb = HyperDreamBoothPipeline(pipe, hypernet, captioner=reference_caption)
     schedules = _schedules(low_noise)
-    rows = []
-    for text in (None, PLAIN):  # the caption read from the reference, then none
-        adapters = [hdb.personalize([r.image], token=config.token, finetune_steps=config.finetune_steps,
-                                    seed=config.seed, caption=text, finetune_config=config.finetune) for r in refs]
-        rows += [{"caption": text is None, "low_noise": lo.to_dict(),
-                  **(_score(pipe, [ad.with_schedule(lo) for ad in adapters], refs, config) if lo.active
-                     else _score(pipe, adapters, refs, config, lo))}  # as the recipe samples / one strength throughout
-                 for lo in schedules]
-    uses = [rows[:len(schedules)], rows[len(schedules):]]  # captioned, plain: one row per schedule, one strength first
-    passing = [k for k in range(len(schedules))
-               if all(u[k]["scene_fidelity"] >= _floor(base, u[0], tolerance) for u in uses)]
-    best = max(passing, key=lambda k: statistics.fmean(u[k]["truth_similarity"] for u in uses))
-    return {"low_noise": schedules[best].to_dict(), "tolerance": tolerance, "identities": seeds, "base": base,
-            "rows": rows}
+    texts = (None, PLAIN) if plain else (None,)  # the caption read from the reference, then none
+    rows, choices = [], []  # choices: (recipe index, schedule index, [row per caption set])
+    for j, recipe in enumerate(recipes):
+        uses = []
+        for text in texts:
+            adapters = [hdb.personalize([r.image], token=config.token, finetune_steps=config.finetune_steps,
+                                        seed=config.seed, caption=text, finetune_config=recipe) for r in refs]
+            uses.append([{"recipe": j, "caption": text is None, "low_noise": lo.to_dict(),
+                          **(_score(pipe, [ad.with_schedule(lo) for ad in adapters], refs, config) if lo.active
+                             else _score(pipe, adapters, refs, config, lo))}  # as the recipe samples / one strength
+                         for lo in schedules])
+            rows += uses[-1]
+        choices += [(j, k, [u[k] for u in uses]) for k in range(len(schedules))
+                    if all(u[k]["scene_fidelity"] >= _floor(base, u[0], tolerance) for u in uses)]
+    j, k, _ = max(choices, key=lambda c: statistics.fmean(row["truth_similarity"] for row in c[2]))
+    changes = [_changes(config.finetune, recipe) for recipe in recipes]
+    return {"recipe": changes[j], "low_noise": schedules[k].to_dict(), "tolerance": tolerance, "identities": seeds,
+            "base": base, "recipes": changes, "rows": rows}
+
+
+def _changes(start: FinetuneConfig, recipe: FinetuneConfig) -> dict:
+    """The fields of `recipe` that differ from `start`, as plain data."""
+    before, after = to_dict(start), to_dict(recipe)
+    return {key: value for key, value in after.items() if before[key] != value}
 
 
 def _pm(row: dict, key: str, fmt: str) -> str:

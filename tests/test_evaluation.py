@@ -275,8 +275,9 @@ def test_finetune_calibration_picks_a_schedule_that_both_fine_tunes_pass(tmp_pat
         low_noise = low_noise or adapters[0].info.low_noise
         captioned = "caption (read from the references)=" in adapters[0].info.source
         late = (low_noise.gain - 1) * low_noise.below / 1000
-        return {"truth_similarity": 0.5 + 0.1 * captioned + late,
-                "scene_fidelity": (0.88 - 0.15 * late) if captioned else (0.82 - 0.3 * late)}
+        fast = 0.2 * (" lr=0.05" in adapters[0].info.source)  # the recipe the adapters were trained with
+        return {"truth_similarity": 0.5 + 0.1 * captioned + late + fast,
+                "scene_fidelity": (0.88 - 0.15 * late - fast / 2) if captioned else (0.82 - 0.3 * late)}
 
     monkeypatch.setattr(fidelity, "_score", score)
     config = fidelity.FidelityConfig(identities=2, finetune_steps=1, finetune=replace(FAST_FINETUNE, steps=1))
@@ -291,6 +292,18 @@ def test_finetune_calibration_picks_a_schedule_that_both_fine_tunes_pass(tmp_pat
     result = fidelity.calibrate_finetune(tiny_pipeline(seed=0), hp, lows, config, tolerance=0.05)
     assert result["low_noise"] == {"gain": 1.5, "below": 200}  # now both pass; × 3 below 500 still fails both
     assert fidelity.calibrate_finetune(tiny_pipeline(seed=0), hp, lows[2:], config)["low_noise"] == {"gain": 1.0, "below": 0}
+    # recipes: each is trained and scored with every schedule; the lr 0.05 one gains 0.2 of identity, and within a
+    # tolerance wins (its own floor is its one-strength score); only told the caption (`plain` False) when asked
+    fast = replace(config.finetune, learning_rate=0.05)
+    result = fidelity.calibrate_finetune(tiny_pipeline(seed=0), hp, lows[:2], config, recipes=[config.finetune, fast])
+    assert result["recipes"] == [{}, {"learning_rate": 0.05}] and result["recipe"] == {"learning_rate": 0.05}
+    assert [(r["recipe"], r["caption"], r["low_noise"]["gain"]) for r in result["rows"]] == [
+        (j, c, g) for j in (0, 1) for c in (True, False) for g in (1.0, 1.25, 1.5)]
+    assert result["low_noise"] == {"gain": 1.25, "below": 200}
+    seen.clear()
+    result = fidelity.calibrate_finetune(tiny_pipeline(seed=0), hp, lows[:2], config, recipes=[fast], plain=False)
+    assert [r["caption"] for r in result["rows"]] == [True] * 3 and len(seen) == 3  # one set scored per schedule
+    assert result["low_noise"] == {"gain": 1.5, "below": 200}  # the plain fine-tune no longer holds it back
 
 
 def test_calibrate_finetune_script_writes_its_scores_and_choice(tmp_path, capsys):
@@ -316,12 +329,22 @@ def test_calibrate_finetune_script_writes_its_scores_and_choice(tmp_path, capsys
     no_hypernet = [a for a in common if a != str(run) and a != "--hypernet"]
     assert calibrate_finetune.main([*no_hypernet, "--low-noise-gains", "2"]) == 2
     assert not out.exists()
-    assert calibrate_finetune.main([*common, "--low-noise-gains", "3", "--low-noise-below", "500", "--tolerance", "1"]) == 0
+    capsys.readouterr()
+    for bad, flag in ((["--recipe", "learning_rate=-1"], "learning_rate"), (["--recipe", "nope=1"], "nope"),
+                      (["--recipe", " "], "--recipe")):
+        assert calibrate_finetune.main([*common, *bad]) == 2, bad
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and flag in err[0], (bad, err)
+    assert not out.exists()
+    assert calibrate_finetune.main([*common, "--low-noise-gains", "3", "--low-noise-below", "500", "--tolerance", "1",
+                                    "--recipe", "learning_rate=0.02 rank=2"]) == 0
     saved = json.loads(out.read_text())
     chosen = "one strength" if saved["low_noise"]["gain"] == 1.0 else "×3 below timestep 500"
-    assert f"chose {chosen}; wrote {out}" in capsys.readouterr().out
-    assert [(r["caption"], r["low_noise"]) for r in saved["rows"]] == [
-        (c, lo) for c in (True, False) for lo in ({"gain": 1.0, "below": 0}, {"gain": 3.0, "below": 500})]
+    recipe = "(the recipe as it is)" if saved["recipe"] == {} else "(learning_rate=0.02 rank=2)"
+    assert f"chose {recipe}, {chosen}; wrote {out}" in capsys.readouterr().out
+    assert saved["recipes"] == [{}, {"learning_rate": 0.02, "rank": 2}]
+    assert [(r["recipe"], r["caption"], r["low_noise"]) for r in saved["rows"]] == [
+        (j, c, lo) for j in (0, 1) for c in (True, False) for lo in ({"gain": 1.0, "below": 0}, {"gain": 3.0, "below": 500})]
     assert saved["low_noise"] in ({"gain": 1.0, "below": 0}, {"gain": 3.0, "below": 500})
     assert saved["config"]["finetune_steps"] == 1 and saved["config"]["finetune"]["rank"] == 4
     assert saved["rows"][0]["truth_similarity"] != saved["rows"][2]["truth_similarity"]  # the caption changed the adapters
