@@ -4,34 +4,35 @@ Public API (see shared DESIGN.md): `LayerTable`, `Adapter`, `HyperNetwork`, `Hyp
 `hyperdiff.models` builders.
 """
 
-from hyperdiff.adapter import Adapter, AdapterInfo
-from hyperdiff.errors import HyperdiffError
-from hyperdiff.hypernet import HyperNetConfig, HyperNetwork
-from hyperdiff.layers import LayerTable, TargetConfig
-from hyperdiff.lidb import LiDBConfig
-from hyperdiff.processors import HyperLoRA, HyperLoRAAttnProcessor, LowRankDelta
+import importlib
 
-__all__ = [
-    "Adapter",
-    "AdapterInfo",
-    "HyperLoRA",
-    "HyperLoRAAttnProcessor",
-    "HyperNetConfig",
-    "HyperNetwork",
-    "HyperDreamBoothPipeline",
-    "HyperdiffError",
-    "LayerTable",
-    "LiDBConfig",
-    "LowRankDelta",
-    "TargetConfig",
-]
+# public name → module; imported on first use, so `import hyperdiff` (and the CLI's argument checks) stay free of
+# torch and diffusers until a model is needed
+_PUBLIC = {
+    "Adapter": "hyperdiff.adapter",
+    "AdapterInfo": "hyperdiff.adapter",
+    "HyperLoRA": "hyperdiff.processors",
+    "HyperLoRAAttnProcessor": "hyperdiff.processors",
+    "HyperNetConfig": "hyperdiff.hypernet",
+    "HyperNetwork": "hyperdiff.hypernet",
+    "HyperDreamBoothPipeline": "hyperdiff.pipeline",
+    "HyperdiffError": "hyperdiff.errors",
+    "LayerTable": "hyperdiff.layers",
+    "LiDBConfig": "hyperdiff.lidb",
+    "LowRankDelta": "hyperdiff.processors",
+    "TargetConfig": "hyperdiff.layers",
+}
+__all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # The pipeline pulls in diffusers pipelines and the fine-tuning engine: import it on first use.
-    if name == "HyperDreamBoothPipeline":
-        from hyperdiff.pipeline import HyperDreamBoothPipeline
-
-        return HyperDreamBoothPipeline
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'hyperdiff' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})

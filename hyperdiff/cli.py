@@ -2,8 +2,12 @@
 
 Contract (DESIGN.md, "CLI"): subcommands map one-to-one onto library calls; the CLI holds no model logic.
 Exit code 0 on success; 2 on bad input, with one line `hyperdiff: error: <what input, what was wrong, what was
-expected>` on stderr and no traceback (argparse's own usage errors also exit 2); a soft problem (a warning) is one
-line `hyperdiff: warning: <what>` on stderr. Outputs are written atomically.
+expected>` on stderr, the last line, alone, and no traceback (argparse's own usage errors also exit 2); a soft problem
+(a warning) is one line `hyperdiff: warning: <what>` on stderr. Every argument and input file is checked before any
+model loads (`hyperdiff.inputs`, which imports no torch: bad numbers, words, paths and images are answered at once).
+The libraries' progress bars, logs and warnings stay off stderr unless `--verbose`; long work (fine-tune steps,
+denoising) shows the CLI's own progress bar on a line of its own, erased when it ends, also on an error. Outputs are
+written atomically.
 """
 
 from __future__ import annotations
@@ -15,12 +19,38 @@ import time
 import warnings
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
+from hyperdiff import inputs
 from hyperdiff.errors import HyperdiffError
 
 
+def _safetensors_out(out: Path) -> Path:
+    inputs.check_writable(out, "`--out`")
+    if out.suffix != ".safetensors":
+        raise HyperdiffError(f"`--out` '{out}' must end with .safetensors")
+    return out
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """Before models load: the libraries' loading bars and logs off the user's terminal unless `--verbose`."""
+    if verbose:
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # also huggingface_hub's
+
+
+def _progress(total: int, desc: str):
+    """The CLI's own bar on stderr: a line of its own, erased when it closes (`with` closes it on an error too)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not total, leave=False, file=sys.stderr)
+
+
 def _cmd_export(args: argparse.Namespace) -> None:
+    _safetensors_out(Path(args.out))  # --split writes beside it, under its name
+    inputs.read_header(args.adapter, "adapter file")
     from hyperdiff.adapter import Adapter
 
     adapter = Adapter.load(args.adapter)
@@ -36,6 +66,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
+    inputs.read_header(args.adapter, "adapter file")
     from hyperdiff.adapter import Adapter
 
     ad = Adapter.load(args.adapter)
@@ -60,28 +91,35 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
         print(f"{key:>17}: {value}")
 
 
-def _cmd_personalize(args: argparse.Namespace) -> None:
-    from hyperdiff.files import check_writable
-    from hyperdiff.pipeline import HyperDreamBoothPipeline, caption_record, load_images
+def _check_models(args: argparse.Namespace) -> None:
+    inputs.check_device_name(args.device)
+    inputs.check_dtype_name(args.dtype)
+    hypernet = getattr(args, "hypernet", None)
+    if hypernet is not None and not (Path(hypernet) / "config.json").is_file():  # read whole when the models load
+        raise HyperdiffError(f"`--hypernet` '{hypernet}' has no config.json: expected a folder written by save_pretrained")
 
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise HyperdiffError(f"`--out` '{out}' must end with .safetensors")
-    check_writable(out, "`--out`")
-    images = load_images(args.image)  # fail on a bad image before loading any model
+
+def _cmd_personalize(args: argparse.Namespace) -> None:
+    out = _safetensors_out(Path(args.out))
+    inputs.check_personalize(args.finetune_steps, args.token, args.seed)
+    _check_models(args)
+    images = inputs.load_images(args.image)
     caption = args.caption
     if caption is not None and len(caption) not in (1, len(images)):
         raise HyperdiffError(f"`--caption` must be given once (for every image) or once per --image ({len(images)}), "
                              f"got {len(caption)}")
     if caption is not None and len(caption) == 1:
         caption = caption[0]
+    inputs.check_captions(caption, len(images), args.token)
+    _quiet_libraries(args.verbose)
+    from hyperdiff.pipeline import HyperDreamBoothPipeline, caption_record
+
     start = time.perf_counter()
     hdb = HyperDreamBoothPipeline.from_pretrained(args.base, args.hypernet, device=args.device, dtype=args.dtype)
     loaded = time.perf_counter()
-    bar = tqdm(total=args.finetune_steps, desc="fast fine-tune", disable=not args.finetune_steps, leave=False)
-    adapter = hdb.personalize(images, token=args.token, finetune_steps=args.finetune_steps, seed=args.seed,
-                              callback=lambda step, loss: bar.update(1), caption=caption)
-    bar.close()
+    with _progress(args.finetune_steps, "fine-tune") as bar:
+        adapter = hdb.personalize(images, token=args.token, finetune_steps=args.finetune_steps, seed=args.seed,
+                                  callback=lambda step, loss: bar.update(1), caption=caption)
     done = time.perf_counter()
     adapter.save(out)
     print(f"personalized {len(images)} reference image(s) in {done - loaded:.2f} s (models loaded in {loaded - start:.1f} s): "
@@ -92,10 +130,16 @@ def _cmd_personalize(args: argparse.Namespace) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
+    inputs.check_generate(args.prompt, args.num_images, args.steps, args.guidance, args.strength, args.seed,
+                          args.negative_prompt)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise HyperdiffError(f"`--out` '{out}' is a file, expected a folder for the PNG images")
+    inputs.check_writable(out / "image.png", "`--out`")
+    _check_models(args)
+    inputs.read_header(args.adapter, "adapter file")
     from hyperdiff.adapter import Adapter
-    from hyperdiff.pipeline import HyperDreamBoothPipeline
     from hyperdiff.schedule import LowNoiseGain
-    from hyperdiff.sheet import save_png
 
     adapter = Adapter.load(args.adapter)
     low = adapter.info.low_noise
@@ -103,16 +147,17 @@ def _cmd_generate(args: argparse.Namespace) -> None:
                                 ("off_from", args.low_noise_off_from)) if v is not None}
     if given:
         low = LowNoiseGain(**{**low.to_dict(), **given})
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise HyperdiffError(f"`--out` '{out}' is a file, expected a folder for the PNG images")
+    _quiet_libraries(args.verbose)
+    from hyperdiff.pipeline import HyperDreamBoothPipeline
+    from hyperdiff.sheet import save_png
+
     hdb = HyperDreamBoothPipeline.from_pretrained(args.base, load_hypernet=False, device=args.device, dtype=args.dtype)
     adapter.check_table(hdb.table)
-    hdb.pipe.set_progress_bar_config(disable=False, desc="denoise", leave=False)  # diffusers' own tqdm bar
     start = time.perf_counter()
-    images = hdb.generate(args.prompt, adapter, negative_prompt=args.negative_prompt, num_images=args.num_images,
-                          steps=args.steps, guidance=args.guidance, seed=args.seed, strength=args.strength,
-                          low_noise=low)
+    with _progress(args.steps, "generate") as bar:  # one tick per denoising step, through diffusers' step callback
+        images = hdb.generate(args.prompt, adapter, negative_prompt=args.negative_prompt, num_images=args.num_images,
+                              steps=args.steps, guidance=args.guidance, seed=args.seed, strength=args.strength,
+                              low_noise=low, on_step=lambda step: bar.update(1))
     seconds = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
     paths = [save_png(im, out / f"{Path(args.adapter).stem}_seed{args.seed + i}.png") for i, im in enumerate(images)]
@@ -122,6 +167,9 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
+    inputs.check_writable(Path(args.out) / "sheet.png", "`--out`")
+    _check_models(args)
+    _quiet_libraries(args.verbose)
     from hyperdiff.demo import run_demo
 
     run_demo(Path(args.out), base=args.base, hypernet=args.hypernet, device=args.device, dtype=args.dtype)
@@ -130,12 +178,15 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 def _cmd_ui(args: argparse.Namespace) -> None:
     if not 1 <= args.port <= 65535:
         raise HyperdiffError(f"`--port` must be an integer in [1, 65535], got {args.port}")
+    _check_models(args)
+    _quiet_libraries(args.verbose)
     from ui.app import serve
 
     serve(args.host, args.port, base=args.base, hypernet=args.hypernet, device=args.device, dtype=args.dtype)
 
 
 def _add_device_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true", help="also show the libraries' progress bars, logs and warnings")
     p.add_argument("--device", help="where the models run: cpu, cuda, cuda:N or mps (default: cuda, else mps, else cpu)")
     p.add_argument("--dtype", help="weights' precision: float32, float16 or bfloat16 (default: float16 on a GPU, "
                    "float32 on cpu)")
@@ -206,10 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "learned part sample with their own low-noise schedules, which one LoRA weight per step cannot "
                         "give; load each under its own adapter name and sample them with "
                         "hyperdiff.schedule.diffusers_schedule (an adapter with one schedule gives one part)")
+    p.add_argument("--verbose", action="store_true", help="also show the libraries' warnings")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("inspect", help="print what a native adapter file holds")
     p.add_argument("adapter", help="native hyperdiff adapter (.safetensors)")
+    p.add_argument("--verbose", action="store_true", help="also show the libraries' warnings")
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("ui", help="serve the web UI (Gradio): personalize, generate, uncertainty, mix, download",
@@ -234,19 +287,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"hyperdiff: warning: {message}", file=sys.stderr)
+HYPERDIFF_DIR = str(Path(__file__).resolve().parent)
+
+
+def _warning_printer(verbose: bool):
+    """`warnings.showwarning` for the CLI: a warning hyperdiff raises is one line on stderr; the libraries' only
+    with `--verbose`."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if verbose or str(Path(filename).resolve()).startswith(HYPERDIFF_DIR):
+            print(f"hyperdiff: warning: {message}", file=sys.stderr)
+    return show
 
 
 def main(argv: list[str] | None = None) -> int:
     # An application, not a library: keep the libraries' import-time chatter (optional torchvision backends,
     # "no LoRA keys for the text encoder") off the user's terminal unless they ask for it.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
+    if not args.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
         with warnings.catch_warnings():  # a soft problem is one line on stderr, like an error (restored on exit)
-            warnings.showwarning = _show_warning
+            warnings.simplefilter("default")
+            warnings.showwarning = _warning_printer(args.verbose)
             args.func(args)
     except HyperdiffError as e:
         print(f"hyperdiff: error: {e}", file=sys.stderr)

@@ -5,14 +5,13 @@ Contract:
   renames it over `path` (`os.replace`), so a reader never sees a half-written file and a failure leaves none.
 - `read_safetensors(path, what)` returns `(tensors, metadata)` or raises `HyperdiffError` naming the file when it
   is missing, is not a safetensors file, or holds non-finite or non-floating tensors. Nothing is unpickled.
-- `atomic_path(path)` is the same temp-then-rename discipline for writers that take a path (PIL, diffusers).
+- `atomic_path(path)` is the same temp-then-rename discipline for writers that take a path (PIL, diffusers);
+  `make_parent(path)` makes the missing folders above a path when it is written (checks never create them).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,21 +22,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hyperdiff.errors import HyperdiffError
+from hyperdiff.inputs import check_writable, read_header  # noqa: F401 (re-exported: formats and scripts take them from here)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def check_writable(path: Path, what: str) -> None:
-    if path.is_dir():
-        raise HyperdiffError(f"{what} '{path}' is a folder, expected a file path")
-    parent = path.parent
-    if not parent.exists():
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise HyperdiffError(f"{what} folder '{parent}' cannot be created: {e.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise HyperdiffError(f"{what} '{path}' is not writable: no write permission on '{parent}'")
 
 
 def _umask() -> int:
@@ -46,14 +33,24 @@ def _umask() -> int:
     return mask
 
 
+def make_parent(path: str | os.PathLike, what: str) -> Path:
+    """`path` checked writable (`check_writable`), its missing folders made, at the moment it is written."""
+    path = Path(path)
+    check_writable(path, what)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HyperdiffError(f"{what} folder '{path.parent}' cannot be created: {e.strerror}") from None
+    return path
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, what: str = "output") -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it to `path`, on failure remove it.
 
     An `OSError` (no permission, disk full, read-only file system) becomes a one-line `HyperdiffError`.
     """
-    path = Path(path)
-    check_writable(path, what)
+    path = make_parent(path, what)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
@@ -80,26 +77,6 @@ def write_safetensors(
     with atomic_path(path, what) as tmp:
         save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
     return Path(path)
-
-
-def read_header(path: str | os.PathLike, what: str = "adapter file") -> dict:
-    """The raw safetensors JSON header (tensor entries and `__metadata__`), without loading any tensor."""
-    path = Path(path)
-    if not path.exists():
-        raise HyperdiffError(f"{what} '{path}' does not exist")
-    if not path.is_file():
-        raise HyperdiffError(f"{what} '{path}' is not a file")
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > min(100_000_000, path.stat().st_size - 8):
-                raise ValueError
-            header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError
-    except (ValueError, struct.error, UnicodeDecodeError):
-        raise HyperdiffError(f"{what} '{path}' is not a safetensors file (its header cannot be read)") from None
-    return header
 
 
 def read_safetensors(path: str | os.PathLike, what: str = "adapter file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -39,7 +39,6 @@ Uses: (a) DreamBooth-LiDB from scratch, (b) stage-1 targets for hypernet trainin
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 from typing import Callable, Collection, Sequence
 
@@ -51,6 +50,7 @@ from tqdm.auto import tqdm
 from hyperdiff.adapter import Adapter, AdapterInfo
 from hyperdiff.config import to_dict
 from hyperdiff.errors import HyperdiffError, check_number_in, check_positive_int
+from hyperdiff.inputs import check_prompt
 from hyperdiff.layers import LayerTable
 from hyperdiff.lidb import LiDBConfig, aux_bases, compose
 from hyperdiff.metrics import to_batch
@@ -128,19 +128,6 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict:
         return to_dict(self)
-
-
-def check_prompt(name: str, prompt: object, token: str) -> None:
-    """A prompt template (a reference caption, an anchor prompt) must format with `token` alone and then name the
-    subject by the token."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise HyperdiffError(f"`{name}` must be a non-empty string, got {prompt!r}")
-    try:
-        text = prompt.format(token=token)
-    except (KeyError, IndexError, ValueError):
-        raise HyperdiffError(f"`{name}` may hold no braces but {{token}}, got {prompt!r}") from None
-    if token not in re.findall(r"\w+", text):
-        raise HyperdiffError(f"`{name}` must name the subject by the token {token!r} (or {{token}}), got {prompt!r}")
 
 
 @dataclass

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from hyperdiff.errors import HyperdiffError
-from hyperdiff.files import check_writable, read_header, read_safetensors, write_safetensors
+from hyperdiff.files import check_writable, make_parent, read_header, read_safetensors, write_safetensors
 from hyperdiff.layers import TargetConfig
 from hyperdiff.lidb import LiDBConfig
 from hyperdiff.schedule import LowNoiseGain
@@ -289,7 +289,7 @@ def export_diffusers(adapter, path: Path) -> Path:
     for name, (down, up) in adapter.lora_factors().items():
         layers[f"{name}.lora.down.weight"] = down.contiguous()  # (r, in)
         layers[f"{name}.lora.up.weight"] = up.contiguous()  # (out, r)
-    workdir = Path(tempfile.mkdtemp(prefix=".hyperdiff-export-", dir=path.parent))
+    workdir = Path(tempfile.mkdtemp(prefix=".hyperdiff-export-", dir=make_parent(path, "export file").parent))
     try:  # diffusers writes its own format; hyperdiff adds metadata and moves it into place atomically
         StableDiffusionPipeline.save_lora_weights(
             workdir, unet_lora_layers=layers, unet_lora_adapter_metadata=peft_config(adapter), weight_name=path.name

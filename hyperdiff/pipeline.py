@@ -44,15 +44,15 @@ import torch
 from PIL import Image
 
 from hyperdiff.adapter import Adapter
-from hyperdiff.errors import HyperdiffError, check_int_in, check_number_in
-from hyperdiff.finetune import FinetuneConfig, check_prompt, finetune, initial_latents, make_prior
+from hyperdiff.errors import HyperdiffError, check_int_in
+from hyperdiff.finetune import FinetuneConfig, finetune, initial_latents, make_prior
 from hyperdiff.hypernet import HyperNetwork
 from hyperdiff.layers import LayerTable
 from hyperdiff.processors import HyperLoRA, hyper_lora_processors
-from hyperdiff.schedule import MAX_STRENGTH, LowNoiseGain, per_timestep
+from hyperdiff.inputs import MAX_IMAGES, MAX_STEPS, check_captions, check_generate, check_personalize, load_images  # noqa: F401 (re-exported)
+from hyperdiff.schedule import LowNoiseGain, per_timestep
 
 EMBEDDED_HYPERNET = Path(__file__).resolve().parent / "assets" / "synthfaces" / "hypernet"
-MAX_IMAGES, MAX_STEPS = 64, 500
 # fine-tune defaults: the rank-relaxed fast fine-tune on top of a hypernet prediction, and without a hypernet
 # DreamBooth-LiDB from scratch (the fidelity benchmark's row). Both: lr 1e-2, no prior preservation, 4 samples per
 # step. On 16 SynthFaces validation identities (40 captioned steps) 4 samples per step reached ID similarity 0.382
@@ -125,48 +125,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     raise HyperdiffError(f"`dtype` must be one of {list(DTYPES)}, got {dtype!r}")
-
-
-def load_images(
-    images: Sequence[Image.Image | str | Path] | Image.Image | str | Path, max_side: int | None = None,
-    max_bytes: int | None = None,
-) -> list[Image.Image]:
-    """PIL images or paths → RGB PIL images; an absent or unreadable file is a one-line error naming it.
-
-    `max_side` (pixels, either side) and `max_bytes` (file size) refuse oversized inputs, e.g. web uploads; the pixel
-    size is read from the file's header, before any pixel is decoded."""
-    if isinstance(images, (Image.Image, str, Path)):
-        images = [images]
-    out = []
-    for item in images:
-        if isinstance(item, Image.Image):
-            _check_side(f"image {len(out) + 1}", item.size, max_side)
-            out.append(item.convert("RGB"))
-            continue
-        path = Path(item)
-        if not path.is_file():
-            raise HyperdiffError(f"image '{path}' does not exist")
-        size = path.stat().st_size
-        if max_bytes is not None and size > max_bytes:
-            raise HyperdiffError(f"image '{path}' is {size:,} bytes, expected at most {max_bytes:,} bytes "
-                                 f"({max_bytes / 2**20:.3g} MB)")
-        try:
-            with Image.open(path) as im:
-                _check_side(f"image '{path}'", im.size, max_side)
-                im.load()
-                out.append(im.convert("RGB"))
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            if isinstance(e, HyperdiffError):
-                raise
-            raise HyperdiffError(f"image '{path}' cannot be read as an image ({str(e).splitlines()[0]})") from None
-    if not out:
-        raise HyperdiffError("`images` must hold at least one reference image")
-    return out
-
-
-def _check_side(what: str, size: tuple[int, int], max_side: int | None) -> None:
-    if max_side is not None and max(size) > max_side:
-        raise HyperdiffError(f"{what} is {size[0]}x{size[1]} px, expected at most {max_side} px on each side")
 
 
 def caption_record(adapter: Adapter) -> str:
@@ -244,11 +202,9 @@ class HyperDreamBoothPipeline:
         learned into the token. None: the pipeline's `captioner` reads each reference's caption (the embedded base),
         else the instance prompt. Pass "a {token} face" to fine-tune without a caption.
         """
+        check_personalize(finetune_steps, token, seed)
         refs = load_images(images)
-        check_int_in("finetune_steps", finetune_steps, 0, 10_000)
-        if not token or not token.isalnum():
-            raise HyperdiffError(f"`token` must be one word of letters or digits, like 'sks', got {token!r}")
-        captions = self._captions(caption, len(refs), token)
+        captions = check_captions(caption, len(refs), token)
         if self.hypernet is None and not finetune_steps:
             self._require_hypernet()  # nothing to predict with and nothing to train: say what to pass
         start = [self.hypernet.predict(refs, token=token)] if self.hypernet is not None else None
@@ -275,19 +231,6 @@ class HyperDreamBoothPipeline:
         adapter.info = replace(adapter.info, base_model=self.base_name, token=token, source=source)
         return adapter
 
-    @staticmethod
-    def _captions(caption: str | Sequence[str] | None, n: int, token: str) -> list[str] | None:
-        """`personalize`'s caption(s) checked, one per reference image (a single string serves them all)."""
-        if caption is None:
-            return None
-        captions = [caption] * n if isinstance(caption, str) else list(caption) if isinstance(caption, Sequence) else None
-        if captions is None or len(captions) != n:
-            raise HyperdiffError(f"`caption` must be one string or one per reference image ({n}), got "
-                                 + (f"{len(captions)}" if captions is not None else type(caption).__name__))
-        for c in captions:
-            check_prompt("caption", c, token)
-        return captions
-
     def encoder_view(self, images) -> list[Image.Image]:
         """What the hypernet's image encoder sees of each reference: its resize/crop, normalisation undone."""
         hypernet = self._require_hypernet()
@@ -307,15 +250,11 @@ class HyperDreamBoothPipeline:
     def generate(
         self, prompt: str, adapter: Adapter | Sequence[Adapter] | None = None, negative_prompt: str | None = None,
         num_images: int = 1, steps: int = 25, guidance: float = 4.0, seed: int = 0, strength: float = 1.0,
-        low_noise: LowNoiseGain | None = None,
+        low_noise: LowNoiseGain | None = None, on_step: Callable[[int], None] | None = None,
     ) -> list[Image.Image]:
-        """`low_noise` replaces every adapter's own `info.low_noise` for this call (None: each adapter's own)."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise HyperdiffError("`prompt` must be a non-empty string")
-        check_int_in("num_images", num_images, 1, MAX_IMAGES)
-        check_int_in("steps", steps, 1, MAX_STEPS)
-        check_number_in("guidance", guidance, 0, 50)
-        check_number_in("strength", strength, -MAX_STRENGTH, MAX_STRENGTH)
+        """`low_noise` replaces every adapter's own `info.low_noise` for this call (None: each adapter's own);
+        `on_step(i)` is called after each denoising step i (a progress bar's tick)."""
+        check_generate(prompt, num_images, steps, guidance, strength, seed, negative_prompt)
         if isinstance(adapter, Sequence) and not isinstance(adapter, Adapter):
             adapters = list(adapter)
             if len(adapters) != num_images:
@@ -326,6 +265,8 @@ class HyperDreamBoothPipeline:
         kwargs = dict(prompt=[prompt] * num_images, negative_prompt=[negative_prompt] * num_images if negative_prompt else None,
                       num_inference_steps=steps, guidance_scale=guidance, latents=initial_latents(self.pipe, gens, num_images),
                       output_type="pil")
+        if on_step is not None:  # diffusers' step-end callback hands its tensors back unchanged
+            kwargs["callback_on_step_end"] = lambda pipe, i, t, tensors: (on_step(i), tensors)[1]
         if adapters is not None:  # one adapter per image: per-sample deltas, laid out like the CFG batch
             for ad in adapters:
                 ad.check_table(self.table)

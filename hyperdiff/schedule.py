@@ -35,9 +35,9 @@ from torch import nn
 
 from hyperdiff.config import to_dict
 from hyperdiff.errors import HyperdiffError, check_number_in
+from hyperdiff.inputs import MAX_STRENGTH
 
 NUM_TIMESTEPS = 1000  # Stable Diffusion's training timesteps: t in [0, 1000)
-MAX_STRENGTH = 10  # an adapter's strength (ΔW × strength) lies in [-MAX_STRENGTH, MAX_STRENGTH]; negative subtracts it
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,14 @@ from hyperdiff.models import tiny_pipeline
 from conftest import random_lidb
 
 
-def run(*args, cwd=None):
+def run(*args, cwd=None, raw=False):
+    """`raw`: stdout and stderr as written, carriage returns kept (text mode would turn them into newlines)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "hyperdiff.cli", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "hyperdiff.cli", *map(str, args)], capture_output=True, text=not raw,
+                         env=env, cwd=cwd, timeout=300)
+    if raw:
+        res.stdout, res.stderr = res.stdout.decode(), res.stderr.decode()
+    return res
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +123,104 @@ def test_demo_runs_offline_and_writes_its_outputs(tmp_path):
     assert "step times:" in res.stdout and "Traceback" not in res.stderr
     line = next(l for l in res.stdout.splitlines() if "vanilla diffusers" in l)
     assert float(line.rsplit(" ", 1)[1]) <= 2 / 255  # PEFT's loader gives hyperdiff's image
+
+
+# -- every argument checked before a model loads ----------------------------------------------------------------------
+def _argument_cases(adapter_file, tmp_path):
+    ref = tmp_path / "ref.png"
+    Image.new("RGB", (64, 64), (0, 160, 0)).save(ref)
+    fake = tmp_path / "fake.png"
+    fake.write_text("not an image")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    out = tmp_path / "out" / "a.safetensors"
+    p = ["personalize", "--image", ref, "--out", out]
+    g = ["generate", "--adapter", adapter_file, "--prompt", "a sks face", "--out", tmp_path / "images"]
+    return {
+        "negative fine-tune steps": ([*p, "--finetune-steps", "-3"], "`finetune_steps`"),
+        "absurd fine-tune steps": ([*p, "--finetune-steps", "1000000000"], "`finetune_steps`"),
+        "token with a space": ([*p, "--token", "a b"], "`token`"),
+        "negative seed": ([*p, "--seed", "-1"], "`seed`"),
+        "absent image": (["personalize", "--image", tmp_path / "absent.png", "--out", out], "absent.png' does not exist"),
+        "not an image": (["personalize", "--image", fake, "--out", out], "cannot be read as an image"),
+        "out suffix": (["personalize", "--image", ref, "--out", tmp_path / "a.ckpt"], "must end with .safetensors"),
+        "out under a file": (["personalize", "--image", ref, "--out", a_file / "a.safetensors"], "is a file, expected a folder"),
+        "out unwritable": (["personalize", "--image", ref, "--out", "/proc/nope/a.safetensors"], "is not writable"),
+        "out is a folder": (["personalize", "--image", ref, "--out", tmp_path], "is a folder"),
+        "caption count": ([*p, "--image", ref, "--image", ref, "--caption", "a", "--caption", "b"], "`--caption`"),
+        "caption without the token": ([*p, "--finetune-steps", "2", "--caption", "a face"], "must name the subject"),
+        "unknown device": ([*p, "--device", "tpu"], "`device`"),
+        "unknown dtype": ([*p, "--dtype", "float8"], "`dtype`"),
+        "absent hypernet": ([*p, "--hypernet", tmp_path / "nowhere"], "has no config.json"),
+        "zero steps": ([*g, "--steps", "0"], "`steps`"),
+        "no images": ([*g, "--num-images", "0"], "`num_images`"),
+        "a million images": ([*g, "--num-images", "1000000"], "`num_images`"),
+        "NaN guidance": ([*g, "--guidance", "nan"], "`guidance`"),
+        "strength out of range": ([*g, "--strength", "11"], "`strength`"),
+        "generate negative seed": ([*g, "--seed", "-5"], "`seed`"),
+        "empty prompt": ([*g[:3], "--prompt", " ", *g[5:]], "`prompt`"),
+        "10,000-character prompt": ([*g[:3], "--prompt", "sks " * 2500, *g[5:]], "`prompt` is 10,000 characters"),
+        "images out is a file": ([*g[:5], "--out", a_file], "is a file, expected a folder"),
+        "absent adapter": (["generate", "--adapter", tmp_path / "none.safetensors", *g[3:]], "does not exist"),
+        "adapter not safetensors": (["generate", "--adapter", fake, *g[3:]], "is not a safetensors file"),
+        "low-noise gain": ([*g, "--low-noise-gain", "-1"], "`low_noise.gain`"),
+        "low-noise below": ([*g, "--low-noise-below", "2000"], "`low_noise.below`"),
+        "export out suffix": (["export", adapter_file, "--format", "kohya", "--out", tmp_path / "x.pt"], ".safetensors"),
+        "ui port": (["ui", "--port", "0"], "`--port`"),
+        "ui device": (["ui", "--device", "cuda:x"], "`device`"),
+        "demo out is a file": (["demo", "--out", a_file], "is a file, expected a folder"),
+    }
+
+
+def test_every_bad_argument_exits_2_with_one_line_before_any_model_loads(adapter_file, tmp_path, monkeypatch, capsys):
+    """In process, with every model loader replaced by one that fails the test: each case must be refused first."""
+    from hyperdiff import cli
+    from hyperdiff.models import base as bases
+    from hyperdiff.pipeline import HyperDreamBoothPipeline
+    from ui import app
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(HyperDreamBoothPipeline, "from_pretrained", loaded)
+    monkeypatch.setattr(bases, "load_base", loaded)
+    monkeypatch.setattr(app, "serve", loaded)
+    cases = _argument_cases(adapter_file, tmp_path)
+    for case, (args, needle) in cases.items():
+        assert cli.main([str(a) for a in args]) == 2, case
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("hyperdiff: error: ") and needle in lines[0], (case, lines)
+        assert captured.out == "", case
+    assert not (tmp_path / "out").exists() and not (tmp_path / "images").exists()  # nothing written, no folder made
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "fake.png", "ref.png"]
+
+
+def test_argument_errors_and_help_import_no_torch(adapter_file, tmp_path):
+    """The checks run before torch is imported, so bad input is answered at once (the CLI process as users run it)."""
+    cases = _argument_cases(adapter_file, tmp_path)
+    chosen = [cases[c][0] for c in ("negative fine-tune steps", "absent image", "out under a file", "zero steps",
+                                    "NaN guidance", "absent adapter", "ui port")]
+    code = ("import sys; from hyperdiff.cli import main\n"
+            f"codes = [main(list(map(str, a))) for a in {[[str(a) for a in args] for args in chosen]!r}]\n"
+            "print(codes, 'torch' in sys.modules, 'diffusers' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip() == f"{[2] * len(chosen)} False False", (res.stdout, res.stderr)
+    assert len(res.stderr.strip().splitlines()) == len(chosen)
+    res = subprocess.run([sys.executable, "-c", "import sys; from hyperdiff.cli import main\n"
+                          "try: main(['--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip().endswith("False") and "personalize" in res.stdout
+
+
+def test_library_progress_bars_and_logs_stay_off_stderr_unless_verbose(tmp_path):
+    ref = tmp_path / "ref.png"
+    Image.new("RGB", (64, 64), (0, 160, 0)).save(ref)
+    quiet = run("personalize", "--image", ref, "--out", tmp_path / "a.safetensors", "--finetune-steps", "2", raw=True)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "Loading" not in quiet.stderr and "torchvision" not in quiet.stderr, quiet.stderr
+    assert "fine-tune" in quiet.stderr  # the CLI's own bar, redrawn in place on one line and erased at its end
+    assert "\n" not in quiet.stderr and quiet.stderr.split("\r")[-1].strip() == "", repr(quiet.stderr[-200:])
+    verbose = run("personalize", "--image", ref, "--out", tmp_path / "b.safetensors", "--verbose")
+    assert verbose.returncode == 0 and "Loading pipeline components" in verbose.stderr, verbose.stderr
+    assert Adapter.load(tmp_path / "a.safetensors").info.source != Adapter.load(tmp_path / "b.safetensors").info.source

@@ -37,15 +37,17 @@ from typing import Callable
 
 import gradio as gr
 
+from hyperdiff import inputs
 from hyperdiff.adapter import Adapter
 from hyperdiff.data import synthfaces
 from hyperdiff.errors import HyperdiffError, check_int_in, check_number_in
 from hyperdiff.formats import FILE_FORMATS
-from hyperdiff.pipeline import MAX_IMAGES, HyperDreamBoothPipeline, caption_record, load_images
+from hyperdiff.inputs import MAX_IMAGES, load_images
+from hyperdiff.pipeline import HyperDreamBoothPipeline, caption_record
 
 MAX_SIDE, MAX_MB = 4096, 20  # uploads larger than this are refused (pixels on either side, megabytes)
 MAX_QUEUE = 16  # model requests waiting at most; more get "queue full"
-MAX_SEED = 2**32 - 1
+MAX_SEED = inputs.MAX_SEED
 MAX_FINETUNE_STEPS = 500
 NO_HYPERNET_STEPS = 300  # DreamBooth-LiDB from scratch: a CPU-friendly default (≈ 15 s here; gains grow to 600, README)
 TOKEN = "sks"
