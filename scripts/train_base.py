@@ -14,6 +14,7 @@ import sys
 
 from hyperdiff.config import load_config, parse_assignments
 from hyperdiff.errors import HyperdiffError
+from hyperdiff.inputs import check_outside_assets
 from hyperdiff.train.base_model import BaseTrainConfig, train
 
 
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides.update(parse_assignments(args.assignments))
         cfg = load_config(BaseTrainConfig, args.config, overrides)
+        for flag in ("output_dir", "export_dir"):
+            check_outside_assets(getattr(cfg, flag), f"--{flag}", named=getattr(args, flag) == getattr(cfg, flag))
         path = train(cfg, resume=args.resume_from_checkpoint == "latest", export_only=args.export_only)
     except HyperdiffError as e:
         print(f"train_base: error: {e}", file=sys.stderr)

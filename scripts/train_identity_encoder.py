@@ -2,8 +2,9 @@
 
     .venv/bin/python scripts/train_identity_encoder.py --config configs/identity_encoder.yaml
 
-Writes `config.json` + `model.safetensors` (fp16) into `hyperdiff/assets/synthfaces/identity_encoder/` (or
-`--output_dir`). Every flag overrides the config file (`IdentityEncoderTrainingConfig` in `hyperdiff.metrics`).
+Writes `config.json` + `model.safetensors` (fp16) into `--output_dir` (default runs/identity_encoder; to ship it,
+name `--output_dir hyperdiff/assets/synthfaces/identity_encoder`: only a folder named on the command line may be in
+the shipped models). Every flag overrides the config file (`IdentityEncoderTrainingConfig` in `hyperdiff.metrics`).
 
 Recipe: each step renders P identities (seeds drawn from `synthfaces.TRAIN_SEEDS` only) x K random scenes on the
 fly, augments them the way a generated image may differ from a render (`hyperdiff.metrics.augment`: background
@@ -237,7 +238,8 @@ def train(cfg: IdentityEncoderTrainingConfig, progress: bool = True) -> tuple[Id
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", help="YAML file filling IdentityEncoderTrainingConfig")
-    p.add_argument("--output_dir", default=str(DEFAULT_ENCODER_DIR), help="where config.json + model.safetensors go")
+    p.add_argument("--output_dir", default="runs/identity_encoder", help="where config.json + model.safetensors go"
+                   f" (default: %(default)s; the shipped one is {DEFAULT_ENCODER_DIR})")
     p.add_argument("--steps", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int)

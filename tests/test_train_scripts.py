@@ -760,3 +760,47 @@ def test_validation_images_and_the_fp16_export(tmp_path, train_script):
         assert (da - db).norm() <= 1e-2 * da.norm()  # fp16 weights: ~3 significant digits
     with Image.open(out / "validation" / "step-4.png") as im:
         assert im.size[0] > 0 and im.getextrema() != ((255, 255),) * 3  # a real picture, not a blank sheet
+
+
+# -- the shipped models ----------------------------------------------------------------------------------------------
+def _shipped_bytes() -> dict[str, bytes]:
+    from hyperdiff.inputs import ASSETS_DIR
+
+    return {str(p.relative_to(ASSETS_DIR)): p.read_bytes() for p in sorted(ASSETS_DIR.rglob("*")) if p.is_file()}
+
+
+def test_a_default_training_run_leaves_the_shipped_models_untouched(tmp_path, train_script, capsys):
+    """The documented command on the shipped config, as a quick try, exports nothing; a config (or a default) that
+    points into hyperdiff/assets/ is refused with one line before any training; only a folder named on the command
+    line may be there."""
+    import yaml
+
+    from hyperdiff.inputs import ASSETS_DIR, check_outside_assets
+
+    before = _shipped_bytes()
+    assert before, "nothing shipped to protect"
+    run = tmp_path / "run"
+    assert train_script.main(["--config", str(ROOT / "configs" / "synthfaces.yaml"), "--max_train_steps", "1",
+                              "--train_batch_size", "1", "--output_dir", str(run), "--report_to", "none"]) == 0
+    assert (run / "model.safetensors").is_file()
+    capsys.readouterr()
+    for key in ("export_dir", "output_dir"):
+        config = yaml.safe_load(Path(TINY).read_text())
+        config[key] = "hyperdiff/assets/synthfaces/hypernet"
+        path = tmp_path / f"{key}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        assert train_script.main(["--config", str(path), "--output_dir" if key == "export_dir" else "--export_dir",
+                                  str(tmp_path / "elsewhere")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--{key}" in err[0] and "inside the shipped models" in err[0], err
+    sys.path.insert(0, str(SCRIPTS))
+    import train_base
+
+    base_config = tmp_path / "base.yaml"
+    base_config.write_text("export_dir: hyperdiff/assets/synthfaces/base\n")
+    assert train_base.main(["--config", str(base_config), "--output_dir", str(tmp_path / "base")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--export_dir" in err[0] and "inside the shipped models" in err[0], err
+    assert not (tmp_path / "base").exists() and not (tmp_path / "elsewhere").exists()
+    check_outside_assets(ASSETS_DIR / "synthfaces" / "hypernet", "--export_dir", named=True)  # named: allowed
+    assert _shipped_bytes() == before

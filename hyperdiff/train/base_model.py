@@ -227,7 +227,7 @@ class BaseTrainConfig:
     unet: UNetStageConfig = field(default_factory=UNetStageConfig)
     refine: RefineStageConfig = field(default_factory=RefineStageConfig)
     output_dir: str = "runs/synthfaces_base"
-    export_dir: str = "hyperdiff/assets/synthfaces/base"
+    export_dir: str = "runs/synthfaces_base/export"  # the shipped base: name hyperdiff/assets/synthfaces/base on the command line
     checkpointing_steps: int = 500
     checkpoints_total_limit: int = 2
     seed: int = 0
