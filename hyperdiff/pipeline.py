@@ -58,19 +58,19 @@ EMBEDDED_HYPERNET = Path(__file__).resolve().parent / "assets" / "synthfaces" / 
 # step. On 16 SynthFaces validation identities (40 captioned steps) 4 samples per step reached ID similarity 0.382
 # against 0.221 with one, scene words 58 % against 55 %, for 2.1x the time; lr 2e-2 with one sample fell to 0.144. A
 # prior at lr 1e-3 left the zero-shot identity where it was (0.013 -> 0.008); pass a FinetuneConfig with
-# prior_weight > 0 to keep more editability (README, "The shipped hypernet").
+# prior_weight > 0 to keep more editability (docs/hypernet.md, "The shipped hypernet").
 FAST_FINETUNE = FinetuneConfig(kind="lora", rank=4, learning_rate=1e-2, batch_size=4, prior_weight=0.0)
 # On the embedded SynthFaces base the fast fine-tune also trains against the shipped identity encoder
 # (`identity_weight`): the denoising error alone had come to lower the identity-trained hypernet's identity (8
 # validation identities, captioned: zero-shot 0.611 -> 0.457 / 0.516 at lr 1e-3 / 3e-3), this recipe raises it to
-# 0.746 (README, "The fast fine-tune"). The encoder knows SynthFaces faces only, so other bases keep FAST_FINETUNE.
+# 0.746 (docs/finetune.md, "The fast fine-tune"). The encoder knows SynthFaces faces only, so other bases keep FAST_FINETUNE.
 # Its adapters sample their learned rank components with ΔW × 1.5 below timestep 200 and off from timestep 800 (the
 # start's keep the hypernet's × 1.5 below 300: `FinetuneConfig.start_keeps_schedule`), chosen by the hypernet
 # calibration's rule (the most identity keeping scene words within 2 points of the lower of the base model's and the
 # fine-tune's own at one strength; `scripts/calibrate_finetune.py`) on 16 validation identities, H's fine-tunes with
 # and without the reference's caption: captioned 0.716 / 88.2 % at one strength -> 0.760 / 86.8 %, uncaptioned
 # 0.648 / 83.7 % -> 0.711 / 85.4 %. Left on at high noise the learned part draws the reference's scene: × 1.25 below
-# 200 there kept 78.1 % uncaptioned (README, "The fast fine-tune").
+# 200 there kept 78.1 % uncaptioned (docs/finetune.md, "The fast fine-tune").
 # The anchor term (`anchor_weight` 5: the start's predictions kept under 8 other prompts naming the token) keeps the
 # reference's expression out of the token: on the same identities captioned 0.747 / 90.3 % (expression 78 % against
 # 71 %), uncaptioned 0.698 / 89.9 %, for about 0.1-0.3 s more per identity; weights 3 / 10 / 30 read 0.753 / 0.738 /

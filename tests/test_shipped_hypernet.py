@@ -15,8 +15,8 @@ of the benchmark's scenes (0.548 / 0.446, 0.424 / 0.346, 0.220 / 0.237 and 0.146
 What the recipe's schedule adds over the same fine-tuned adapter at one strength is not asserted here: on these
 four identities it reads +0.020 / +0.006 in these two scenes and −0.025 / −0.030 in all six (one identity of four
 gaining), while on the 16 held-out identities of the fidelity benchmark it adds 0.041 / 0.021 and 2.4 points of
-scene words; four identities are too few to tell its sign, so the benchmark reports it (README, "The fast
-fine-tune").
+scene words; four identities are too few to tell its sign, so the benchmark reports it (docs/finetune.md, "The
+fast fine-tune").
 """
 
 from __future__ import annotations

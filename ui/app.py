@@ -49,7 +49,7 @@ MAX_SIDE, MAX_MB = 4096, 20  # uploads larger than this are refused (pixels on e
 MAX_QUEUE = 16  # model requests waiting at most; more get "queue full"
 MAX_SEED = inputs.MAX_SEED
 MAX_FINETUNE_STEPS = 500
-NO_HYPERNET_STEPS = 300  # DreamBooth-LiDB from scratch: a CPU-friendly default (≈ 15 s here; gains grow to 600, README)
+NO_HYPERNET_STEPS = 300  # DreamBooth-LiDB from scratch: a CPU-friendly default (≈ 15 s here; gains grow to 600, docs/fidelity.md)
 TOKEN = "sks"
 MODEL = "model"  # concurrency id shared by every event that calls the pipeline
 
