@@ -336,7 +336,8 @@ def calibrate_finetune(
     alone) gets `config.finetune_steps` steps on `hypernet`'s prediction of every validation reference, told the
     caption read from it (the default) and, with `plain`, on "a <token> face" (`caption` False); each set is scored
     at one strength and with each candidate schedule. A (recipe, schedule) passes when every set keeps scene fidelity
-    within `tolerance` of the lower of the base model's and the recipe's own at one strength; of those (one strength
+    within `tolerance` of the lower of the base model's and the first recipe's at one strength (the recipe as it is:
+    a candidate may not buy identity with editability the recipe had); of those (the first recipe at one strength
     always passes) the one with the most truth similarity, averaged over the sets, wins."""
     config = config or FidelityConfig()
     check_positive_int("finetune_steps", config.finetune_steps)
@@ -345,7 +346,7 @@ def calibrate_finetune(
     hdb = HyperDreamBoothPipeline(pipe, hypernet, captioner=reference_caption)
     schedules = _schedules(low_noise)
     texts = (None, PLAIN) if plain else (None,)  # the caption read from the reference, then none
-    rows, choices = [], []  # choices: (recipe index, schedule index, [row per caption set])
+    rows, choices, floors = [], [], []  # choices: (recipe index, schedule index, [row per caption set])
     for j, recipe in enumerate(recipes):
         uses = []
         for text in texts:
@@ -356,8 +357,9 @@ def calibrate_finetune(
                              else _score(pipe, adapters, refs, config, lo))}  # as the recipe samples / one strength
                          for lo in schedules])
             rows += uses[-1]
+        floors = floors or [_floor(base, u[0], tolerance) for u in uses]  # the first recipe's, at one strength
         choices += [(j, k, [u[k] for u in uses]) for k in range(len(schedules))
-                    if all(u[k]["scene_fidelity"] >= _floor(base, u[0], tolerance) for u in uses)]
+                    if all(u[k]["scene_fidelity"] >= floor for u, floor in zip(uses, floors))]
     j, k, _ = max(choices, key=lambda c: statistics.fmean(row["truth_similarity"] for row in c[2]))
     changes = [_changes(config.finetune, recipe) for recipe in recipes]
     return {"recipe": changes[j], "low_noise": schedules[k].to_dict(), "tolerance": tolerance, "identities": seeds,

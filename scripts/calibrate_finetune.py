@@ -10,8 +10,8 @@ with the pipeline's fast fine-tune recipe for the base (`SYNTHFACES_FAST_FINETUN
 read from the reference (the default) and, unless --no-plain, on "a sks face"; each is scored at one strength and with
 ΔW × each `--low-noise-gains` below each `--low-noise-below` timestep (hyperdiff.schedule) in the fidelity benchmark's
 scenes. The calibration's rule picks the recipe and schedule: every fine-tune keeps scene fidelity within
-`--tolerance` of the lower of the base model's and the recipe's own at one strength, and of those the most identity
-similarity to the true renders wins (references in random scenes). Writes every score and the choice as JSON; the
+`--tolerance` of the lower of the base model's and the unchanged recipe's at one strength, and of those the most
+identity similarity to the true renders wins (references in random scenes). Writes every score and the choice as JSON; the
 choice is the recipe (`SYNTHFACES_FAST_FINETUNE`, hyperdiff/pipeline.py) and its `FinetuneConfig.low_noise`.
 Logic: hyperdiff.fidelity.calibrate_finetune.
 """

@@ -275,9 +275,10 @@ def test_finetune_calibration_picks_a_schedule_that_both_fine_tunes_pass(tmp_pat
         low_noise = low_noise or adapters[0].info.low_noise
         captioned = "caption (read from the references)=" in adapters[0].info.source
         late = (low_noise.gain - 1) * low_noise.below / 1000
-        fast = 0.2 * (" lr=0.05" in adapters[0].info.source)  # the recipe the adapters were trained with
-        return {"truth_similarity": 0.5 + 0.1 * captioned + late + fast,
-                "scene_fidelity": (0.88 - 0.15 * late - fast / 2) if captioned else (0.82 - 0.3 * late)}
+        source = adapters[0].info.source  # the recipe the adapters were trained with: identity and scene cost
+        gain, cost = (0.2, 0.01) if " lr=0.05" in source else (0.3, 0.1) if " lr=0.07" in source else (0.0, 0.0)
+        return {"truth_similarity": 0.5 + 0.1 * captioned + late + gain,
+                "scene_fidelity": (0.88 - 0.15 * late - cost) if captioned else (0.82 - 0.3 * late)}
 
     monkeypatch.setattr(fidelity, "_score", score)
     config = fidelity.FidelityConfig(identities=2, finetune_steps=1, finetune=replace(FAST_FINETUNE, steps=1))
@@ -292,17 +293,20 @@ def test_finetune_calibration_picks_a_schedule_that_both_fine_tunes_pass(tmp_pat
     result = fidelity.calibrate_finetune(tiny_pipeline(seed=0), hp, lows, config, tolerance=0.05)
     assert result["low_noise"] == {"gain": 1.5, "below": 200}  # now both pass; × 3 below 500 still fails both
     assert fidelity.calibrate_finetune(tiny_pipeline(seed=0), hp, lows[2:], config)["low_noise"] == {"gain": 1.0, "below": 0}
-    # recipes: each is trained and scored with every schedule; the lr 0.05 one gains 0.2 of identity, and within a
-    # tolerance wins (its own floor is its one-strength score); only told the caption (`plain` False) when asked
-    fast = replace(config.finetune, learning_rate=0.05)
-    result = fidelity.calibrate_finetune(tiny_pipeline(seed=0), hp, lows[:2], config, recipes=[config.finetune, fast])
-    assert result["recipes"] == [{}, {"learning_rate": 0.05}] and result["recipe"] == {"learning_rate": 0.05}
+    # recipes: each is trained and scored with every schedule, against the floor of the first (the recipe as it is)
+    # at one strength: lr 0.05 gains 0.2 of identity for 0.01 of scene words and wins; lr 0.07 gains 0.3 but costs
+    # 0.1, below that floor (its own one-strength score would have let it through)
+    fast, faster = replace(config.finetune, learning_rate=0.05), replace(config.finetune, learning_rate=0.07)
+    result = fidelity.calibrate_finetune(tiny_pipeline(seed=0), hp, lows[:2], config, tolerance=0.05,
+                                         recipes=[config.finetune, fast, faster])
+    assert result["recipes"] == [{}, {"learning_rate": 0.05}, {"learning_rate": 0.07}]
+    assert result["recipe"] == {"learning_rate": 0.05} and result["low_noise"] == {"gain": 1.5, "below": 200}
     assert [(r["recipe"], r["caption"], r["low_noise"]["gain"]) for r in result["rows"]] == [
-        (j, c, g) for j in (0, 1) for c in (True, False) for g in (1.0, 1.25, 1.5)]
-    assert result["low_noise"] == {"gain": 1.25, "below": 200}
-    seen.clear()
+        (j, c, g) for j in (0, 1, 2) for c in (True, False) for g in (1.0, 1.25, 1.5)]
+    assert max(r["truth_similarity"] for r in result["rows"] if r["recipe"] == 2) > 0.8  # the best, refused
+    seen.clear()  # only told the caption (`plain` False): one set of adapters, scored once per schedule
     result = fidelity.calibrate_finetune(tiny_pipeline(seed=0), hp, lows[:2], config, recipes=[fast], plain=False)
-    assert [r["caption"] for r in result["rows"]] == [True] * 3 and len(seen) == 3  # one set scored per schedule
+    assert [r["caption"] for r in result["rows"]] == [True] * 3 and len(seen) == 3
     assert result["low_noise"] == {"gain": 1.5, "below": 200}  # the plain fine-tune no longer holds it back
 
 
