@@ -15,7 +15,7 @@ from _flags import overrides, parser
 
 from hyperdiff.config import load_config
 from hyperdiff.errors import HyperdiffError
-from hyperdiff.train.hypernet import HypernetTrainConfig, precompute_targets
+from hyperdiff.hypernet.training import HypernetTrainConfig, precompute_targets
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from hyperdiff.config import load_config, to_dict
-from hyperdiff.data.synthfaces import (
+from hyperdiff.errors import HyperdiffError
+from hyperdiff.synthfaces import (
     EXPRESSIONS,
     PALETTE,
     TRAIN_SEEDS,
@@ -54,8 +55,7 @@ from hyperdiff.data.synthfaces import (
     eval_seeds,
     render,
 )
-from hyperdiff.errors import HyperdiffError
-from hyperdiff.metrics import (
+from hyperdiff.synthfaces.encoder import (
     DEFAULT_ENCODER_DIR,
     IdentityEncoder,
     IdentityEncoderTrainingConfig,

@@ -11,16 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
+from hyperdiff.core.schedule import LowNoiseGain
 from hyperdiff.errors import HyperdiffError
-from hyperdiff.evaluation import evaluate_base, write_report
 from hyperdiff.models import tiny_pipeline
-from hyperdiff.schedule import LowNoiseGain
+from hyperdiff.synthfaces.evaluation import evaluate_base, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_base_report_covers_every_scene_and_writes_its_files(tmp_path):
-    from hyperdiff.metrics import DEFAULT_ENCODER_DIR, IdentityEncoder
+    from hyperdiff.synthfaces.encoder import DEFAULT_ENCODER_DIR, IdentityEncoder
 
     judge = IdentityEncoder.from_pretrained(DEFAULT_ENCODER_DIR)  # the shipped encoder, loaded again
     result, grid = evaluate_base(tiny_pipeline(seed=0), per_scene=1, steps=2, diversity_images=4, judge=judge)
@@ -56,7 +56,7 @@ def test_fidelity_benchmark_rows_and_table(tmp_path):
 
     run = tmp_path / "hp"
     assert train_hypernet.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--output_dir", str(run), "--max_train_steps", "1"]) == 0
-    from hyperdiff.fidelity import FidelityConfig, run_fidelity, write_fidelity
+    from hyperdiff.synthfaces.fidelity import FidelityConfig, run_fidelity, write_fidelity
     from hyperdiff.hypernet import HyperNetwork
 
     pipe = tiny_pipeline(seed=0)
@@ -118,10 +118,10 @@ def test_fidelity_rows_of_a_low_noise_hypernet_and_without_dreambooth(tmp_path):
     import eval_fidelity
     from test_hypernet import make_hypernet, randomise_b_head
 
-    from hyperdiff.fidelity import FidelityConfig, run_fidelity
+    from hyperdiff.synthfaces.fidelity import FidelityConfig, run_fidelity
     from hyperdiff.hypernet import HyperNetwork
-    from hyperdiff.layers import LayerTable
-    from hyperdiff.pipeline import SYNTHFACES_FAST_FINETUNE
+    from hyperdiff.core.layers import LayerTable
+    from hyperdiff.personalize.pipeline import SYNTHFACES_FAST_FINETUNE
 
     pipe = tiny_pipeline(seed=0)
     folder = tmp_path / "late"
@@ -169,8 +169,8 @@ def test_gain_calibration_picks_the_best_gain_within_the_scene_tolerance(tmp_pat
     sys.path.insert(0, str(ROOT / "scripts"))
     import train_hypernet
 
-    import hyperdiff.fidelity as fidelity
-    from hyperdiff.data import synthfaces
+    import hyperdiff.synthfaces.fidelity as fidelity
+    from hyperdiff import synthfaces
     from hyperdiff.hypernet import HyperNetwork
 
     run = tmp_path / "hp"
@@ -215,7 +215,7 @@ def test_calibrate_script_writes_a_hypernet_whose_deltas_carry_the_gain(tmp_path
     import calibrate_hypernet
     import train_hypernet
 
-    from hyperdiff.data import synthfaces
+    from hyperdiff import synthfaces
     from hyperdiff.hypernet import HyperNetwork
 
     run, out = tmp_path / "hp", tmp_path / "calibrated"
@@ -254,10 +254,10 @@ def test_finetune_calibration_picks_a_schedule_that_both_fine_tunes_pass(tmp_pat
     sys.path.insert(0, str(ROOT / "scripts"))
     import train_hypernet
 
-    import hyperdiff.fidelity as fidelity
-    from hyperdiff.data import synthfaces
+    import hyperdiff.synthfaces.fidelity as fidelity
+    from hyperdiff import synthfaces
     from hyperdiff.hypernet import HyperNetwork
-    from hyperdiff.pipeline import FAST_FINETUNE
+    from hyperdiff.personalize.pipeline import FAST_FINETUNE
 
     run = tmp_path / "hp"
     assert train_hypernet.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--output_dir", str(run), "--max_train_steps", "1"]) == 0
@@ -354,10 +354,10 @@ def test_fidelity_scores_identity_against_the_true_render_and_counts_copying():
     """Each generation is scored against the world's own render of that identity in the prompted scene, recomputed
     here through the public calls (generate, render, the encoder); similarity to the reference is the copy column,
     and where the reference *is* the prompted scene, truth and reference are one image: the copy index is 0."""
-    from hyperdiff.data import synthfaces
-    from hyperdiff.fidelity import REFERENCE_CONDITIONS, FidelityConfig, reference_scene, run_fidelity
-    from hyperdiff.metrics import default_encoder
-    from hyperdiff.pipeline import HyperDreamBoothPipeline
+    from hyperdiff import synthfaces
+    from hyperdiff.synthfaces.fidelity import REFERENCE_CONDITIONS, FidelityConfig, reference_scene, run_fidelity
+    from hyperdiff.synthfaces.encoder import default_encoder
+    from hyperdiff.personalize.pipeline import HyperDreamBoothPipeline
 
     pipe = tiny_pipeline(seed=0)
     scenes = (("red", False, "smiling"), ("blue", True, "sad"))
@@ -395,8 +395,8 @@ def test_fidelity_scores_identity_against_the_true_render_and_counts_copying():
 def test_references_are_drawn_in_varied_scenes_from_the_identity_seed():
     """Random references: one scene per identity, from its seed alone (the same for every run seed), and varied —
     a user's photo has any background, hat and expression. A fixed scene is checked like any scene."""
-    from hyperdiff.data import synthfaces
-    from hyperdiff.fidelity import FidelityConfig, reference_scene
+    from hyperdiff import synthfaces
+    from hyperdiff.synthfaces.fidelity import FidelityConfig, reference_scene
 
     seeds = list(synthfaces.eval_seeds(16))
     drawn = [reference_scene(s, FidelityConfig()) for s in seeds]

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from hyperdiff.config import load_config
-from hyperdiff.data.synthfaces import (
+from hyperdiff.errors import HyperdiffError
+from hyperdiff.synthfaces import (
     EVAL_SEED_START,
     TRAIN_SEEDS,
     Identity,
@@ -22,8 +23,7 @@ from hyperdiff.data.synthfaces import (
     eval_seeds,
     render,
 )
-from hyperdiff.errors import HyperdiffError
-from hyperdiff.metrics import (
+from hyperdiff.synthfaces.encoder import (
     DEFAULT_ENCODER_DIR,
     AugmentConfig,
     IdentityEncoder,

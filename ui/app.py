@@ -3,7 +3,7 @@
 Contract:
 - `build_app(pipeline) -> gr.Blocks` builds the whole UI, with its bounded queue, around one loaded
   `HyperDreamBoothPipeline`. The UI holds no model logic: references are validated by
-  `hyperdiff.pipeline.load_images`, the crop preview is `pipeline.encoder_view`, adapters come from
+  `hyperdiff.inputs.load_images`, the crop preview is `pipeline.encoder_view`, adapters come from
   `pipeline.personalize`/`mix`, images from `generate`/`sample_adapters`, files from `Adapter.save_as` (and a
   fine-tune's LoRA files part by part from `Adapter.export_parts`) — the calls the CLI makes, so the two cannot
   disagree.
@@ -38,12 +38,12 @@ from typing import Callable
 import gradio as gr
 
 from hyperdiff import inputs
-from hyperdiff.adapter import Adapter
-from hyperdiff.data import synthfaces
+from hyperdiff import synthfaces
+from hyperdiff.core.adapter import Adapter
+from hyperdiff.core.formats import FILE_FORMATS
 from hyperdiff.errors import HyperdiffError, check_int_in, check_number_in
-from hyperdiff.formats import FILE_FORMATS
 from hyperdiff.inputs import MAX_IMAGES, load_images
-from hyperdiff.pipeline import HyperDreamBoothPipeline, caption_record
+from hyperdiff.personalize.pipeline import HyperDreamBoothPipeline, caption_record
 
 MAX_SIDE, MAX_MB = 4096, 20  # uploads larger than this are refused (pixels on either side, megabytes)
 MAX_QUEUE = 16  # model requests waiting at most; more get "queue full"

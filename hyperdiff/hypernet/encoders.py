@@ -174,7 +174,7 @@ class IdentityImageEncoder(_SquareInput, nn.Module):
 
     def __init__(self, config: EncoderConfig):
         super().__init__()
-        from hyperdiff.metrics import IdentityEncoder
+        from hyperdiff.synthfaces.encoder import IdentityEncoder
 
         self.config = config
         source = IdentityEncoder.from_pretrained(config.pretrained or None)

@@ -5,7 +5,7 @@ Contract (DESIGN.md, "Files"; REFERENCES.md, "File formats"):
   (kind `lidb`); string metadata `hyperdiff.format_version`, `.kind`, `.rank`, `.alpha`, `.aux_seed`,
   `.base_fingerprint`, `.base_model`, `.token`, `.source`, `.targets` (JSON), `.layers` (JSON
   `{attention module: {projection: [in, out]}}`, the dims a LiDB file needs to regenerate its aux bases),
-  `.low_noise` (JSON `{"gain", "below"}` and `"off_from"` when set, `hyperdiff.schedule`; absent in older files: no
+  `.low_noise` (JSON `{"gain", "below"}` and `"off_from"` when set, `hyperdiff.core.schedule`; absent in older files: no
   low-noise gain), `.rank_schedules` (JSON `[[rank count, schedule], ...]`, only when the adapter has them) and
   `modelspec.*`. The same adapter gives the same tensors and metadata (safetensors orders the header itself).
 - `diffusers`: exactly what `StableDiffusionPipeline.save_lora_weights` writes (diffusers itself writes it):
@@ -40,11 +40,11 @@ from pathlib import Path
 
 import torch
 
+from hyperdiff.core.files import check_writable, make_parent, read_header, read_safetensors, write_safetensors
+from hyperdiff.core.layers import TargetConfig
+from hyperdiff.core.lidb import LiDBConfig
+from hyperdiff.core.schedule import LowNoiseGain
 from hyperdiff.errors import HyperdiffError
-from hyperdiff.files import check_writable, make_parent, read_header, read_safetensors, write_safetensors
-from hyperdiff.layers import TargetConfig
-from hyperdiff.lidb import LiDBConfig
-from hyperdiff.schedule import LowNoiseGain
 
 FORMAT_VERSION = "1"
 EXPORT_FORMATS = ("diffusers", "kohya")
@@ -183,7 +183,7 @@ def _rank_schedules(meta: dict, path: Path) -> tuple:
 
 
 def load_native(path: str | Path):
-    from hyperdiff.adapter import Adapter, AdapterInfo
+    from hyperdiff.core.adapter import Adapter, AdapterInfo
 
     path = Path(path)
     tensors, meta = read_safetensors(path)

@@ -52,11 +52,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from hyperdiff.config import from_dict, to_dict
-from hyperdiff.data.synthfaces import EXPRESSIONS, TRAIN_SEEDS, Scene, background_of, scene_from_caption, scene_words
+from hyperdiff.core.files import atomic_path, read_safetensors, write_safetensors
 from hyperdiff.errors import HyperdiffError, check_number_in, check_positive_int
-from hyperdiff.files import atomic_path, read_safetensors, write_safetensors
+from hyperdiff.inputs import ASSETS_DIR
+from hyperdiff.synthfaces.world import EXPRESSIONS, TRAIN_SEEDS, Scene, background_of, scene_from_caption, scene_words
 
-DEFAULT_ENCODER_DIR: Path = Path(__file__).resolve().parent / "assets" / "synthfaces" / "identity_encoder"
+DEFAULT_ENCODER_DIR: Path = ASSETS_DIR / "synthfaces" / "identity_encoder"
 # A second encoder, trained like the first with another seed (`train_identity_encoder.py --seed 1`): it judges the ID
 # similarity of hypernets trained against the first one (`HypernetTrainConfig.identity_weight`)
 JUDGE_ENCODER_DIR: Path = DEFAULT_ENCODER_DIR.with_name("judge_encoder")

@@ -20,7 +20,7 @@ Contract:
   other prompts naming the token do: the fine-tune learns the face, not the reference's expression.
 - New factors start as a no-op that still learns: `up`/B_train = 0, `down`/A_train random.
 - Returns one Adapter per identity; with `start`, the exact concatenation `start[i] + learned[i]` (rank r + r', no
-  SVD): the rank-relaxed fast fine-tune. Every adapter samples with `config.low_noise` (`hyperdiff.schedule`; one
+  SVD): the rank-relaxed fast fine-tune. Every adapter samples with `config.low_noise` (`hyperdiff.core.schedule`; one
   strength by default); in a concatenation only the learned rank components do, and the start's keep the start's
   own schedule (`info.rank_schedules`), unless `start_keeps_schedule` is False. `snapshot(k, adapters)` also receives them, as they
   stand, after each step count k in `snapshot_steps`: with a constant learning rate and one seeded stream of draws, a
@@ -47,15 +47,15 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from hyperdiff.adapter import Adapter, AdapterInfo
 from hyperdiff.config import to_dict
+from hyperdiff.core.adapter import Adapter, AdapterInfo
+from hyperdiff.core.layers import LayerTable
+from hyperdiff.core.lidb import LiDBConfig, aux_bases, compose
+from hyperdiff.core.processors import HyperLoRA, LowRankDelta, hyper_lora_processors
+from hyperdiff.core.schedule import LowNoiseGain
 from hyperdiff.errors import HyperdiffError, check_number_in, check_positive_int
 from hyperdiff.inputs import check_prompt
-from hyperdiff.layers import LayerTable
-from hyperdiff.lidb import LiDBConfig, aux_bases, compose
-from hyperdiff.metrics import to_batch
-from hyperdiff.processors import HyperLoRA, LowRankDelta, hyper_lora_processors
-from hyperdiff.schedule import LowNoiseGain
+from hyperdiff.synthfaces.encoder import to_batch
 
 KINDS = ("lora", "lidb")
 # Varied class prompts for prior preservation: the scene words the base model knows, without the identifier.
@@ -105,7 +105,7 @@ class FinetuneConfig:
     anchor_weight: float = 0.0  # keep the start's predictions on the reference under `anchor_prompts` (0 = off)
     anchor_prompts: tuple[str, ...] = DEFAULT_ANCHOR_PROMPTS  # each names the subject by "{token}"
     seed: int = 0
-    low_noise: LowNoiseGain = field(default_factory=LowNoiseGain)  # how its adapters sample (`hyperdiff.schedule`)
+    low_noise: LowNoiseGain = field(default_factory=LowNoiseGain)  # how its adapters sample (`hyperdiff.core.schedule`)
     start_keeps_schedule: bool = True  # on top of a start: its rank components keep the start's schedule
 
     def __post_init__(self) -> None:
@@ -269,7 +269,7 @@ def embedding_distance(made: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor
 
 def frozen_identity_encoder(path: str, device):
     """The identity encoder at `path` ("" = the shipped SynthFaces one) on `device`, in eval mode, without gradients."""
-    from hyperdiff.metrics import IdentityEncoder
+    from hyperdiff.synthfaces.encoder import IdentityEncoder
 
     return IdentityEncoder.from_pretrained(path or None).to(device).eval().requires_grad_(False)
 

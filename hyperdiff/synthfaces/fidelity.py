@@ -28,7 +28,7 @@ taken at each point, the last point listed being the row; with `config.dreamboot
 `dreambooth_lidb+plain`, trained on "a <token> face"), and for every hypernet given (name → model): `<name>`
 (zero-shot), `<name>+ft` (the rank-relaxed fast fine-tune, `config.finetune_steps` steps of `config.finetune`) and
 `<name>+ft+plain` (the same fine-tune on "a <token> face", no caption: what the read caption adds); hypernets given
-as `ablations` get the zero-shot row only. A row whose adapters carry a low-noise gain (`hyperdiff.schedule`) is
+as `ablations` get the zero-shot row only. A row whose adapters carry a low-noise gain (`hyperdiff.core.schedule`) is
 followed by `<label>@one-strength`: the same adapters sampled without it (`config.one_strength_rows`).
 `config.seed` seeds every fine-tune's draws and every generation's noise (identity i, scene k: seed + 1000 i + k),
 so another seed replicates the whole table on the same identities and references. `write_fidelity(result, out)`
@@ -38,7 +38,7 @@ writes JSON and a Markdown table.
 (`VAL_SEEDS`, never the evaluation range): the base model and the zero-shot adapters times each gain are scored like
 table rows, and the gain with the highest truth similarity wins among those that keep the base model's editability:
 scene fidelity within `tolerance` of the base model's (or of gain 1's, where that is lower). With `low_noise`
-candidates (`hyperdiff.schedule`) every gain is also scored with each, and the winner's goes into the hypernet's
+candidates (`hyperdiff.core.schedule`) every gain is also scored with each, and the winner's goes into the hypernet's
 config. `calibrate_finetune(pipe, hypernet, low_noise, config, tolerance, recipes)` applies the same rule to the
 fast fine-tune's recipes (`FinetuneConfig`s: learning rate, rank, loss weights, ...) and sampling schedule
 (`FinetuneConfig.low_noise`), on its adapters told the caption read from the reference (the default) and on
@@ -62,15 +62,15 @@ from typing import Sequence
 
 from PIL import Image
 
-from hyperdiff.adapter import Adapter
+from hyperdiff import synthfaces
 from hyperdiff.config import to_dict
-from hyperdiff.data import synthfaces
+from hyperdiff.core.adapter import Adapter
+from hyperdiff.core.files import atomic_path
+from hyperdiff.core.schedule import LowNoiseGain
 from hyperdiff.errors import HyperdiffError, check_int_in, check_number_in, check_positive_int, check_positive_number
-from hyperdiff.files import atomic_path
-from hyperdiff.finetune import FinetuneConfig, finetune
-from hyperdiff.metrics import SCENE_CHECKS as WORDS, IdentityEncoder, default_encoder, reference_caption, scene_fidelity
-from hyperdiff.pipeline import DREAMBOOTH_LIDB, SYNTHFACES_FAST_FINETUNE, HyperDreamBoothPipeline
-from hyperdiff.schedule import LowNoiseGain
+from hyperdiff.personalize.finetune import FinetuneConfig, finetune
+from hyperdiff.personalize.pipeline import DREAMBOOTH_LIDB, SYNTHFACES_FAST_FINETUNE, HyperDreamBoothPipeline
+from hyperdiff.synthfaces.encoder import SCENE_CHECKS as WORDS, IdentityEncoder, default_encoder, reference_caption, scene_fidelity
 
 DEFAULT_SCENES = (
     ("red", False, "smiling"), ("blue", True, "neutral"), ("green", False, "surprised"), ("yellow", True, "sad"),

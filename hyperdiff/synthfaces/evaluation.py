@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from hyperdiff.data import synthfaces
-from hyperdiff.files import atomic_path
-from hyperdiff.metrics import SCENE_CHECKS as WORDS, IdentityEncoder, default_encoder, scene_fidelity
-from hyperdiff.sheet import contact_sheet, save_png
+from hyperdiff import synthfaces
+from hyperdiff.core.files import atomic_path
+from hyperdiff.synthfaces.encoder import SCENE_CHECKS as WORDS, IdentityEncoder, default_encoder, scene_fidelity
+from hyperdiff.synthfaces.sheet import contact_sheet, save_png
 
 
 def _generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> list[Image.Image]:

@@ -56,19 +56,19 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from hyperdiff.adapter import Adapter
 from hyperdiff.config import to_dict
+from hyperdiff.core.adapter import Adapter
+from hyperdiff.core.layers import LayerTable
+from hyperdiff.core.lidb import stable_seed
+from hyperdiff.core.processors import hyper_lora_processors
 from hyperdiff.data.identities import FolderIdentities, SynthFacesIdentities
 from hyperdiff.errors import HyperdiffError, check_number_in, check_positive_int, check_positive_number
-from hyperdiff.finetune import (FinetuneConfig, decoded_estimate, embedding_distance, encode_images, encode_prompts,
+from hyperdiff.hypernet import HyperNetConfig, HyperNetwork
+from hyperdiff.personalize.finetune import (FinetuneConfig, decoded_estimate, embedding_distance, encode_images, encode_prompts,
                                 encoder_readings, finetune, frozen_identity_encoder, make_prior, noise_prediction,
                                 per_sample_mse)
-from hyperdiff.hypernet import HyperNetConfig, HyperNetwork
-from hyperdiff.layers import LayerTable
-from hyperdiff.lidb import stable_seed
-from hyperdiff.processors import hyper_lora_processors
+from hyperdiff.synthfaces.base_model import expression_weight_map
 from hyperdiff.train import checkpoints
-from hyperdiff.train.base_model import expression_weight_map
 
 logger = logging.getLogger(__name__)
 
@@ -343,7 +343,7 @@ def validate(cfg: HypernetTrainConfig, pipe, hp, source, table, step: int, n: in
     """Predict adapters for `n` fixed identities and generate one image each in a scene their references lack;
     writes `output_dir/validation/step-<step>.png` (reference | generated per row). Called on the main process with
     the per-sample processors installed."""
-    from hyperdiff.sheet import contact_sheet, save_png
+    from hyperdiff.synthfaces.sheet import contact_sheet, save_png
 
     was = hp.training
     hp.eval()

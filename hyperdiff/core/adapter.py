@@ -4,20 +4,20 @@ Contract (DESIGN.md, "Adapter" and "Files"):
 - Two kinds, keyed by stable dotted layer names:
   * `lora`: per layer `(down (r, in), up (out, r))`;
   * `lidb`: per layer `(A_train (a, r), B_train (r, b))` plus a `LiDBConfig` whose `aux_seed` regenerates the
-    frozen aux bases (see `hyperdiff.lidb`), so a file stores only the trainable factors.
+    frozen aux bases (see `hyperdiff.core.lidb`), so a file stores only the trainable factors.
 - ΔW of a layer = (alpha / rank) · up · down. `lora_factors()` gives `(down, up)` for both kinds (scale not folded).
 - Factors live on the CPU (an identity is kilobytes, and files, mixing and exports need no device); whatever binds
   them to a UNet (`applied`, `fuse`, `hyper_lora(device=...)`) moves them to its device and dtype.
 - Every adapter carries the `LayerTable` fingerprint and target set of its base; applying, fusing or loading it
   onto a UNet of another architecture is a `HyperdiffError`.
 - Use: `applied(unet)` (processors, restored on exit), `fuse(unet)`/`unfuse(unet)` (bit-exact, see
-  `hyperdiff.fusion`), `hyper_lora()` (per-call deltas for `cross_attention_kwargs`).
+  `hyperdiff.core.fusion`), `hyper_lora()` (per-call deltas for `cross_attention_kwargs`).
 - Algebra on ΔW (not on factors): `w * ad` scales ΔW; `ad1 + ad2` (= `concat`) is the exact rank concatenation
   (rank r1 + r2, scales folded into `up`, alpha = rank); `mix(adapters, weights)` = Σ wᵢ·adᵢ.
-- Files (`hyperdiff.formats`): `save`/`load` (native), `export(path, format="diffusers"|"kohya")`;
+- Files (`hyperdiff.core.formats`): `save`/`load` (native), `export(path, format="diffusers"|"kohya")`;
   `save_as(folder, format)` writes any of them under a name that says what it is (`file_name(format)`:
   `hyperdiff-<token>-<digest>-<format>.safetensors`, the digest a hash of the adapter's values).
-- `info.low_noise` (a hypernet's calibrated low-noise gain or a fine-tune recipe's, `hyperdiff.schedule`) is how
+- `info.low_noise` (a hypernet's calibrated low-noise gain or a fine-tune recipe's, `hyperdiff.core.schedule`) is how
   the pipeline samples with it; derived adapters (`w * ad`, `concat`, `mix`) keep the first one's, like the rest of
   `info`. `info.rank_schedules` (k₁, s₁), (k₂, s₂), … give the first k₁ rank components schedule s₁, the next k₂ s₂,
   and leave the rest to `low_noise`: a rank-relaxed fine-tune's start (the hypernet's prediction) keeps its own
@@ -38,12 +38,12 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from hyperdiff import fusion
+from hyperdiff.core import fusion
+from hyperdiff.core.layers import LayerTable, TargetConfig
+from hyperdiff.core.lidb import LiDBConfig, aux_bases, compose
+from hyperdiff.core.processors import HyperLoRA, LowRankDelta, install, restore
+from hyperdiff.core.schedule import LowNoiseGain
 from hyperdiff.errors import HyperdiffError
-from hyperdiff.layers import LayerTable, TargetConfig
-from hyperdiff.lidb import LiDBConfig, aux_bases, compose
-from hyperdiff.processors import HyperLoRA, LowRankDelta, install, restore
-from hyperdiff.schedule import LowNoiseGain
 
 KINDS = ("lidb", "lora")
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
@@ -59,7 +59,7 @@ class AdapterInfo:
     architecture: str = "hyperdiff-custom"  # modelspec family: stable-diffusion-v1 | stable-diffusion-v2 | ...
     resolution: str = ""  # e.g. "512x512"
     prediction_type: str = "epsilon"
-    low_noise: LowNoiseGain = LowNoiseGain()  # how hyperdiff applies it in sampling (`hyperdiff.schedule`)
+    low_noise: LowNoiseGain = LowNoiseGain()  # how hyperdiff applies it in sampling (`hyperdiff.core.schedule`)
     rank_schedules: tuple[tuple[int, LowNoiseGain], ...] = ()  # leading rank components with schedules of their own
 
     def __post_init__(self) -> None:
@@ -413,14 +413,14 @@ class Adapter:
     # -- files --------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Native `.safetensors` (see DESIGN.md "Files"), written atomically."""
-        from hyperdiff import formats
+        from hyperdiff.core import formats
 
         return formats.save_native(self, path)
 
     @classmethod
     def load(cls, path: str | Path, table: LayerTable | None = None) -> "Adapter":
         """Read and validate a native file; with `table`, also check it fits that UNet."""
-        from hyperdiff import formats
+        from hyperdiff.core import formats
 
         adapter = formats.load_native(path)
         if table is not None:
@@ -430,29 +430,29 @@ class Adapter:
     @property
     def digest(self) -> str:
         """Short hex hash of what this adapter computes (kind, alpha, factor values): equal adapters, equal digest."""
-        from hyperdiff import formats
+        from hyperdiff.core import formats
 
         return formats.digest(self)
 
     def file_name(self, format: str = "native") -> str:
-        from hyperdiff import formats
+        from hyperdiff.core import formats
 
         return formats.file_name(self, format)
 
     def save_as(self, folder: str | Path, format: str = "native") -> Path:
         """Write `folder / file_name(format)` (native, diffusers or kohya), atomically; returns the path."""
-        from hyperdiff import formats
+        from hyperdiff.core import formats
 
         return formats.write(self, folder, format)
 
     def export(self, path: str | Path, format: str = "diffusers") -> Path:
         """Write a LoRA file other tools load: `diffusers` (PEFT, `load_lora_weights`) or `kohya` (A1111/ComfyUI)."""
-        from hyperdiff import formats
+        from hyperdiff.core import formats
 
         return formats.export(self, path, format)
 
     def export_parts(self, path: str | Path, format: str = "diffusers") -> list[Path]:
         """One LoRA file per schedule part (`split_by_schedule`), named `path` + `-part1`, `-part2`, …"""
-        from hyperdiff import formats
+        from hyperdiff.core import formats
 
         return formats.export_parts(self, path, format)

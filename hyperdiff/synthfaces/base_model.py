@@ -45,13 +45,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from hyperdiff import synthfaces
 from hyperdiff.config import to_dict
-from hyperdiff.data import synthfaces
+from hyperdiff.core.files import write_safetensors
 from hyperdiff.errors import HyperdiffError, check_number_in, check_positive_int, check_positive_number
-from hyperdiff.files import write_safetensors
-from hyperdiff.finetune import decoded_estimate, frozen_identity_encoder
-from hyperdiff.metrics import to_batch
 from hyperdiff.models.tiny import SD_SCHEDULE, TinyPipelineConfig, tiny_components, tiny_scheduler
+from hyperdiff.personalize.finetune import decoded_estimate, frozen_identity_encoder
+from hyperdiff.synthfaces.encoder import to_batch
 from hyperdiff.train import checkpoints
 
 logger = logging.getLogger(__name__)
@@ -304,7 +304,7 @@ def training_caption(scene: synthfaces.Scene, gen: torch.Generator, data: DataCo
 
 
 def _batch_generator(seed: int, stage: str, step: int) -> torch.Generator:
-    from hyperdiff.lidb import stable_seed
+    from hyperdiff.core.lidb import stable_seed
 
     return torch.Generator().manual_seed(stable_seed("train_base", seed, stage, step))
 
@@ -474,7 +474,7 @@ def generated_pairs(cfg: BaseTrainConfig, accelerator, vae, unet, text_encoder, 
     img2img on latents). Made once by the main process, cached as safetensors in `output_dir`."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from hyperdiff.lidb import stable_seed
+    from hyperdiff.core.lidb import stable_seed
 
     cache = Path(cfg.output_dir) / "refine_pairs.safetensors"
     r = cfg.refine

@@ -1,0 +1,72 @@
+"""SynthFaces: the embedded procedural world hyperdiff trains and judges on, offline, as one subpackage.
+
+The package's own names are the world (identities, scenes, captions, renders: the contract in `world`). Its modules
+are the rest: `encoder` (the identity encoder that plays face recognition, scene detectors, augmentations),
+`base_model` (training the tiny SD-shaped base from scratch), `evaluation` (the base-model report), `fidelity` (the
+fidelity benchmark and the calibrations), `sheet` (contact sheets), `demo` (`hyperdiff demo`). SynthFaces builds on
+the core, the hypernet and the pipeline; the core never imports it.
+"""
+
+from hyperdiff.synthfaces.world import (
+    BACKGROUND_THRESHOLD,
+    BACKGROUNDS,
+    EAR_SHAPES,
+    EVAL_SEED_START,
+    EXPRESSIONS,
+    EYE_COLORS,
+    EYEBROW_STYLES,
+    FACE_SHAPES,
+    FACIAL_HAIR,
+    GLASSES,
+    GLASSES_COLORS,
+    HAIR_COLORS,
+    HAIR_STYLES,
+    NOSE_SHAPES,
+    PALETTE,
+    SCENE_WORDS,
+    SKIN_TONES,
+    TRAIN_SEEDS,
+    VAL_SEEDS,
+    Identity,
+    Scene,
+    all_scenes,
+    background_of,
+    caption,
+    corner_mean,
+    eval_seeds,
+    render,
+    sample,
+    scene_from_caption,
+)
+
+__all__ = [
+    "BACKGROUNDS",
+    "BACKGROUND_THRESHOLD",
+    "EAR_SHAPES",
+    "EVAL_SEED_START",
+    "EXPRESSIONS",
+    "EYEBROW_STYLES",
+    "EYE_COLORS",
+    "FACE_SHAPES",
+    "FACIAL_HAIR",
+    "GLASSES",
+    "GLASSES_COLORS",
+    "HAIR_COLORS",
+    "HAIR_STYLES",
+    "NOSE_SHAPES",
+    "PALETTE",
+    "SCENE_WORDS",
+    "SKIN_TONES",
+    "TRAIN_SEEDS",
+    "VAL_SEEDS",
+    "Identity",
+    "Scene",
+    "all_scenes",
+    "background_of",
+    "caption",
+    "corner_mean",
+    "eval_seeds",
+    "render",
+    "sample",
+    "scene_from_caption",
+]
