@@ -10,7 +10,7 @@ identity similarity to the true renders whose scene fidelity is within `--tolera
 in its `alpha` (the choice and every score go into its config.json). With `--low-noise-gains`, every gain is also
 scored with ΔW × each of them at the timesteps below each `--low-noise-below` (hyperdiff.core.schedule), and the
 winner's low-noise gain goes into the hypernet's config, so the adapters it predicts carry it.
-Logic: hyperdiff.fidelity.calibrate_gain, HyperNetwork.set_gain.
+Logic: hyperdiff.synthfaces.calibrate.calibrate_gain, HyperNetwork.set_gain.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from hyperdiff.errors import HyperdiffError
 from hyperdiff.hypernet import HyperNetwork
 from hyperdiff.models import load_base
 from hyperdiff.personalize.pipeline import DTYPES
+from hyperdiff.synthfaces.calibrate import calibrate_gain
 from hyperdiff.synthfaces.encoder import JUDGE_ENCODER_DIR
-from hyperdiff.synthfaces.fidelity import FidelityConfig, calibrate_gain
+from hyperdiff.synthfaces.fidelity import FidelityConfig
 
 
 def numbers(flag: str, text: str, kind):

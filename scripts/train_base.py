@@ -15,7 +15,8 @@ import sys
 from hyperdiff.config import load_config, parse_assignments
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.inputs import check_outside_assets
-from hyperdiff.synthfaces.base_model import BaseTrainConfig, train
+from hyperdiff.synthfaces.base_model.config import BaseTrainConfig
+from hyperdiff.synthfaces.base_model.train import train
 
 
 def main(argv: list[str] | None = None) -> int:

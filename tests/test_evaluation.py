@@ -169,6 +169,7 @@ def test_gain_calibration_picks_the_best_gain_within_the_scene_tolerance(tmp_pat
     sys.path.insert(0, str(ROOT / "scripts"))
     import train_hypernet
 
+    import hyperdiff.synthfaces.calibrate as calibrate
     import hyperdiff.synthfaces.fidelity as fidelity
     from hyperdiff import synthfaces
     from hyperdiff.hypernet import HyperNetwork
@@ -190,21 +191,21 @@ def test_gain_calibration_picks_the_best_gain_within_the_scene_tolerance(tmp_pat
         return {"truth_similarity": min(gain, 3.0) / 10 + late,
                 "scene_fidelity": 0.9 - (0.05 if gain > 2.2 else 0.01 * (gain - 1)) - (0.1 if late > 0.2 else 0)}
 
-    monkeypatch.setattr(fidelity, "_score", score)
-    result = fidelity.calibrate_gain(tiny_pipeline(seed=0), hp, [3, 2, 2.5], fidelity.FidelityConfig(identities=2))
+    monkeypatch.setattr(calibrate, "_score", score)
+    result = calibrate.calibrate_gain(tiny_pipeline(seed=0), hp, [3, 2, 2.5], fidelity.FidelityConfig(identities=2))
     assert [r["gain"] for r in result["rows"]] == [1.0, 2.0, 2.5, 3.0]  # 1 is always scored, as the reference
     assert abs(result["rows"][2]["truth_similarity"] - 0.25) < 1e-4  # the adapters really were scaled
     assert result["gain"] == 2.0  # 2.5 and 3 lose 5 points of scene fidelity: more than the tolerance
     assert result["identities"] == list(synthfaces.VAL_SEEDS[:2])  # validation identities, never evaluation ones
-    assert fidelity.calibrate_gain(tiny_pipeline(seed=0), hp, [3], fidelity.FidelityConfig(identities=2), 0.1)["gain"] == 3.0
+    assert calibrate.calibrate_gain(tiny_pipeline(seed=0), hp, [3], fidelity.FidelityConfig(identities=2), 0.1)["gain"] == 3.0
     base["scene_fidelity"] = 0.86  # the base model itself obeys fewer scene words: 0.85 keeps its editability
-    result = fidelity.calibrate_gain(tiny_pipeline(seed=0), hp, [3, 2, 2.5], fidelity.FidelityConfig(identities=2))
+    result = calibrate.calibrate_gain(tiny_pipeline(seed=0), hp, [3, 2, 2.5], fidelity.FidelityConfig(identities=2))
     assert result["gain"] == 3.0 and result["base"]["scene_fidelity"] == 0.86
     base["scene_fidelity"] = 0.95  # above gain 1's: gain 1 stays the reference
-    assert fidelity.calibrate_gain(tiny_pipeline(seed=0), hp, [3, 2, 2.5], fidelity.FidelityConfig(identities=2))["gain"] == 2.0
+    assert calibrate.calibrate_gain(tiny_pipeline(seed=0), hp, [3, 2, 2.5], fidelity.FidelityConfig(identities=2))["gain"] == 2.0
     # low-noise candidates: each gain is scored at one strength and with each; the same rule picks among all rows
     lows = [LowNoiseGain(1.5, 300), LowNoiseGain(3.0, 300), LowNoiseGain(1.0, 300)]  # the last is no candidate
-    result = fidelity.calibrate_gain(tiny_pipeline(seed=0), hp, [2], fidelity.FidelityConfig(identities=2), low_noise=lows)
+    result = calibrate.calibrate_gain(tiny_pipeline(seed=0), hp, [2], fidelity.FidelityConfig(identities=2), low_noise=lows)
     assert [(r["gain"], r["low_noise"]["gain"]) for r in result["rows"]] == [(g, lo) for g in (1.0, 2.0) for lo in (1, 1.5, 3)]
     assert abs(result["rows"][4]["truth_similarity"] - (0.2 + 0.15)) < 1e-4  # gain 2 and ×1.5 below 300 reached the scorer
     assert result["gain"] == 2.0 and result["low_noise"] == {"gain": 1.5, "below": 300}  # ×3 loses 10 scene points
@@ -254,6 +255,7 @@ def test_finetune_calibration_picks_a_schedule_that_both_fine_tunes_pass(tmp_pat
     sys.path.insert(0, str(ROOT / "scripts"))
     import train_hypernet
 
+    import hyperdiff.synthfaces.calibrate as calibrate
     import hyperdiff.synthfaces.fidelity as fidelity
     from hyperdiff import synthfaces
     from hyperdiff.hypernet import HyperNetwork
@@ -279,29 +281,29 @@ def test_finetune_calibration_picks_a_schedule_that_both_fine_tunes_pass(tmp_pat
         return {"truth_similarity": 0.5 + 0.1 * captioned + late + fast,
                 "scene_fidelity": (0.88 - 0.15 * late - fast / 2) if captioned else (0.82 - 0.3 * late)}
 
-    monkeypatch.setattr(fidelity, "_score", score)
+    monkeypatch.setattr(calibrate, "_score", score)
     config = fidelity.FidelityConfig(identities=2, finetune_steps=1, finetune=replace(FAST_FINETUNE, steps=1))
     lows = [LowNoiseGain(1.25, 200), LowNoiseGain(1.5, 200), LowNoiseGain(3.0, 500), LowNoiseGain(1.0, 300)]
-    result = fidelity.calibrate_finetune(tiny_pipeline(seed=0), hp, lows, config)
+    result = calibrate.calibrate_finetune(tiny_pipeline(seed=0), hp, lows, config)
     assert [(r["caption"], r["low_noise"]["gain"]) for r in result["rows"]] == [
         (c, g) for c in (True, False) for g in (1.0, 1.25, 1.5, 3.0)]  # one strength first; gain 1 is no candidate
     assert len(seen) == 8 and set(seen) == {hp.predict([Image.new("RGB", (32, 32))]).rank + FAST_FINETUNE.rank}
     assert result["identities"] == list(synthfaces.VAL_SEEDS[:2])
     # × 1.5 below 200 keeps the captioned fine-tune (0.865 ≥ 0.86) but not the plain one (0.79 < 0.80)
     assert result["low_noise"] == {"gain": 1.25, "below": 200}
-    result = fidelity.calibrate_finetune(tiny_pipeline(seed=0), hp, lows, config, tolerance=0.05)
+    result = calibrate.calibrate_finetune(tiny_pipeline(seed=0), hp, lows, config, tolerance=0.05)
     assert result["low_noise"] == {"gain": 1.5, "below": 200}  # now both pass; × 3 below 500 still fails both
-    assert fidelity.calibrate_finetune(tiny_pipeline(seed=0), hp, lows[2:], config)["low_noise"] == {"gain": 1.0, "below": 0}
+    assert calibrate.calibrate_finetune(tiny_pipeline(seed=0), hp, lows[2:], config)["low_noise"] == {"gain": 1.0, "below": 0}
     # recipes: each is trained and scored with every schedule; the lr 0.05 one gains 0.2 of identity, and within a
     # tolerance wins (its own floor is its one-strength score); only told the caption (`plain` False) when asked
     fast = replace(config.finetune, learning_rate=0.05)
-    result = fidelity.calibrate_finetune(tiny_pipeline(seed=0), hp, lows[:2], config, recipes=[config.finetune, fast])
+    result = calibrate.calibrate_finetune(tiny_pipeline(seed=0), hp, lows[:2], config, recipes=[config.finetune, fast])
     assert result["recipes"] == [{}, {"learning_rate": 0.05}] and result["recipe"] == {"learning_rate": 0.05}
     assert [(r["recipe"], r["caption"], r["low_noise"]["gain"]) for r in result["rows"]] == [
         (j, c, g) for j in (0, 1) for c in (True, False) for g in (1.0, 1.25, 1.5)]
     assert result["low_noise"] == {"gain": 1.25, "below": 200}
     seen.clear()
-    result = fidelity.calibrate_finetune(tiny_pipeline(seed=0), hp, lows[:2], config, recipes=[fast], plain=False)
+    result = calibrate.calibrate_finetune(tiny_pipeline(seed=0), hp, lows[:2], config, recipes=[fast], plain=False)
     assert [r["caption"] for r in result["rows"]] == [True] * 3 and len(seen) == 3  # one set scored per schedule
     assert result["low_noise"] == {"gain": 1.5, "below": 200}  # the plain fine-tune no longer holds it back
 
@@ -356,7 +358,7 @@ def test_fidelity_scores_identity_against_the_true_render_and_counts_copying():
     and where the reference *is* the prompted scene, truth and reference are one image: the copy index is 0."""
     from hyperdiff import synthfaces
     from hyperdiff.synthfaces.fidelity import REFERENCE_CONDITIONS, FidelityConfig, reference_scene, run_fidelity
-    from hyperdiff.synthfaces.encoder import default_encoder
+    from hyperdiff.synthfaces.detectors import default_encoder
     from hyperdiff.personalize.pipeline import HyperDreamBoothPipeline
 
     pipe = tiny_pipeline(seed=0)

@@ -10,8 +10,9 @@ from diffusers import DDPMScheduler
 from hyperdiff import Adapter, HyperdiffError, LayerTable
 from hyperdiff.core.fusion import fused_count
 from hyperdiff.core.processors import hyper_lora_processors
-from hyperdiff.personalize.finetune import (FinetuneConfig, _init_factors, diffusion_loss, encode_images, encode_prompts, finetune,
-                               identity_embeddings, identity_loss, make_prior, per_sample_mse)
+from hyperdiff.personalize.finetune import FinetuneConfig, _init_factors, finetune, make_prior
+from hyperdiff.personalize.losses import (diffusion_loss, encode_images, encode_prompts, identity_embeddings,
+                                          identity_loss, per_sample_mse)
 
 from conftest import random_lora, unet_inputs
 from test_hypernet import face, make_hypernet, randomise_b_head

@@ -23,7 +23,7 @@ from hyperdiff.hypernet import (
     pool_references,
 )
 from hyperdiff.hypernet.encoders import ClipImageEncoder, SmallImageEncoder
-from hyperdiff.personalize.finetune import diffusion_loss, encode_images, encode_prompts
+from hyperdiff.personalize.losses import diffusion_loss, encode_images, encode_prompts
 
 from conftest import unet_inputs
 
@@ -370,7 +370,7 @@ def test_hypernet_with_clip_encoder_trains_its_unfrozen_block_and_round_trips(tm
 
 def test_identity_encoder_kind_is_frozen_sees_identity_and_travels_in_the_hypernet_file(tmp_path, tiny, table, identity_batch):
     from hyperdiff.hypernet.encoders import IdentityImageEncoder
-    from hyperdiff.synthfaces.encoder import default_encoder
+    from hyperdiff.synthfaces.detectors import default_encoder
 
     config = EncoderConfig(kind="identity", image_size=64, dim=32)
     hp = randomise_b_head(make_hypernet(table, encoder=config))

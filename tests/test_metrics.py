@@ -23,17 +23,9 @@ from hyperdiff.synthfaces import (
     eval_seeds,
     render,
 )
-from hyperdiff.synthfaces.encoder import (
-    DEFAULT_ENCODER_DIR,
-    AugmentConfig,
-    IdentityEncoder,
-    IdentityEncoderConfig,
-    IdentityEncoderTrainingConfig,
-    augment,
-    detect_scene,
-    roc_auc,
-    scene_fidelity,
-)
+from hyperdiff.synthfaces.detectors import detect_scene, scene_fidelity
+from hyperdiff.synthfaces.encoder import DEFAULT_ENCODER_DIR, IdentityEncoder, IdentityEncoderConfig
+from hyperdiff.synthfaces.encoder_training import AugmentConfig, IdentityEncoderTrainingConfig, augment, roc_auc
 
 ROOT = Path(__file__).resolve().parents[1]
 N_IDENTITIES = 150  # held-out identities, 2 random scenes each: 150 same pairs vs 22,350 different pairs

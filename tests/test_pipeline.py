@@ -119,14 +119,14 @@ def test_a_caption_replaces_the_fine_tunes_instance_prompt(hdb, ref):
 
 
 def test_without_a_caption_the_pipelines_captioner_reads_each_reference(hdb, ref):
-    """With a captioner (the embedded base's: `metrics.reference_caption`) and no caption, the fine-tune trains on
+    """With a captioner (the embedded base's: `detectors.reference_caption`) and no caption, the fine-tune trains on
     what each reference shows, read from it: the engine's `finetune` told those captions, bit for bit, and the record
     says they were read. One caption per image works too; a count that fits neither is a one-line error. Without a
     captioner the instance prompt stays."""
     from dataclasses import replace
 
     from hyperdiff.personalize.finetune import finetune
-    from hyperdiff.synthfaces.encoder import reference_caption
+    from hyperdiff.synthfaces.detectors import reference_caption
     from hyperdiff.personalize.pipeline import FAST_FINETUNE
 
     other = sf.render(sf.Identity.from_seed(1_000_007), sf.Scene("yellow", True, "smiling"), 32)

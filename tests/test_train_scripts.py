@@ -35,8 +35,8 @@ from hyperdiff.data.identities import FolderIdentities, SynthFacesIdentities
 from hyperdiff.hypernet import HyperNetwork
 from hyperdiff.hypernet import training as trainer
 from hyperdiff.hypernet.training import HypernetTrainConfig
-from hyperdiff.personalize.finetune import (encode_images, encode_prompts, frozen_identity_encoder, identity_embeddings, identity_loss,
-                               noise_prediction)
+from hyperdiff.personalize.losses import (encode_images, encode_prompts, frozen_identity_encoder, identity_embeddings,
+                                          identity_loss, noise_prediction)
 from hyperdiff.train import checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,18 +103,19 @@ import sys
 sys.path.insert(0, {scripts!r})
 from accelerate import PartialState
 from safetensors.torch import save_file
+import hyperdiff.hypernet.targets as targets
 import hyperdiff.hypernet.training as trainer
 import precompute_lidb
 import train_hypernet as script
 
-inner_finetune = trainer.finetune
+inner_finetune = targets.finetune
 
 def finetune(pipe, refs, *args, **kwargs):
     state = PartialState()
     print(f"[rank {{state.process_index}} of {{state.num_processes}}] stage-1 fine-tune of {{len(refs)}}", flush=True)
     return inner_finetune(pipe, refs, *args, **kwargs)
 
-trainer.finetune = finetune
+targets.finetune = finetune
 inner = trainer._train_loop
 
 def loop(cfg, accelerator, pipe, model, hp, *rest):
@@ -557,8 +558,8 @@ def test_expression_prior_alone_brings_the_estimates_expression_back_to_the_base
 def test_expression_weight_reweights_the_noise_space_terms_on_the_latent_grid(tmp_path, monkeypatch):
     """`expression_weight` multiplies the diffusion (and distillation) errors by `expression_weight_map` on the latent
     grid: the trainer hands exactly that map to the per-sample MSE, which weights each squared error before the mean."""
-    from hyperdiff.personalize.finetune import per_sample_mse
-    from hyperdiff.synthfaces.base_model import expression_weight_map
+    from hyperdiff.personalize.losses import per_sample_mse
+    from hyperdiff.synthfaces.base_model.data import expression_weight_map
 
     seen = []
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from hyperdiff.core.adapter import Adapter, AdapterInfo
+from hyperdiff.core.adapter import Adapter
+from hyperdiff.core.info import AdapterInfo
 from hyperdiff.core.layers import LayerTable
 from hyperdiff.core.lidb import LiDBConfig
 

@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from hyperdiff.config import from_dict, to_dict
-from hyperdiff.core.adapter import Adapter, AdapterInfo
+from hyperdiff.core.adapter import Adapter
 from hyperdiff.core.files import atomic_path, read_safetensors, write_safetensors
+from hyperdiff.core.info import AdapterInfo
 from hyperdiff.core.layers import KNOWN_PROJECTIONS, LayerRow, LayerTable
 from hyperdiff.core.lidb import LiDBConfig, aux_bases, compose
 from hyperdiff.core.processors import HyperLoRA, LowRankDelta

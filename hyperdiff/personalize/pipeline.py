@@ -8,15 +8,15 @@ Contract:
   this machine lacks is a one-line error. The hypernet stays float32 (it is small); adapters live on the CPU.
 - `personalize(images, token, finetune_steps, seed)` → Adapter: the hypernet's zero-shot LiDB prediction, then, with
   `finetune_steps > 0`, the rank-relaxed fast fine-tune (a rank-r' LoRA trained on top, returned as the exact
-  concatenation; on the embedded base with the identity encoder's term, `SYNTHFACES_FAST_FINETUNE`). Without a
-  hypernet (none given, none shipped for the base), `finetune_steps > 0` fine-tunes LiDB factors from scratch
-  (DreamBooth-LiDB) and 0 is a one-line error saying so. A zero-shot adapter carries the hypernet's low-noise gain
+  concatenation; on the embedded base with the identity encoder's term, `SYNTHFACES_FAST_FINETUNE`). Without a hypernet
+  (none given, none shipped for the base), `finetune_steps > 0` fine-tunes LiDB factors from scratch (DreamBooth-LiDB)
+  and 0 is a one-line error saying so. A zero-shot adapter carries the hypernet's low-noise gain
   (`hyperdiff.core.schedule`); a fine-tuned one samples its learned rank components with its recipe's
   (`FinetuneConfig.low_noise`) and the start's with the hypernet's (`AdapterInfo.rank_schedules`). `caption` (what the
   references show, the subject named by the token; one for all or one per image) replaces the fine-tune's instance
   prompt "a {token} face". With no caption, a pipeline that has a `captioner` (the embedded base's:
-  `metrics.reference_caption`, which reads background, hat and expression from each reference) captions every
-  reference itself, so the fine-tune learns the face and not the photo's scene; without one the instance prompt
+  `synthfaces.detectors.reference_caption`, which reads background, hat and expression from each reference) captions
+  every reference itself, so the fine-tune learns the face and not the photo's scene; without one the instance prompt
   stays. The adapter's `info.source` records the captions and whether they were read or given.
 - `generate(prompt, adapter, ...)` → list of PIL images. One adapter is fused for the call (zero overhead) and unfused
   after, also on an error; a list of adapters (one per image) runs as one batch through the per-sample processors.
@@ -164,7 +164,7 @@ class HyperDreamBoothPipeline:
         common = {"base_name": base or "synthfaces (embedded)",
                   "fast_finetune": SYNTHFACES_FAST_FINETUNE if base is None else FAST_FINETUNE}
         if base is None:  # the embedded world's detectors read what a reference shows: its caption when none is typed
-            from hyperdiff.synthfaces.encoder import reference_caption
+            from hyperdiff.synthfaces.detectors import reference_caption
 
             common["captioner"] = reference_caption
         if not load_hypernet:

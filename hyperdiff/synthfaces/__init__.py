@@ -1,72 +1,18 @@
 """SynthFaces: the embedded procedural world hyperdiff trains and judges on, offline, as one subpackage.
 
-The package's own names are the world (identities, scenes, captions, renders: the contract in `world`). Its modules
-are the rest: `encoder` (the identity encoder that plays face recognition, scene detectors, augmentations),
-`base_model` (training the tiny SD-shaped base from scratch), `evaluation` (the base-model report), `fidelity` (the
-fidelity benchmark and the calibrations), `sheet` (contact sheets), `demo` (`hyperdiff demo`). SynthFaces builds on
-the core, the hypernet and the pipeline; the core never imports it.
+The package's own names are the world: `world` (identities, scenes, seed ranges), `captions` (scenes in words and
+back, the background read from an image) and `faces` (`render`; `pen` holds its drawing tools). Its other modules:
+`images` (images as tensors), `encoder` (the identity encoder that plays face recognition), `detectors` (scene
+fidelity, the scene an image shows), `encoder_training` (its training recipe, augmentations and scores),
+`base_model/` (training the tiny SD-shaped base from scratch, stage by stage), `evaluation` (the base-model report),
+`fidelity` (the fidelity benchmark), `calibrate` (output gains, fine-tune recipes and schedules chosen on validation
+identities), `sheet` (contact sheets), `demo` (`hyperdiff demo`). SynthFaces builds on the core, the hypernet and the
+pipeline; the core never imports it.
 """
 
-from hyperdiff.synthfaces.world import (
-    BACKGROUND_THRESHOLD,
-    BACKGROUNDS,
-    EAR_SHAPES,
-    EVAL_SEED_START,
-    EXPRESSIONS,
-    EYE_COLORS,
-    EYEBROW_STYLES,
-    FACE_SHAPES,
-    FACIAL_HAIR,
-    GLASSES,
-    GLASSES_COLORS,
-    HAIR_COLORS,
-    HAIR_STYLES,
-    NOSE_SHAPES,
-    PALETTE,
-    SCENE_WORDS,
-    SKIN_TONES,
-    TRAIN_SEEDS,
-    VAL_SEEDS,
-    Identity,
-    Scene,
-    all_scenes,
-    background_of,
-    caption,
-    corner_mean,
-    eval_seeds,
-    render,
-    sample,
-    scene_from_caption,
-)
+from hyperdiff.synthfaces import captions, faces, world
+from hyperdiff.synthfaces.captions import *  # noqa: F403 (the world's names, each module's `__all__`)
+from hyperdiff.synthfaces.faces import *  # noqa: F403
+from hyperdiff.synthfaces.world import *  # noqa: F403
 
-__all__ = [
-    "BACKGROUNDS",
-    "BACKGROUND_THRESHOLD",
-    "EAR_SHAPES",
-    "EVAL_SEED_START",
-    "EXPRESSIONS",
-    "EYEBROW_STYLES",
-    "EYE_COLORS",
-    "FACE_SHAPES",
-    "FACIAL_HAIR",
-    "GLASSES",
-    "GLASSES_COLORS",
-    "HAIR_COLORS",
-    "HAIR_STYLES",
-    "NOSE_SHAPES",
-    "PALETTE",
-    "SCENE_WORDS",
-    "SKIN_TONES",
-    "TRAIN_SEEDS",
-    "VAL_SEEDS",
-    "Identity",
-    "Scene",
-    "all_scenes",
-    "background_of",
-    "caption",
-    "corner_mean",
-    "eval_seeds",
-    "render",
-    "sample",
-    "scene_from_caption",
-]
+__all__ = [*world.__all__, *captions.__all__, *faces.__all__]
