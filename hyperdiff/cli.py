@@ -51,14 +51,14 @@ def _progress(total: int, desc: str):
 def _cmd_export(args: argparse.Namespace) -> None:
     _safetensors_out(Path(args.out))  # --split writes beside it, under its name
     inputs.read_header(args.adapter, "adapter file")
-    from hyperdiff.adapter import Adapter
+    from hyperdiff.core.adapter import Adapter
 
     adapter = Adapter.load(args.adapter)
     if not args.split:
         path = adapter.export(args.out, format=args.format)
         print(f"wrote {args.format} LoRA ({adapter.kind} adapter, rank {adapter.rank}, alpha {adapter.alpha:g}) to {path}")
         return
-    from hyperdiff.formats import file_schedule
+    from hyperdiff.core.formats import file_schedule
 
     paths = adapter.export_parts(args.out, format=args.format)
     for i, path in enumerate(paths, 1):  # each file's schedule as the file says it
@@ -67,7 +67,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
     inputs.read_header(args.adapter, "adapter file")
-    from hyperdiff.adapter import Adapter
+    from hyperdiff.core.adapter import Adapter
 
     ad = Adapter.load(args.adapter)
     size = Path(args.adapter).stat().st_size
@@ -112,7 +112,7 @@ def _cmd_personalize(args: argparse.Namespace) -> None:
         caption = caption[0]
     inputs.check_captions(caption, len(images), args.token)
     _quiet_libraries(args.verbose)
-    from hyperdiff.pipeline import HyperDreamBoothPipeline, caption_record
+    from hyperdiff.personalize.pipeline import HyperDreamBoothPipeline, caption_record
 
     start = time.perf_counter()
     hdb = HyperDreamBoothPipeline.from_pretrained(args.base, args.hypernet, device=args.device, dtype=args.dtype)
@@ -138,8 +138,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     inputs.check_writable(out / "image.png", "`--out`")
     _check_models(args)
     inputs.read_header(args.adapter, "adapter file")
-    from hyperdiff.adapter import Adapter
-    from hyperdiff.schedule import LowNoiseGain
+    from hyperdiff.core.adapter import Adapter
+    from hyperdiff.core.schedule import LowNoiseGain
 
     adapter = Adapter.load(args.adapter)
     low = adapter.info.low_noise
@@ -148,8 +148,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     if given:
         low = LowNoiseGain(**{**low.to_dict(), **given})
     _quiet_libraries(args.verbose)
-    from hyperdiff.pipeline import HyperDreamBoothPipeline
-    from hyperdiff.sheet import save_png
+    from hyperdiff.personalize.pipeline import HyperDreamBoothPipeline
+    from hyperdiff.synthfaces.sheet import save_png
 
     hdb = HyperDreamBoothPipeline.from_pretrained(args.base, load_hypernet=False, device=args.device, dtype=args.dtype)
     adapter.check_table(hdb.table)
@@ -170,7 +170,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     inputs.check_writable(Path(args.out) / "sheet.png", "`--out`")
     _check_models(args)
     _quiet_libraries(args.verbose)
-    from hyperdiff.demo import run_demo
+    from hyperdiff.synthfaces.demo import run_demo
 
     run_demo(Path(args.out), base=args.base, hypernet=args.hypernet, device=args.device, dtype=args.dtype)
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
+from hyperdiff.core.files import atomic_path, check_writable
 from hyperdiff.errors import HyperdiffError
-from hyperdiff.files import atomic_path, check_writable
-from hyperdiff.pipeline import resolve_device, resolve_dtype
+from hyperdiff.personalize.pipeline import resolve_device, resolve_dtype
 
 
 def positive_int(text: str) -> int:

@@ -28,9 +28,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 from hyperdiff import LayerTable  # noqa: E402
+from hyperdiff.core.random_adapters import random_lidb  # noqa: E402
 from hyperdiff.models import tiny_pipeline  # noqa: E402
 from hyperdiff.models.configs import build_unet  # noqa: E402
-from hyperdiff.random_adapters import random_lidb  # noqa: E402
 
 from _bench import checked_out, describe_device, device_and_dtype, positive_int, sync, time_calls, write_json  # noqa: E402
 

@@ -31,11 +31,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 from hyperdiff import HyperNetwork, LayerTable  # noqa: E402
+from hyperdiff import synthfaces  # noqa: E402
 from hyperdiff.config import load_config  # noqa: E402
-from hyperdiff.data import synthfaces  # noqa: E402
+from hyperdiff.hypernet.training import HypernetTrainConfig  # noqa: E402
 from hyperdiff.models.configs import VISION_NAMES, build_clip_vision, build_pipeline  # noqa: E402
-from hyperdiff.pipeline import EMBEDDED_HYPERNET, HyperDreamBoothPipeline  # noqa: E402
-from hyperdiff.train.hypernet import HypernetTrainConfig  # noqa: E402
+from hyperdiff.personalize.pipeline import EMBEDDED_HYPERNET, HyperDreamBoothPipeline  # noqa: E402
 
 from _bench import checked_out, describe_device, device_and_dtype, positive_int, time_calls, write_json  # noqa: E402
 

@@ -8,12 +8,12 @@ Fine-tunes each of `--identities` validation identities (never the evaluation se
 with the pipeline's fast fine-tune recipe for the base (`SYNTHFACES_FAST_FINETUNE` on the embedded one) and with each
 `--recipe` (space-separated FinetuneConfig fields changed from it; every --recipe is one candidate), told the caption
 read from the reference (the default) and, unless --no-plain, on "a sks face"; each is scored at one strength and with
-ΔW × each `--low-noise-gains` below each `--low-noise-below` timestep (hyperdiff.schedule) in the fidelity benchmark's
-scenes. The calibration's rule picks the recipe and schedule: every fine-tune keeps scene fidelity within
+ΔW × each `--low-noise-gains` below each `--low-noise-below` timestep (hyperdiff.core.schedule) in the fidelity
+benchmark's scenes. The calibration's rule picks the recipe and schedule: every fine-tune keeps scene fidelity within
 `--tolerance` of the lower of the base model's and the unchanged recipe's at one strength, and of those the most
 identity similarity to the true renders wins (references in random scenes). Writes every score and the choice as JSON; the
-choice is the recipe (`SYNTHFACES_FAST_FINETUNE`, hyperdiff/pipeline.py) and its `FinetuneConfig.low_noise`.
-Logic: hyperdiff.fidelity.calibrate_finetune.
+choice is the recipe (`SYNTHFACES_FAST_FINETUNE`, hyperdiff/personalize/pipeline.py) and its `FinetuneConfig.low_noise`.
+Logic: hyperdiff.synthfaces.calibrate.calibrate_finetune.
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ from _bench import write_json  # scripts/ is on the path
 from calibrate_hypernet import describe_low, low_noise_candidates, print_scores
 
 from hyperdiff.config import from_dict, parse_assignments, to_dict
+from hyperdiff.core.files import check_writable
 from hyperdiff.errors import HyperdiffError
-from hyperdiff.fidelity import FidelityConfig, calibrate_finetune
-from hyperdiff.finetune import FinetuneConfig
-from hyperdiff.files import check_writable
-from hyperdiff.metrics import JUDGE_ENCODER_DIR
-from hyperdiff.pipeline import HyperDreamBoothPipeline
+from hyperdiff.personalize.finetune import FinetuneConfig
+from hyperdiff.personalize.pipeline import HyperDreamBoothPipeline
+from hyperdiff.synthfaces.calibrate import calibrate_finetune
+from hyperdiff.synthfaces.encoder import JUDGE_ENCODER_DIR
+from hyperdiff.synthfaces.fidelity import FidelityConfig
 
 
 def main(argv: list[str] | None = None) -> int:

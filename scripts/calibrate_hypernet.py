@@ -8,9 +8,9 @@ Scores the base model and the zero-shot adapters × each gain on `--identities` 
 evaluation seeds, references in random scenes) in the fidelity benchmark's scenes, keeps the gain with the best
 identity similarity to the true renders whose scene fidelity is within `--tolerance` of the base model's (of gain 1's where that is lower), and saves the hypernet with that gain
 in its `alpha` (the choice and every score go into its config.json). With `--low-noise-gains`, every gain is also
-scored with ΔW × each of them at the timesteps below each `--low-noise-below` (hyperdiff.schedule), and the
+scored with ΔW × each of them at the timesteps below each `--low-noise-below` (hyperdiff.core.schedule), and the
 winner's low-noise gain goes into the hypernet's config, so the adapters it predicts carry it.
-Logic: hyperdiff.fidelity.calibrate_gain, HyperNetwork.set_gain.
+Logic: hyperdiff.synthfaces.calibrate.calibrate_gain, HyperNetwork.set_gain.
 """
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hyperdiff.core.layers import LayerTable
+from hyperdiff.core.schedule import LowNoiseGain
 from hyperdiff.errors import HyperdiffError
-from hyperdiff.fidelity import FidelityConfig, calibrate_gain
 from hyperdiff.hypernet import HyperNetwork
-from hyperdiff.layers import LayerTable
-from hyperdiff.metrics import JUDGE_ENCODER_DIR
 from hyperdiff.models import load_base
-from hyperdiff.pipeline import DTYPES
-from hyperdiff.schedule import LowNoiseGain
+from hyperdiff.personalize.pipeline import DTYPES
+from hyperdiff.synthfaces.calibrate import calibrate_gain
+from hyperdiff.synthfaces.encoder import JUDGE_ENCODER_DIR
+from hyperdiff.synthfaces.fidelity import FidelityConfig
 
 
 def numbers(flag: str, text: str, kind):

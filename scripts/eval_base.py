@@ -2,7 +2,7 @@
 
     python scripts/eval_base.py [--base PATH] [--out outputs/base_report] [--per-scene 4] [--steps 25] [--judge DIR]
 
-Logic: hyperdiff.evaluation.evaluate_base.
+Logic: hyperdiff.synthfaces.evaluation.evaluate_base.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 from hyperdiff.errors import HyperdiffError
-from hyperdiff.evaluation import evaluate_base, write_report
-from hyperdiff.metrics import JUDGE_ENCODER_DIR, IdentityEncoder
 from hyperdiff.models import load_base
+from hyperdiff.synthfaces.encoder import JUDGE_ENCODER_DIR, IdentityEncoder
+from hyperdiff.synthfaces.evaluation import evaluate_base, write_report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ the copy column beside it); references are drawn in random scenes unless --refer
 DreamBooth-LiDB from scratch told the caption read from the reference, as the fine-tunes are by default (with its
 convergence curve, from one run; with --dreambooth-plain also trained on "a sks face"; none with --no-dreambooth),
 each --hypernet zero-shot (and, when its adapters carry a low-noise gain, at one strength) and with the 40-step
-rank-relaxed fine-tune (as a user gets it, and on "a sks face"), each --ablation zero-shot. Logic: hyperdiff.fidelity.
+rank-relaxed fine-tune (as a user gets it, and on "a sks face"), each --ablation zero-shot. Logic: hyperdiff.synthfaces.fidelity.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from hyperdiff.data import synthfaces
+from hyperdiff import synthfaces
+from hyperdiff.core.layers import LayerTable
 from hyperdiff.errors import HyperdiffError
-from hyperdiff.fidelity import FidelityConfig, run_fidelity, write_fidelity
 from hyperdiff.hypernet import HyperNetwork
-from hyperdiff.layers import LayerTable
-from hyperdiff.metrics import JUDGE_ENCODER_DIR
 from hyperdiff.models import load_base
+from hyperdiff.synthfaces.encoder import JUDGE_ENCODER_DIR
+from hyperdiff.synthfaces.fidelity import FidelityConfig, run_fidelity, write_fidelity
 
 
 def _named(items: list[str], flag: str, table: LayerTable) -> dict[str, HyperNetwork]:

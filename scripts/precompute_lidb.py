@@ -4,7 +4,7 @@
     accelerate launch --multi_gpu --num_processes 2 scripts/precompute_lidb.py --config ...   # CPU: gloo
 
 Identities whose target file exists are skipped; many identities are fine-tuned together in one batch (per-sample
-processors). Logic: hyperdiff.train.hypernet.precompute_targets.
+processors). Logic: hyperdiff.hypernet.targets.precompute_targets.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from _flags import overrides, parser
 
 from hyperdiff.config import load_config
 from hyperdiff.errors import HyperdiffError
-from hyperdiff.train.hypernet import HypernetTrainConfig, precompute_targets
+from hyperdiff.hypernet.targets import precompute_targets
+from hyperdiff.hypernet.training import HypernetTrainConfig
 
 
 def main(argv: list[str] | None = None) -> int:

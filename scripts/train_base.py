@@ -4,7 +4,7 @@
     accelerate launch scripts/train_base.py --config configs/synthfaces_base.yaml --resume_from_checkpoint latest
 
 Every flag overrides the config file; a killed run resumes from its latest checkpoint in `--output_dir`.
-The training loop lives in `hyperdiff.train.base_model`.
+The training loop lives in `hyperdiff.synthfaces.base_model`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import sys
 from hyperdiff.config import load_config, parse_assignments
 from hyperdiff.errors import HyperdiffError
 from hyperdiff.inputs import check_outside_assets
-from hyperdiff.train.base_model import BaseTrainConfig, train
+from hyperdiff.synthfaces.base_model.config import BaseTrainConfig
+from hyperdiff.synthfaces.base_model.train import train
 
 
 def main(argv: list[str] | None = None) -> int:

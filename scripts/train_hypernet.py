@@ -6,7 +6,7 @@
 The final hypernet is written with save_pretrained into --output_dir; checkpoints go to --output_dir/checkpoint-N
 and a killed run continues with --resume_from_checkpoint latest (the default). Nothing is written into the shipped
 models (hyperdiff/assets/) unless --export_dir (or --output_dir) names that folder on the command line: a config
-pointing there is refused. Logic: hyperdiff.train.hypernet.
+pointing there is refused. Logic: hyperdiff.hypernet.training.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from _flags import overrides, parser
 
 from hyperdiff.config import load_config
 from hyperdiff.errors import HyperdiffError
+from hyperdiff.hypernet.training import HypernetTrainConfig, train_hypernet
 from hyperdiff.inputs import check_outside_assets
-from hyperdiff.train.hypernet import HypernetTrainConfig, train_hypernet
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,16 +4,17 @@
 
 Writes `config.json` + `model.safetensors` (fp16) into `--output_dir` (default runs/identity_encoder; to ship it,
 name `--output_dir hyperdiff/assets/synthfaces/identity_encoder`: only a folder named on the command line may be in
-the shipped models). Every flag overrides the config file (`IdentityEncoderTrainingConfig` in `hyperdiff.metrics`).
+the shipped models). Every flag overrides the config file (`IdentityEncoderTrainingConfig` in
+`hyperdiff.synthfaces.encoder_training`).
 
-Recipe: each step renders P identities (seeds drawn from `synthfaces.TRAIN_SEEDS` only) x K random scenes on the
-fly, augments them the way a generated image may differ from a render (`hyperdiff.metrics.augment`: background
-recoloured at random, +-2 px shifts, small zoom/rotation, blur, face colour jitter, contrast, noise), and minimises a
-supervised-contrastive loss on the 128-d embeddings (same identity = positive, whatever the scene) plus
+Recipe: each step renders P identities (seeds drawn from `synthfaces.TRAIN_SEEDS` only) x K random scenes on the fly,
+augments them the way a generated image may differ from a render (`hyperdiff.synthfaces.encoder_training.augment`:
+background recoloured at random, +-2 px shifts, small zoom/rotation, blur, face colour jitter, contrast, noise), and
+minimises a supervised-contrastive loss on the 128-d embeddings (same identity = positive, whatever the scene) plus
 cross-entropy on the hat and expression heads. Half of each batch's identities are "coarse twins" of the other half
 (same skin, hair style and hair colour, from an index of the first `hard_pool` TRAIN_SEEDS): hard negatives, so the
-embedding also uses the fine traits (eyes, nose, glasses, ears, facial hair, face shape). AdamW, linear warm-up,
-cosine decay.
+embedding also uses the fine traits (eyes, nose, glasses, ears, facial hair, face shape). AdamW, linear warm-up, cosine
+decay.
 
 Validation: the first `val_identities` of `VAL_SEEDS`. The final report (also stored in config.json) uses
 `eval_seeds` (>= 1,000,000, never seen in training): identity ROC AUC of same-identity pairs (two random scenes)
@@ -44,7 +45,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from hyperdiff.config import load_config, to_dict
-from hyperdiff.data.synthfaces import (
+from hyperdiff.errors import HyperdiffError
+from hyperdiff.synthfaces import (
     EXPRESSIONS,
     PALETTE,
     TRAIN_SEEDS,
@@ -54,15 +56,8 @@ from hyperdiff.data.synthfaces import (
     eval_seeds,
     render,
 )
-from hyperdiff.errors import HyperdiffError
-from hyperdiff.metrics import (
-    DEFAULT_ENCODER_DIR,
-    IdentityEncoder,
-    IdentityEncoderTrainingConfig,
-    augment,
-    equal_error_threshold,
-    roc_auc,
-)
+from hyperdiff.synthfaces.encoder import DEFAULT_ENCODER_DIR, IdentityEncoder
+from hyperdiff.synthfaces.encoder_training import IdentityEncoderTrainingConfig, augment, equal_error_threshold, roc_auc
 
 _EXPRESSION_INDEX = {e: i for i, e in enumerate(EXPRESSIONS)}
 

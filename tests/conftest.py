@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from hyperdiff.random_adapters import random_lidb, random_lora  # noqa: F401 (re-exported for tests)
+from hyperdiff.core.random_adapters import random_lidb, random_lora  # noqa: F401 (re-exported for tests)
 
 # Tiny models gain nothing from a second thread, and on 2 shared cores OpenMP's threaded kernels can run 50×
 # slower whenever the other core is busy (a CLI subprocess, another test process).

@@ -128,7 +128,7 @@ def test_no_pickle_loading_anywhere_in_the_code():
 
 
 def test_failed_write_leaves_no_file(table, tmp_path, monkeypatch):
-    import hyperdiff.files as files
+    import hyperdiff.core.files as files
 
     def broken_save(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"half")

@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 
 from hyperdiff import LayerTable
-from hyperdiff.data import synthfaces
+from hyperdiff import synthfaces
 from hyperdiff.models import EMBEDDED_BASE, load_base
 
 ASSETS = EMBEDDED_BASE.parent

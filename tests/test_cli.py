@@ -92,14 +92,14 @@ def test_bad_inputs_exit_2_with_one_line_and_no_partial_file(adapter_file, tmp_p
 def test_demo_runs_offline_and_writes_its_outputs(tmp_path):
     """The default demo on what is shipped: the embedded base with its hypernet, or DreamBooth-LiDB on the embedded
     base while no hypernet is shipped."""
-    from hyperdiff.pipeline import EMBEDDED_HYPERNET
+    from hyperdiff.personalize.pipeline import EMBEDDED_HYPERNET
 
     res = run("demo", "--out", tmp_path / "demo")
     assert res.returncode == 0, res.stderr
     out = tmp_path / "demo"
     with_hypernet = EMBEDDED_HYPERNET.is_dir()
-    from hyperdiff.data import synthfaces
-    from hyperdiff.demo import REFERENCE_SCENES, SCENES
+    from hyperdiff import synthfaces
+    from hyperdiff.synthfaces.demo import REFERENCE_SCENES, SCENES
 
     with Image.open(out / "sheet.png") as sheet:  # reference | [zero-shot |] personalized | base model | truth
         cols = 5 if with_hypernet else 4
@@ -176,7 +176,7 @@ def test_every_bad_argument_exits_2_with_one_line_before_any_model_loads(adapter
     """In process, with every model loader replaced by one that fails the test: each case must be refused first."""
     from hyperdiff import cli
     from hyperdiff.models import base as bases
-    from hyperdiff.pipeline import HyperDreamBoothPipeline
+    from hyperdiff.personalize.pipeline import HyperDreamBoothPipeline
     from ui import app
 
     def loaded(*args, **kwargs):

@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 from hyperdiff import Adapter
-from hyperdiff.data import synthfaces as sf
-from hyperdiff.pipeline import HyperDreamBoothPipeline
+from hyperdiff import synthfaces as sf
+from hyperdiff.personalize.pipeline import HyperDreamBoothPipeline
 
 PROMPT = "a sks face, smiling, on a red background"
 SETUPS = [("cpu", "bfloat16")] + ([("cuda", "float16"), ("cuda", "bfloat16")] if torch.cuda.is_available() else [])

@@ -11,16 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
+from hyperdiff.core.schedule import LowNoiseGain
 from hyperdiff.errors import HyperdiffError
-from hyperdiff.evaluation import evaluate_base, write_report
 from hyperdiff.models import tiny_pipeline
-from hyperdiff.schedule import LowNoiseGain
+from hyperdiff.synthfaces.evaluation import evaluate_base, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_base_report_covers_every_scene_and_writes_its_files(tmp_path):
-    from hyperdiff.metrics import DEFAULT_ENCODER_DIR, IdentityEncoder
+    from hyperdiff.synthfaces.encoder import DEFAULT_ENCODER_DIR, IdentityEncoder
 
     judge = IdentityEncoder.from_pretrained(DEFAULT_ENCODER_DIR)  # the shipped encoder, loaded again
     result, grid = evaluate_base(tiny_pipeline(seed=0), per_scene=1, steps=2, diversity_images=4, judge=judge)
@@ -56,7 +56,7 @@ def test_fidelity_benchmark_rows_and_table(tmp_path):
 
     run = tmp_path / "hp"
     assert train_hypernet.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--output_dir", str(run), "--max_train_steps", "1"]) == 0
-    from hyperdiff.fidelity import FidelityConfig, run_fidelity, write_fidelity
+    from hyperdiff.synthfaces.fidelity import FidelityConfig, run_fidelity, write_fidelity
     from hyperdiff.hypernet import HyperNetwork
 
     pipe = tiny_pipeline(seed=0)
@@ -118,10 +118,10 @@ def test_fidelity_rows_of_a_low_noise_hypernet_and_without_dreambooth(tmp_path):
     import eval_fidelity
     from test_hypernet import make_hypernet, randomise_b_head
 
-    from hyperdiff.fidelity import FidelityConfig, run_fidelity
+    from hyperdiff.synthfaces.fidelity import FidelityConfig, run_fidelity
     from hyperdiff.hypernet import HyperNetwork
-    from hyperdiff.layers import LayerTable
-    from hyperdiff.pipeline import SYNTHFACES_FAST_FINETUNE
+    from hyperdiff.core.layers import LayerTable
+    from hyperdiff.personalize.pipeline import SYNTHFACES_FAST_FINETUNE
 
     pipe = tiny_pipeline(seed=0)
     folder = tmp_path / "late"
@@ -169,8 +169,9 @@ def test_gain_calibration_picks_the_best_gain_within_the_scene_tolerance(tmp_pat
     sys.path.insert(0, str(ROOT / "scripts"))
     import train_hypernet
 
-    import hyperdiff.fidelity as fidelity
-    from hyperdiff.data import synthfaces
+    import hyperdiff.synthfaces.calibrate as calibrate
+    import hyperdiff.synthfaces.fidelity as fidelity
+    from hyperdiff import synthfaces
     from hyperdiff.hypernet import HyperNetwork
 
     run = tmp_path / "hp"
@@ -190,21 +191,21 @@ def test_gain_calibration_picks_the_best_gain_within_the_scene_tolerance(tmp_pat
         return {"truth_similarity": min(gain, 3.0) / 10 + late,
                 "scene_fidelity": 0.9 - (0.05 if gain > 2.2 else 0.01 * (gain - 1)) - (0.1 if late > 0.2 else 0)}
 
-    monkeypatch.setattr(fidelity, "_score", score)
-    result = fidelity.calibrate_gain(tiny_pipeline(seed=0), hp, [3, 2, 2.5], fidelity.FidelityConfig(identities=2))
+    monkeypatch.setattr(calibrate, "_score", score)
+    result = calibrate.calibrate_gain(tiny_pipeline(seed=0), hp, [3, 2, 2.5], fidelity.FidelityConfig(identities=2))
     assert [r["gain"] for r in result["rows"]] == [1.0, 2.0, 2.5, 3.0]  # 1 is always scored, as the reference
     assert abs(result["rows"][2]["truth_similarity"] - 0.25) < 1e-4  # the adapters really were scaled
     assert result["gain"] == 2.0  # 2.5 and 3 lose 5 points of scene fidelity: more than the tolerance
     assert result["identities"] == list(synthfaces.VAL_SEEDS[:2])  # validation identities, never evaluation ones
-    assert fidelity.calibrate_gain(tiny_pipeline(seed=0), hp, [3], fidelity.FidelityConfig(identities=2), 0.1)["gain"] == 3.0
+    assert calibrate.calibrate_gain(tiny_pipeline(seed=0), hp, [3], fidelity.FidelityConfig(identities=2), 0.1)["gain"] == 3.0
     base["scene_fidelity"] = 0.86  # the base model itself obeys fewer scene words: 0.85 keeps its editability
-    result = fidelity.calibrate_gain(tiny_pipeline(seed=0), hp, [3, 2, 2.5], fidelity.FidelityConfig(identities=2))
+    result = calibrate.calibrate_gain(tiny_pipeline(seed=0), hp, [3, 2, 2.5], fidelity.FidelityConfig(identities=2))
     assert result["gain"] == 3.0 and result["base"]["scene_fidelity"] == 0.86
     base["scene_fidelity"] = 0.95  # above gain 1's: gain 1 stays the reference
-    assert fidelity.calibrate_gain(tiny_pipeline(seed=0), hp, [3, 2, 2.5], fidelity.FidelityConfig(identities=2))["gain"] == 2.0
+    assert calibrate.calibrate_gain(tiny_pipeline(seed=0), hp, [3, 2, 2.5], fidelity.FidelityConfig(identities=2))["gain"] == 2.0
     # low-noise candidates: each gain is scored at one strength and with each; the same rule picks among all rows
     lows = [LowNoiseGain(1.5, 300), LowNoiseGain(3.0, 300), LowNoiseGain(1.0, 300)]  # the last is no candidate
-    result = fidelity.calibrate_gain(tiny_pipeline(seed=0), hp, [2], fidelity.FidelityConfig(identities=2), low_noise=lows)
+    result = calibrate.calibrate_gain(tiny_pipeline(seed=0), hp, [2], fidelity.FidelityConfig(identities=2), low_noise=lows)
     assert [(r["gain"], r["low_noise"]["gain"]) for r in result["rows"]] == [(g, lo) for g in (1.0, 2.0) for lo in (1, 1.5, 3)]
     assert abs(result["rows"][4]["truth_similarity"] - (0.2 + 0.15)) < 1e-4  # gain 2 and ×1.5 below 300 reached the scorer
     assert result["gain"] == 2.0 and result["low_noise"] == {"gain": 1.5, "below": 300}  # ×3 loses 10 scene points
@@ -215,7 +216,7 @@ def test_calibrate_script_writes_a_hypernet_whose_deltas_carry_the_gain(tmp_path
     import calibrate_hypernet
     import train_hypernet
 
-    from hyperdiff.data import synthfaces
+    from hyperdiff import synthfaces
     from hyperdiff.hypernet import HyperNetwork
 
     run, out = tmp_path / "hp", tmp_path / "calibrated"
@@ -254,10 +255,11 @@ def test_finetune_calibration_picks_a_schedule_that_both_fine_tunes_pass(tmp_pat
     sys.path.insert(0, str(ROOT / "scripts"))
     import train_hypernet
 
-    import hyperdiff.fidelity as fidelity
-    from hyperdiff.data import synthfaces
+    import hyperdiff.synthfaces.calibrate as calibrate
+    import hyperdiff.synthfaces.fidelity as fidelity
+    from hyperdiff import synthfaces
     from hyperdiff.hypernet import HyperNetwork
-    from hyperdiff.pipeline import FAST_FINETUNE
+    from hyperdiff.personalize.pipeline import FAST_FINETUNE
 
     run = tmp_path / "hp"
     assert train_hypernet.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--output_dir", str(run), "--max_train_steps", "1"]) == 0
@@ -280,24 +282,24 @@ def test_finetune_calibration_picks_a_schedule_that_both_fine_tunes_pass(tmp_pat
         return {"truth_similarity": 0.5 + 0.1 * captioned + late + gain,
                 "scene_fidelity": (0.88 - 0.15 * late - cost) if captioned else (0.82 - 0.3 * late)}
 
-    monkeypatch.setattr(fidelity, "_score", score)
+    monkeypatch.setattr(calibrate, "_score", score)
     config = fidelity.FidelityConfig(identities=2, finetune_steps=1, finetune=replace(FAST_FINETUNE, steps=1))
     lows = [LowNoiseGain(1.25, 200), LowNoiseGain(1.5, 200), LowNoiseGain(3.0, 500), LowNoiseGain(1.0, 300)]
-    result = fidelity.calibrate_finetune(tiny_pipeline(seed=0), hp, lows, config)
+    result = calibrate.calibrate_finetune(tiny_pipeline(seed=0), hp, lows, config)
     assert [(r["caption"], r["low_noise"]["gain"]) for r in result["rows"]] == [
         (c, g) for c in (True, False) for g in (1.0, 1.25, 1.5, 3.0)]  # one strength first; gain 1 is no candidate
     assert len(seen) == 8 and set(seen) == {hp.predict([Image.new("RGB", (32, 32))]).rank + FAST_FINETUNE.rank}
     assert result["identities"] == list(synthfaces.VAL_SEEDS[:2])
     # × 1.5 below 200 keeps the captioned fine-tune (0.865 ≥ 0.86) but not the plain one (0.79 < 0.80)
     assert result["low_noise"] == {"gain": 1.25, "below": 200}
-    result = fidelity.calibrate_finetune(tiny_pipeline(seed=0), hp, lows, config, tolerance=0.05)
+    result = calibrate.calibrate_finetune(tiny_pipeline(seed=0), hp, lows, config, tolerance=0.05)
     assert result["low_noise"] == {"gain": 1.5, "below": 200}  # now both pass; × 3 below 500 still fails both
-    assert fidelity.calibrate_finetune(tiny_pipeline(seed=0), hp, lows[2:], config)["low_noise"] == {"gain": 1.0, "below": 0}
+    assert calibrate.calibrate_finetune(tiny_pipeline(seed=0), hp, lows[2:], config)["low_noise"] == {"gain": 1.0, "below": 0}
     # recipes: each is trained and scored with every schedule, against the floor of the first (the recipe as it is)
     # at one strength: lr 0.05 gains 0.2 of identity for 0.01 of scene words and wins; lr 0.07 gains 0.3 but costs
     # 0.1, below that floor (its own one-strength score would have let it through)
     fast, faster = replace(config.finetune, learning_rate=0.05), replace(config.finetune, learning_rate=0.07)
-    result = fidelity.calibrate_finetune(tiny_pipeline(seed=0), hp, lows[:2], config, tolerance=0.05,
+    result = calibrate.calibrate_finetune(tiny_pipeline(seed=0), hp, lows[:2], config, tolerance=0.05,
                                          recipes=[config.finetune, fast, faster])
     assert result["recipes"] == [{}, {"learning_rate": 0.05}, {"learning_rate": 0.07}]
     assert result["recipe"] == {"learning_rate": 0.05} and result["low_noise"] == {"gain": 1.5, "below": 200}
@@ -305,7 +307,7 @@ def test_finetune_calibration_picks_a_schedule_that_both_fine_tunes_pass(tmp_pat
         (j, c, g) for j in (0, 1, 2) for c in (True, False) for g in (1.0, 1.25, 1.5)]
     assert max(r["truth_similarity"] for r in result["rows"] if r["recipe"] == 2) > 0.8  # the best, refused
     seen.clear()  # only told the caption (`plain` False): one set of adapters, scored once per schedule
-    result = fidelity.calibrate_finetune(tiny_pipeline(seed=0), hp, lows[:2], config, recipes=[fast], plain=False)
+    result = calibrate.calibrate_finetune(tiny_pipeline(seed=0), hp, lows[:2], config, recipes=[fast], plain=False)
     assert [r["caption"] for r in result["rows"]] == [True] * 3 and len(seen) == 3
     assert result["low_noise"] == {"gain": 1.5, "below": 200}  # the plain fine-tune no longer holds it back
 
@@ -358,10 +360,10 @@ def test_fidelity_scores_identity_against_the_true_render_and_counts_copying():
     """Each generation is scored against the world's own render of that identity in the prompted scene, recomputed
     here through the public calls (generate, render, the encoder); similarity to the reference is the copy column,
     and where the reference *is* the prompted scene, truth and reference are one image: the copy index is 0."""
-    from hyperdiff.data import synthfaces
-    from hyperdiff.fidelity import REFERENCE_CONDITIONS, FidelityConfig, reference_scene, run_fidelity
-    from hyperdiff.metrics import default_encoder
-    from hyperdiff.pipeline import HyperDreamBoothPipeline
+    from hyperdiff import synthfaces
+    from hyperdiff.synthfaces.fidelity import REFERENCE_CONDITIONS, FidelityConfig, reference_scene, run_fidelity
+    from hyperdiff.synthfaces.detectors import default_encoder
+    from hyperdiff.personalize.pipeline import HyperDreamBoothPipeline
 
     pipe = tiny_pipeline(seed=0)
     scenes = (("red", False, "smiling"), ("blue", True, "sad"))
@@ -399,8 +401,8 @@ def test_fidelity_scores_identity_against_the_true_render_and_counts_copying():
 def test_references_are_drawn_in_varied_scenes_from_the_identity_seed():
     """Random references: one scene per identity, from its seed alone (the same for every run seed), and varied —
     a user's photo has any background, hat and expression. A fixed scene is checked like any scene."""
-    from hyperdiff.data import synthfaces
-    from hyperdiff.fidelity import FidelityConfig, reference_scene
+    from hyperdiff import synthfaces
+    from hyperdiff.synthfaces.fidelity import FidelityConfig, reference_scene
 
     seeds = list(synthfaces.eval_seeds(16))
     drawn = [reference_scene(s, FidelityConfig()) for s in seeds]

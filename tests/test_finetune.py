@@ -8,10 +8,11 @@ import torch
 from diffusers import DDPMScheduler
 
 from hyperdiff import Adapter, HyperdiffError, LayerTable
-from hyperdiff.finetune import (FinetuneConfig, _init_factors, diffusion_loss, encode_images, encode_prompts, finetune,
-                               identity_embeddings, identity_loss, make_prior, per_sample_mse)
-from hyperdiff.fusion import fused_count
-from hyperdiff.processors import hyper_lora_processors
+from hyperdiff.core.fusion import fused_count
+from hyperdiff.core.processors import hyper_lora_processors
+from hyperdiff.personalize.finetune import FinetuneConfig, _init_factors, finetune, make_prior
+from hyperdiff.personalize.losses import (diffusion_loss, encode_images, encode_prompts, identity_embeddings,
+                                          identity_loss, per_sample_mse)
 
 from conftest import random_lora, unet_inputs
 from test_hypernet import face, make_hypernet, randomise_b_head
@@ -115,7 +116,7 @@ def test_adapters_sample_as_their_recipe_says(tiny, table, tmp_path):
     from dataclasses import replace
 
     from hyperdiff.config import from_dict
-    from hyperdiff.schedule import LowNoiseGain
+    from hyperdiff.core.schedule import LowNoiseGain
 
     start = randomise_b_head(make_hypernet(table)).predict([face(**REF)])
     start.info = replace(start.info, low_noise=LowNoiseGain(1.5, 300))  # as a calibrated hypernet stamps it
@@ -253,7 +254,7 @@ def test_identity_weight_adds_the_identity_term_with_each_samples_own_reference(
     """Step 0's loss with `identity_weight` 0.5 is the diffusion loss + 0.5 × `identity_loss` of the same prediction,
     each sample's target being the reference image it was drawn from (computed another way, as above, with the
     shipped identity encoder loaded through its public API)."""
-    from hyperdiff.metrics import IdentityEncoder
+    from hyperdiff.synthfaces.encoder import IdentityEncoder
 
     refs = [[face(**REF), face(11, "green")], [face(12, "yellow", True)]]
     start = [random_lora(table, seed=1, rank=1), random_lora(table, seed=2, rank=1)]
@@ -292,7 +293,7 @@ def test_anchor_term_keeps_what_other_prompts_do_while_the_reference_is_learned(
     """Ten steps at a high learning rate on top of a start: under the anchor prompts (fresh noise and timesteps) the
     prediction moves from the start's less than half as far with `anchor_weight` 10 as without (measured 0.0008 ->
     0.0003), while the fine-tune still lowers the reference's own loss."""
-    from hyperdiff.finetune import DEFAULT_ANCHOR_PROMPTS
+    from hyperdiff.personalize.finetune import DEFAULT_ANCHOR_PROMPTS
 
     start = random_lora(table, seed=1, rank=1)
     k = len(DEFAULT_ANCHOR_PROMPTS)

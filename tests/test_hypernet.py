@@ -13,9 +13,9 @@ import torch
 from diffusers import DDPMScheduler
 
 from hyperdiff import Adapter, HyperdiffError, LayerTable
+from hyperdiff import synthfaces as sf
 from hyperdiff.config import load_config
-from hyperdiff.data import synthfaces as sf
-from hyperdiff.finetune import diffusion_loss, encode_images, encode_prompts
+from hyperdiff.core.processors import hyper_lora_processors
 from hyperdiff.hypernet import (
     EncoderConfig,
     HyperNetConfig,
@@ -23,7 +23,7 @@ from hyperdiff.hypernet import (
     pool_references,
 )
 from hyperdiff.hypernet.encoders import ClipImageEncoder, SmallImageEncoder
-from hyperdiff.processors import hyper_lora_processors
+from hyperdiff.personalize.losses import diffusion_loss, encode_images, encode_prompts
 
 from conftest import unet_inputs
 
@@ -287,7 +287,7 @@ def test_from_pretrained_gives_clear_errors_for_missing_or_corrupt_folders(tmp_p
 def test_paper_config_covers_all_128_layers_of_the_real_unet(request, name, config_file, architecture, text_dim):
     """The YAML's hypernet (a=100 b=50 r=1, 2-layer decoder, K=2, dim 512) on the real UNet's layer table; the CLIP
     ViT-H tower cannot be downloaded here, so a small encoder stands in for it."""
-    from hyperdiff.train.hypernet import HypernetTrainConfig
+    from hyperdiff.hypernet.training import HypernetTrainConfig
 
     cfg = load_config(HypernetTrainConfig, ROOT / "configs" / config_file).hypernet
     assert cfg.encoder.kind == "clip" and cfg.encoder.pretrained == "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -370,7 +370,7 @@ def test_hypernet_with_clip_encoder_trains_its_unfrozen_block_and_round_trips(tm
 
 def test_identity_encoder_kind_is_frozen_sees_identity_and_travels_in_the_hypernet_file(tmp_path, tiny, table, identity_batch):
     from hyperdiff.hypernet.encoders import IdentityImageEncoder
-    from hyperdiff.metrics import default_encoder
+    from hyperdiff.synthfaces.detectors import default_encoder
 
     config = EncoderConfig(kind="identity", image_size=64, dim=32)
     hp = randomise_b_head(make_hypernet(table, encoder=config))

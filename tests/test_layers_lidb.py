@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hyperdiff import Adapter, HyperdiffError, LayerTable, LiDBConfig, TargetConfig
-from hyperdiff.lidb import (_aux_basis_cached, _aux_bases_cached, aux_bases, aux_basis, compose, lidb_parameter_count,
+from hyperdiff.core.lidb import (_aux_basis_cached, _aux_bases_cached, aux_bases, aux_basis, compose, lidb_parameter_count,
                             lora_parameter_count)
 from hyperdiff.models.configs import build_unet, unet_config
 
@@ -86,7 +86,7 @@ def test_aux_bases_regenerate_bit_identically_in_another_process():
     assert torch.equal(a, a2) and a is not a2
     digest = hashlib.sha256(a.numpy().tobytes() + b.numpy().tobytes()).hexdigest()
     code = (
-        "import hashlib; from hyperdiff.lidb import aux_bases, LiDBConfig;"
+        "import hashlib; from hyperdiff.core.lidb import aux_bases, LiDBConfig;"
         "a, b = aux_bases('down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q', 320, 320, LiDBConfig(aux_seed=7));"
         "print(hashlib.sha256(a.numpy().tobytes() + b.numpy().tobytes()).hexdigest())"
     )

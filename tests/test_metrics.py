@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from hyperdiff.config import load_config
-from hyperdiff.data.synthfaces import (
+from hyperdiff.errors import HyperdiffError
+from hyperdiff.synthfaces import (
     EVAL_SEED_START,
     TRAIN_SEEDS,
     Identity,
@@ -22,18 +23,9 @@ from hyperdiff.data.synthfaces import (
     eval_seeds,
     render,
 )
-from hyperdiff.errors import HyperdiffError
-from hyperdiff.metrics import (
-    DEFAULT_ENCODER_DIR,
-    AugmentConfig,
-    IdentityEncoder,
-    IdentityEncoderConfig,
-    IdentityEncoderTrainingConfig,
-    augment,
-    detect_scene,
-    roc_auc,
-    scene_fidelity,
-)
+from hyperdiff.synthfaces.detectors import detect_scene, scene_fidelity
+from hyperdiff.synthfaces.encoder import DEFAULT_ENCODER_DIR, IdentityEncoder, IdentityEncoderConfig
+from hyperdiff.synthfaces.encoder_training import AugmentConfig, IdentityEncoderTrainingConfig, augment, roc_auc
 
 ROOT = Path(__file__).resolve().parents[1]
 N_IDENTITIES = 150  # held-out identities, 2 random scenes each: 150 same pairs vs 22,350 different pairs

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from hyperdiff import Adapter, HyperdiffError
-from hyperdiff.data import synthfaces as sf
+from hyperdiff import synthfaces as sf
 from hyperdiff.models import TINY_BASE
-from hyperdiff.pipeline import HyperDreamBoothPipeline
+from hyperdiff.personalize.pipeline import HyperDreamBoothPipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,8 +97,8 @@ def test_bad_arguments_are_one_line_errors(hdb, ref, tmp_path):
 def test_a_caption_replaces_the_fine_tunes_instance_prompt(hdb, ref):
     from dataclasses import replace
 
-    from hyperdiff.finetune import finetune
-    from hyperdiff.pipeline import FAST_FINETUNE
+    from hyperdiff.personalize.finetune import finetune
+    from hyperdiff.personalize.pipeline import FAST_FINETUNE
 
     caption = "a {token} face, neutral, on a gray background"
     got = hdb.personalize([ref], finetune_steps=2, seed=3, caption=caption)
@@ -119,15 +119,15 @@ def test_a_caption_replaces_the_fine_tunes_instance_prompt(hdb, ref):
 
 
 def test_without_a_caption_the_pipelines_captioner_reads_each_reference(hdb, ref):
-    """With a captioner (the embedded base's: `metrics.reference_caption`) and no caption, the fine-tune trains on
+    """With a captioner (the embedded base's: `detectors.reference_caption`) and no caption, the fine-tune trains on
     what each reference shows, read from it: the engine's `finetune` told those captions, bit for bit, and the record
     says they were read. One caption per image works too; a count that fits neither is a one-line error. Without a
     captioner the instance prompt stays."""
     from dataclasses import replace
 
-    from hyperdiff.finetune import finetune
-    from hyperdiff.metrics import reference_caption
-    from hyperdiff.pipeline import FAST_FINETUNE
+    from hyperdiff.personalize.finetune import finetune
+    from hyperdiff.synthfaces.detectors import reference_caption
+    from hyperdiff.personalize.pipeline import FAST_FINETUNE
 
     other = sf.render(sf.Identity.from_seed(1_000_007), sf.Scene("yellow", True, "smiling"), 32)
     reading = HyperDreamBoothPipeline(hdb.pipe, hdb.hypernet, captioner=reference_caption)
@@ -213,8 +213,8 @@ def test_cli_bad_inputs_exit_2_and_leave_no_file(hypernet_dir, tmp_path):
 def test_without_a_hypernet_personalize_fine_tunes_from_scratch(ref, tmp_path):
     from dataclasses import replace
 
-    from hyperdiff.finetune import finetune
-    from hyperdiff.pipeline import DREAMBOOTH_LIDB
+    from hyperdiff.personalize.finetune import finetune
+    from hyperdiff.personalize.pipeline import DREAMBOOTH_LIDB
 
     bare = HyperDreamBoothPipeline.from_pretrained(TINY_BASE, device="cpu")  # another base: no hypernet for it
     assert bare.hypernet is None and bare.describe()["hypernet"] == "-"

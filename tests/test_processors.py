@@ -7,7 +7,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from hyperdiff import Adapter, HyperdiffError, HyperLoRA, HyperLoRAAttnProcessor, LayerTable, LowRankDelta
-from hyperdiff.processors import hyper_lora_processors
+from hyperdiff.core.processors import hyper_lora_processors
 
 from conftest import random_lidb, random_lora, unet_inputs
 

@@ -1,4 +1,4 @@
-"""Low-noise gain (hyperdiff.schedule): sampling with ΔW × gain below a timestep, in both of the pipeline's paths, in
+"""Low-noise gain (hyperdiff.core.schedule): sampling with ΔW × gain below a timestep, in both of the pipeline's paths, in
 the native file, and in vanilla diffusers through an exported LoRA file and the step callback."""
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from safetensors.torch import save_file
 from conftest import random_lora
 from test_pipeline import run
 from hyperdiff import Adapter, HyperdiffError
-from hyperdiff.layers import LayerTable
+from hyperdiff.core.layers import LayerTable
+from hyperdiff.core.schedule import LowNoiseGain, diffusers_schedule
 from hyperdiff.models import TINY_BASE
-from hyperdiff.pipeline import HyperDreamBoothPipeline
-from hyperdiff.schedule import LowNoiseGain, diffusers_schedule
+from hyperdiff.personalize.pipeline import HyperDreamBoothPipeline
 
 PROMPT = "a sks face, smiling, on a red background"
 STEPS = 6
@@ -255,7 +255,7 @@ def test_a_split_export_samples_in_vanilla_diffusers_as_hyperdiff_samples_its_pa
     concatenation's first part is `plain`, the second `other`) and says its schedule (`file_schedule`); loaded in
     vanilla diffusers under two adapter names and sampled with `diffusers_schedule`, they give hyperdiff's images of
     the whole adapter, from the same noise. One LoRA weight per step for both files does not."""
-    from hyperdiff.formats import file_schedule
+    from hyperdiff.core.formats import file_schedule
 
     start, rest = LowNoiseGain(2.0, 500), LowNoiseGain(1.5, 300, 700)
     ad = parts(plain, other, start, rest)
@@ -304,7 +304,7 @@ def test_a_split_export_samples_in_vanilla_diffusers_as_hyperdiff_samples_its_pa
 def test_a_calibrated_hypernets_prediction_carries_its_gain_and_a_fine_tunes_start_keeps_it(hdb, tmp_path):
     from test_hypernet import make_hypernet, randomise_b_head
 
-    from hyperdiff.data import synthfaces as sf
+    from hyperdiff import synthfaces as sf
     from hyperdiff.hypernet import HyperNetwork
 
     hp = randomise_b_head(make_hypernet(hdb.table, seed=0), std=1e-2)

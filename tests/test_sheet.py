@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from hyperdiff.sheet import contact_sheet, save_png
+from hyperdiff.synthfaces.sheet import contact_sheet, save_png
 
 
 def _checker(seed: int) -> Image.Image:

@@ -30,12 +30,13 @@ import pytest
 import torch
 
 from hyperdiff import Adapter
-from hyperdiff.data import synthfaces
-from hyperdiff.finetune import finetune
-from hyperdiff.fidelity import DEFAULT_SCENES
-from hyperdiff.metrics import JUDGE_ENCODER_DIR, IdentityEncoder, default_encoder, reference_caption
-from hyperdiff.pipeline import EMBEDDED_HYPERNET, SYNTHFACES_FAST_FINETUNE, HyperDreamBoothPipeline
-from hyperdiff.schedule import LowNoiseGain
+from hyperdiff import synthfaces
+from hyperdiff.core.schedule import LowNoiseGain
+from hyperdiff.personalize.finetune import finetune
+from hyperdiff.personalize.pipeline import EMBEDDED_HYPERNET, SYNTHFACES_FAST_FINETUNE, HyperDreamBoothPipeline
+from hyperdiff.synthfaces.detectors import default_encoder, reference_caption
+from hyperdiff.synthfaces.encoder import JUDGE_ENCODER_DIR, IdentityEncoder
+from hyperdiff.synthfaces.fidelity import DEFAULT_SCENES
 
 SEEDS = list(synthfaces.eval_seeds(104))[100:]  # held out, and not the fidelity table's or the demo's identities
 SCENES = [synthfaces.Scene(*t) for t in DEFAULT_SCENES[:2]]

@@ -23,10 +23,11 @@ import sys
 import pytest
 
 from hyperdiff import Adapter
-from hyperdiff.data import synthfaces
-from hyperdiff.fidelity import DEFAULT_SCENES
-from hyperdiff.metrics import JUDGE_ENCODER_DIR, IdentityEncoder, default_encoder
-from hyperdiff.pipeline import EMBEDDED_HYPERNET, HyperDreamBoothPipeline
+from hyperdiff import synthfaces
+from hyperdiff.personalize.pipeline import EMBEDDED_HYPERNET, HyperDreamBoothPipeline
+from hyperdiff.synthfaces.detectors import default_encoder
+from hyperdiff.synthfaces.encoder import JUDGE_ENCODER_DIR, IdentityEncoder
+from hyperdiff.synthfaces.fidelity import DEFAULT_SCENES
 
 SEEDS = list(synthfaces.eval_seeds(108))[104:]  # held out; not the fidelity table's, the demo's or the other test's
 REFERENCES = [synthfaces.Scene("green", False, "neutral"), synthfaces.Scene("yellow", True, "sad"),

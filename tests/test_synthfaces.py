@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from hyperdiff.data import synthfaces as sf
-from hyperdiff.data.synthfaces import (
+from hyperdiff import synthfaces as sf
+from hyperdiff.errors import HyperdiffError
+from hyperdiff.synthfaces import (
     BACKGROUNDS,
     EVAL_SEED_START,
     EXPRESSIONS,
@@ -27,7 +28,6 @@ from hyperdiff.data.synthfaces import (
     sample,
     scene_from_caption,
 )
-from hyperdiff.errors import HyperdiffError
 
 
 def pixels(image) -> np.ndarray:

@@ -186,8 +186,10 @@ def test_init_from_starts_the_unet_stage_from_an_exported_model(train_base, tmp_
 def test_classifier_samples_name_their_expression_below_the_timestep_limit():
     """`training_caption` says which scene axes its caption names (read back here from the caption's own clauses),
     and the classifier term takes the samples whose caption names the expression, below the timestep limit."""
-    from hyperdiff.data import synthfaces as sf
-    from hyperdiff.train.base_model import DataConfig, UNetStageConfig, _classifier_samples, training_caption
+    from hyperdiff import synthfaces as sf
+    from hyperdiff.synthfaces.base_model.config import DataConfig, UNetStageConfig
+    from hyperdiff.synthfaces.base_model.data import training_caption
+    from hyperdiff.synthfaces.base_model.unet import _classifier_samples
 
     gen, data = torch.Generator().manual_seed(0), DataConfig(clause_dropout=0.5, caption_dropout=0.2)
     seen = set()
@@ -216,11 +218,11 @@ def test_expression_classifier_loss_reads_the_decoded_estimate_like_the_encoder_
     shifted ones, and gradients reach the prediction."""
     from diffusers import DDPMScheduler
 
-    from hyperdiff.data import synthfaces as sf
-    from hyperdiff.finetune import encode_images, frozen_identity_encoder
-    from hyperdiff.metrics import IdentityEncoder
+    from hyperdiff import synthfaces as sf
+    from hyperdiff.personalize.losses import encode_images, frozen_identity_encoder
+    from hyperdiff.synthfaces.encoder import IdentityEncoder
     from hyperdiff.models import load_base
-    from hyperdiff.train.base_model import expression_classifier_loss
+    from hyperdiff.synthfaces.base_model.unet import expression_classifier_loss
 
     pipe = load_base()
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -250,8 +252,8 @@ def test_expression_map_marks_where_expressions_differ():
     zero where no expression changes a pixel (the corners, which the face never covers), largest on the face."""
     from types import SimpleNamespace
 
-    from hyperdiff.metrics import IdentityEncoderConfig
-    from hyperdiff.train.base_model import expression_map
+    from hyperdiff.synthfaces.encoder import IdentityEncoderConfig
+    from hyperdiff.synthfaces.base_model.data import expression_map
 
     class PoolingVAE:
         def encode(self, x):  # (E, 3, 64, 64) in [-1, 1] → (E, 3, 16, 16)
@@ -280,9 +282,11 @@ def test_generated_pairs_are_the_unets_img2img_of_each_render(tmp_path):
     from accelerate import Accelerator
 
     from hyperdiff.config import from_dict
-    from hyperdiff.data import synthfaces as sf
+    from hyperdiff import synthfaces as sf
     from hyperdiff.models.tiny import tiny_components
-    from hyperdiff.train.base_model import BaseTrainConfig, _scene_index, generated_pairs
+    from hyperdiff.synthfaces.base_model.config import BaseTrainConfig
+    from hyperdiff.synthfaces.base_model.data import _scene_index
+    from hyperdiff.synthfaces.base_model.vae import generated_pairs
 
     def config(strength: float) -> BaseTrainConfig:
         return from_dict(BaseTrainConfig, {"model": MINI["model"], "output_dir": str(tmp_path / str(strength)), "refine": {

@@ -28,16 +28,16 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
 from hyperdiff import Adapter, HyperdiffError, LayerTable
+from hyperdiff import synthfaces as sf
 from hyperdiff.config import load_config
-from hyperdiff.data import synthfaces as sf
+from hyperdiff.core.processors import hyper_lora_processors
 from hyperdiff.data.identities import FolderIdentities, SynthFacesIdentities
-from hyperdiff.finetune import (encode_images, encode_prompts, frozen_identity_encoder, identity_embeddings, identity_loss,
-                               noise_prediction)
 from hyperdiff.hypernet import HyperNetwork
-from hyperdiff.processors import hyper_lora_processors
+from hyperdiff.hypernet import training as trainer
+from hyperdiff.hypernet.training import HypernetTrainConfig
+from hyperdiff.personalize.losses import (encode_images, encode_prompts, frozen_identity_encoder, identity_embeddings,
+                                          identity_loss, noise_prediction)
 from hyperdiff.train import checkpoints
-from hyperdiff.train import hypernet as trainer
-from hyperdiff.train.hypernet import HypernetTrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
@@ -103,18 +103,19 @@ import sys
 sys.path.insert(0, {scripts!r})
 from accelerate import PartialState
 from safetensors.torch import save_file
-import hyperdiff.train.hypernet as trainer
+import hyperdiff.hypernet.targets as targets
+import hyperdiff.hypernet.training as trainer
 import precompute_lidb
 import train_hypernet as script
 
-inner_finetune = trainer.finetune
+inner_finetune = targets.finetune
 
 def finetune(pipe, refs, *args, **kwargs):
     state = PartialState()
     print(f"[rank {{state.process_index}} of {{state.num_processes}}] stage-1 fine-tune of {{len(refs)}}", flush=True)
     return inner_finetune(pipe, refs, *args, **kwargs)
 
-trainer.finetune = finetune
+targets.finetune = finetune
 inner = trainer._train_loop
 
 def loop(cfg, accelerator, pipe, model, hp, *rest):
@@ -326,8 +327,8 @@ def test_distillation_alone_pulls_the_unet_outputs_towards_the_targets(tmp_path)
     """`distill_weight` only (no diffusion or weight term): the UNet's predictions under the predicted weights move
     towards its predictions under each identity's stage-1 weights, measured on noise and timesteps the trainer never
     drew; the weight-space distance is not what it minimises."""
-    from hyperdiff.lidb import LiDBConfig
-    from hyperdiff.random_adapters import random_lidb
+    from hyperdiff.core.lidb import LiDBConfig
+    from hyperdiff.core.random_adapters import random_lidb
 
     pipe = trainer._load_base("hyperdiff:tiny")
     table = LayerTable.from_unet(pipe.unet)
@@ -373,7 +374,7 @@ def test_identity_loss_reads_the_exact_prediction_like_the_encoder_reads_the_dec
     """Given the exact prediction (the noise, or the velocity), x̂₀ is the clean latent itself, so the loss is 1 − the
     identity encoder's own similarity between the decoded latent (through diffusers' image processor, as PIL) and the
     target; gradients reach the prediction."""
-    from hyperdiff.metrics import IdentityEncoder
+    from hyperdiff.synthfaces.encoder import IdentityEncoder
     from hyperdiff.models import load_base
 
     pipe = load_base()
@@ -439,7 +440,7 @@ def test_hat_term_is_the_hat_heads_cross_entropy_against_its_reading_of_the_targ
     the encoder's hat probability on the decoded latent (read as PIL through its public `classify`) against its
     reading of the target, at a high timestep as at a low one, and the identity term is 1 − its `similarity`. With
     the image itself as the target the hat term is small."""
-    from hyperdiff.metrics import IdentityEncoder
+    from hyperdiff.synthfaces.encoder import IdentityEncoder
     from hyperdiff.models import load_base
 
     pipe = load_base()
@@ -475,7 +476,7 @@ def test_expression_prior_is_the_kl_from_the_base_models_reading_of_its_own_esti
     PIL images): "base" read on the base model's own one-step estimate, made here through diffusers' DDPM step from
     the plain UNet (no processors installed), "made" on the estimate of the given prediction (the exact noise: the
     clean latent). Gradients reach the prediction; given the base model's own prediction the term is zero."""
-    from hyperdiff.metrics import IdentityEncoder
+    from hyperdiff.synthfaces.encoder import IdentityEncoder
     from hyperdiff.models import load_base
 
     pipe = load_base()
@@ -521,7 +522,7 @@ def test_expression_prior_alone_brings_the_estimates_expression_back_to_the_base
     high noise; 30 steps from them (`init_from`) on `expression_prior_weight` alone (a loss term of its own: no
     diffusion, distillation or identity term) bring it nearer (below 0.7 of its start), on identities, noise and
     timesteps the trainer never drew."""
-    from hyperdiff.pipeline import EMBEDDED_HYPERNET
+    from hyperdiff.personalize.pipeline import EMBEDDED_HYPERNET
 
     cfg = load_config(HypernetTrainConfig, str(ROOT / "configs" / "synthfaces.yaml"), {
         "output_dir": str(tmp_path / "prior"), "export_dir": "", "init_from": str(EMBEDDED_HYPERNET),
@@ -557,8 +558,8 @@ def test_expression_prior_alone_brings_the_estimates_expression_back_to_the_base
 def test_expression_weight_reweights_the_noise_space_terms_on_the_latent_grid(tmp_path, monkeypatch):
     """`expression_weight` multiplies the diffusion (and distillation) errors by `expression_weight_map` on the latent
     grid: the trainer hands exactly that map to the per-sample MSE, which weights each squared error before the mean."""
-    from hyperdiff.finetune import per_sample_mse
-    from hyperdiff.train.base_model import expression_weight_map
+    from hyperdiff.personalize.losses import per_sample_mse
+    from hyperdiff.synthfaces.base_model.data import expression_weight_map
 
     seen = []
 
@@ -585,8 +586,8 @@ def test_expression_weight_reweights_the_noise_space_terms_on_the_latent_grid(tm
 
 def test_weight_loss_is_a_mean_over_the_local_batch():
     """Identities without a target count 0, so equal shards averaged by DDP give the global batch's mean."""
-    from hyperdiff.lidb import LiDBConfig
-    from hyperdiff.random_adapters import random_lidb
+    from hyperdiff.core.lidb import LiDBConfig
+    from hyperdiff.core.random_adapters import random_lidb
 
     table = LayerTable.from_unet(_tiny_unet())
     target = random_lidb(table, seed=0, config=LiDBConfig())

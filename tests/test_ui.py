@@ -26,9 +26,9 @@ from gradio_client import Client, handle_file
 from safetensors import safe_open
 
 from hyperdiff import Adapter
-from hyperdiff.data import synthfaces as sf
-from hyperdiff.pipeline import EMBEDDED_HYPERNET, HyperDreamBoothPipeline
-from hyperdiff.schedule import diffusers_schedule
+from hyperdiff import synthfaces as sf
+from hyperdiff.core.schedule import diffusers_schedule
+from hyperdiff.personalize.pipeline import EMBEDDED_HYPERNET, HyperDreamBoothPipeline
 
 from ui_support import PROMPT, STEPS, face, free_port, hypernet_dir, pixels, server  # noqa: F401 (fixtures)
 
@@ -220,7 +220,7 @@ def test_a_fine_tunes_lora_download_comes_part_by_part_too(server, expected, ref
     """A fine-tuned adapter's start and learned part sample with their own schedules: its LoRA download also comes as
     one file per part, the files `hyperdiff export --split` writes (same tensors, each part's schedule), and the note
     says how to sample them."""
-    from hyperdiff.formats import file_schedule
+    from hyperdiff.core.formats import file_schedule
 
     c = client(server)
     personalize(c, refs[0], finetune_steps=2)
@@ -293,7 +293,7 @@ def test_ui_help_and_bad_flags(tmp_path):
 
 
 def test_hyperdiff_ui_with_no_arguments_serves_the_embedded_default(tmp_path, refs):
-    from hyperdiff.layers import LayerTable
+    from hyperdiff.core.layers import LayerTable
     from hyperdiff.models import load_base
 
     port = free_port()

@@ -22,8 +22,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from hyperdiff import Adapter
-from hyperdiff.formats import file_schedule
-from hyperdiff.pipeline import HyperDreamBoothPipeline
+from hyperdiff.core.formats import file_schedule
+from hyperdiff.personalize.pipeline import HyperDreamBoothPipeline
 
 from ui_support import face, hypernet_dir, pixels, server  # noqa: F401 (fixtures)
 

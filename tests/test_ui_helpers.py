@@ -16,7 +16,7 @@ from safetensors import safe_open
 from hyperdiff import Adapter, HyperdiffError, LayerTable
 from hyperdiff.hypernet import EncoderConfig
 from hyperdiff.hypernet.encoders import ClipImageEncoder, SmallImageEncoder
-from hyperdiff.pipeline import HyperDreamBoothPipeline, load_images
+from hyperdiff.personalize.pipeline import HyperDreamBoothPipeline, load_images
 
 from conftest import random_lidb, random_lora
 from test_hypernet import face, make_hypernet, tiny_clip  # noqa: F401 (tiny_clip is a fixture)

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hyperdiff.data import synthfaces as sf
-from hyperdiff.pipeline import HyperDreamBoothPipeline
-from hyperdiff.schedule import LowNoiseGain
+from hyperdiff import synthfaces as sf
+from hyperdiff.core.schedule import LowNoiseGain
+from hyperdiff.personalize.pipeline import HyperDreamBoothPipeline
 
 from test_hypernet import make_hypernet, randomise_b_head
 

@@ -1,6 +1,7 @@
-"""Data: the SynthFaces procedural world (see `hyperdiff.data.synthfaces` for its contract)."""
+"""Data: the identity datasets of hypernet training (`identities`). The SynthFaces world they draw on is
+`hyperdiff.synthfaces`; its main names stay importable from here."""
 
-from hyperdiff.data.synthfaces import (
+from hyperdiff.synthfaces import (
     BACKGROUND_THRESHOLD,
     BACKGROUNDS,
     EVAL_SEED_START,

@@ -23,7 +23,7 @@ from typing import Protocol
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from hyperdiff.data import synthfaces
+from hyperdiff import synthfaces
 from hyperdiff.errors import HyperdiffError, check_number_in
 
 logger = logging.getLogger(__name__)

@@ -7,10 +7,10 @@ Contract:
   states `(B, 1 + patches, hidden)`.
 - `EncoderConfig.kind == "small"`: a small trainable CNN for SynthFaces-scale models: stride-2 conv stages, the final
   feature map read as `h·w` tokens plus a learned position embedding, `(B, h·w, dim)`.
-- `EncoderConfig.kind == "identity"`: the SynthFaces identity encoder (`hyperdiff.metrics.IdentityEncoder`; the
-  shipped one unless `pretrained` names a folder), frozen — the role a pretrained face/vision tower plays for real
-  photos. Tokens: its final feature map `h·w` and its identity embedding (1), each projected to `dim` (trainable)
-  plus a learned position embedding, `(B, h·w + 1, dim)`. Its weights travel inside the hypernet's own file.
+- `EncoderConfig.kind == "identity"`: the SynthFaces identity encoder (`hyperdiff.synthfaces.encoder.IdentityEncoder`;
+  the shipped one unless `pretrained` names a folder), frozen — the role a pretrained face/vision tower plays for real
+  photos. Tokens: its final feature map `h·w` and its identity embedding (1), each projected to `dim` (trainable) plus a
+  learned position embedding, `(B, h·w + 1, dim)`. Its weights travel inside the hypernet's own file.
 - All take `preprocess(images)` (PIL images or a float tensor in [0, 1], (B, 3, H, W)) → pixel tensor, and
   `forward(pixels)` → features. `view(images)` shows what the encoder sees: `preprocess` (resize, crop), then its
   normalisation undone (`unnormalize`), as RGB PIL images of the encoder's input size. Several reference images of
@@ -174,7 +174,7 @@ class IdentityImageEncoder(_SquareInput, nn.Module):
 
     def __init__(self, config: EncoderConfig):
         super().__init__()
-        from hyperdiff.metrics import IdentityEncoder
+        from hyperdiff.synthfaces.encoder import IdentityEncoder
 
         self.config = config
         source = IdentityEncoder.from_pretrained(config.pretrained or None)

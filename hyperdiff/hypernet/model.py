@@ -15,7 +15,7 @@ Contract (DESIGN.md, "HyperNetwork"):
   pooled features) gets seeded Gaussian noise of std `sample_noise` (and dropout stays active when `dropout > 0`), a
   spread that reflects how sensitive the prediction is around the reference.
 - `set_gain(g, low_noise=None)` scales every predicted ΔW by g through `alpha` (an output gain calibrated after
-  training) and sets `config.low_noise`, the extra gain at low-noise timesteps (`hyperdiff.schedule`) that every
+  training) and sets `config.low_noise`, the extra gain at low-noise timesteps (`hyperdiff.core.schedule`) that every
   predicted adapter carries into sampling.
 - `save_pretrained(dir)`: `config.json` (config, base fingerprint, layer table, training info) + `model.safetensors`
   + `README.md` model card; `from_pretrained(dir, table=None)` checks the fingerprint against `table` when given;
@@ -32,15 +32,16 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from hyperdiff.adapter import Adapter, AdapterInfo
 from hyperdiff.config import from_dict, to_dict
+from hyperdiff.core.adapter import Adapter
+from hyperdiff.core.files import atomic_path, read_safetensors, write_safetensors
+from hyperdiff.core.info import AdapterInfo
+from hyperdiff.core.layers import KNOWN_PROJECTIONS, LayerRow, LayerTable
+from hyperdiff.core.lidb import LiDBConfig, aux_bases, compose
+from hyperdiff.core.processors import HyperLoRA, LowRankDelta
+from hyperdiff.core.schedule import LowNoiseGain
 from hyperdiff.errors import HyperdiffError, check_positive_int, check_positive_number
-from hyperdiff.files import atomic_path, read_safetensors, write_safetensors
 from hyperdiff.hypernet.encoders import EncoderConfig, build_image_encoder, pool_references
-from hyperdiff.layers import KNOWN_PROJECTIONS, LayerRow, LayerTable
-from hyperdiff.lidb import LiDBConfig, aux_bases, compose
-from hyperdiff.processors import HyperLoRA, LowRankDelta
-from hyperdiff.schedule import LowNoiseGain
 
 DECODERS = ("attention", "mlp")
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"

@@ -4,20 +4,20 @@ Contract (DESIGN.md, "Adapter" and "Files"):
 - Two kinds, keyed by stable dotted layer names:
   * `lora`: per layer `(down (r, in), up (out, r))`;
   * `lidb`: per layer `(A_train (a, r), B_train (r, b))` plus a `LiDBConfig` whose `aux_seed` regenerates the
-    frozen aux bases (see `hyperdiff.lidb`), so a file stores only the trainable factors.
+    frozen aux bases (see `hyperdiff.core.lidb`), so a file stores only the trainable factors.
 - ΔW of a layer = (alpha / rank) · up · down. `lora_factors()` gives `(down, up)` for both kinds (scale not folded).
 - Factors live on the CPU (an identity is kilobytes, and files, mixing and exports need no device); whatever binds
   them to a UNet (`applied`, `fuse`, `hyper_lora(device=...)`) moves them to its device and dtype.
 - Every adapter carries the `LayerTable` fingerprint and target set of its base; applying, fusing or loading it
   onto a UNet of another architecture is a `HyperdiffError`.
 - Use: `applied(unet)` (processors, restored on exit), `fuse(unet)`/`unfuse(unet)` (bit-exact, see
-  `hyperdiff.fusion`), `hyper_lora()` (per-call deltas for `cross_attention_kwargs`).
+  `hyperdiff.core.fusion`), `hyper_lora()` (per-call deltas for `cross_attention_kwargs`).
 - Algebra on ΔW (not on factors): `w * ad` scales ΔW; `ad1 + ad2` (= `concat`) is the exact rank concatenation
   (rank r1 + r2, scales folded into `up`, alpha = rank); `mix(adapters, weights)` = Σ wᵢ·adᵢ.
-- Files (`hyperdiff.formats`): `save`/`load` (native), `export(path, format="diffusers"|"kohya")`;
+- Files (`hyperdiff.core.formats`): `save`/`load` (native), `export(path, format="diffusers"|"kohya")`;
   `save_as(folder, format)` writes any of them under a name that says what it is (`file_name(format)`:
   `hyperdiff-<token>-<digest>-<format>.safetensors`, the digest a hash of the adapter's values).
-- `info.low_noise` (a hypernet's calibrated low-noise gain or a fine-tune recipe's, `hyperdiff.schedule`) is how
+- `info.low_noise` (a hypernet's calibrated low-noise gain or a fine-tune recipe's, `hyperdiff.core.schedule`) is how
   the pipeline samples with it; derived adapters (`w * ad`, `concat`, `mix`) keep the first one's, like the rest of
   `info`. `info.rank_schedules` (k₁, s₁), (k₂, s₂), … give the first k₁ rank components schedule s₁, the next k₂ s₂,
   and leave the rest to `low_noise`: a rank-relaxed fine-tune's start (the hypernet's prediction) keeps its own
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -38,50 +38,16 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from hyperdiff import fusion
+from hyperdiff.core import formats, fusion
+from hyperdiff.core.info import AdapterInfo
+from hyperdiff.core.layers import LayerTable, TargetConfig
+from hyperdiff.core.lidb import LiDBConfig, aux_bases, compose
+from hyperdiff.core.processors import HyperLoRA, LowRankDelta, install, restore
+from hyperdiff.core.schedule import LowNoiseGain
 from hyperdiff.errors import HyperdiffError
-from hyperdiff.layers import LayerTable, TargetConfig
-from hyperdiff.lidb import LiDBConfig, aux_bases, compose
-from hyperdiff.processors import HyperLoRA, LowRankDelta, install, restore
-from hyperdiff.schedule import LowNoiseGain
 
 KINDS = ("lidb", "lora")
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """Metadata carried into every file format (`low_noise` into the native one only: LoRA files cannot say it)."""
-
-    base_model: str = ""  # hub id, folder or file of the base, or "synthfaces"
-    token: str = ""  # identifier token in prompts, e.g. "sks"
-    source: str = ""  # what made it, e.g. "hypernet:<id> finetune_steps=40"
-    architecture: str = "hyperdiff-custom"  # modelspec family: stable-diffusion-v1 | stable-diffusion-v2 | ...
-    resolution: str = ""  # e.g. "512x512"
-    prediction_type: str = "epsilon"
-    low_noise: LowNoiseGain = LowNoiseGain()  # how hyperdiff applies it in sampling (`hyperdiff.schedule`)
-    rank_schedules: tuple[tuple[int, LowNoiseGain], ...] = ()  # leading rank components with schedules of their own
-
-    def __post_init__(self) -> None:
-        for item in self.rank_schedules:
-            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], int) and item[0] > 0
-                    and isinstance(item[1], LowNoiseGain)):
-                raise HyperdiffError(f"`rank_schedules` must hold (positive rank count, LowNoiseGain) pairs, got {item!r}")
-
-    @property
-    def scheduled(self) -> bool:
-        """Whether sampling applies ΔW at other than one strength somewhere."""
-        return self.low_noise.active or any(s.active for _, s in self.rank_schedules)
-
-    def describe_schedule(self) -> str:
-        """In words: "×1.5 below timestep 300" or, per rank part, "rank 1: …; the rest: …"."""
-        if all(s == self.low_noise for _, s in self.rank_schedules):
-            return self.low_noise.describe()
-        parts = [f"rank {k}: {s.describe()}" for k, s in self.rank_schedules]
-        return "; ".join(parts + [f"the rest: {self.low_noise.describe()}"])
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class Adapter:
@@ -413,16 +379,19 @@ class Adapter:
     # -- files --------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Native `.safetensors` (see DESIGN.md "Files"), written atomically."""
-        from hyperdiff import formats
-
         return formats.save_native(self, path)
 
     @classmethod
     def load(cls, path: str | Path, table: LayerTable | None = None) -> "Adapter":
         """Read and validate a native file; with `table`, also check it fits that UNet."""
-        from hyperdiff import formats
-
-        adapter = formats.load_native(path)
+        path = Path(path)
+        fields, rank = formats.read_native(path)
+        try:
+            adapter = Adapter(**fields)
+        except HyperdiffError as e:
+            raise HyperdiffError(f"adapter file '{path}': {e}") from None
+        if adapter.rank != rank:
+            raise HyperdiffError(f"adapter file '{path}' says rank {rank} but its tensors have rank {adapter.rank}")
         if table is not None:
             adapter.check_table(table)
         return adapter
@@ -430,29 +399,19 @@ class Adapter:
     @property
     def digest(self) -> str:
         """Short hex hash of what this adapter computes (kind, alpha, factor values): equal adapters, equal digest."""
-        from hyperdiff import formats
-
         return formats.digest(self)
 
     def file_name(self, format: str = "native") -> str:
-        from hyperdiff import formats
-
         return formats.file_name(self, format)
 
     def save_as(self, folder: str | Path, format: str = "native") -> Path:
         """Write `folder / file_name(format)` (native, diffusers or kohya), atomically; returns the path."""
-        from hyperdiff import formats
-
         return formats.write(self, folder, format)
 
     def export(self, path: str | Path, format: str = "diffusers") -> Path:
         """Write a LoRA file other tools load: `diffusers` (PEFT, `load_lora_weights`) or `kohya` (A1111/ComfyUI)."""
-        from hyperdiff import formats
-
         return formats.export(self, path, format)
 
     def export_parts(self, path: str | Path, format: str = "diffusers") -> list[Path]:
         """One LoRA file per schedule part (`split_by_schedule`), named `path` + `-part1`, `-part2`, …"""
-        from hyperdiff import formats
-
         return formats.export_parts(self, path, format)

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hyperdiff.core.layers import LayerTable
 from hyperdiff.errors import HyperdiffError
-from hyperdiff.layers import LayerTable
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Hypernet training (stage 2) and stage-1 LiDB targets, for any number of accelerate processes.
+"""Hypernet training (stage 2), for any number of accelerate processes.
 
 Contract:
 - `HypernetTrainConfig` (YAML + CLI flags named like diffusers' training scripts) fixes a run.
@@ -40,9 +40,7 @@ Contract:
   a trained hypernet's weights, e.g. to distil new stage-1 targets into it; fresh optimizer and LR schedule); the
   final hypernet is `save_pretrained` into `output_dir` itself, and with `export_dir` set, also in fp16 there (the
   shipped copy: configs/synthfaces.yaml exports the embedded hypernet).
-- `precompute_targets` (stage 1): DreamBooth-LiDB per identity, many identities per batch, sharded across processes
-  (identity i goes to process i mod N), restartable (identities with a file are skipped), one native adapter file
-  per identity in `targets_dir/<key>.safetensors`.
+- Stage 1, the targets `targets_dir` holds, is `hyperdiff.hypernet.targets`.
 """
 
 from __future__ import annotations
@@ -56,19 +54,19 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from hyperdiff.adapter import Adapter
 from hyperdiff.config import to_dict
+from hyperdiff.core.adapter import Adapter
+from hyperdiff.core.layers import LayerTable
+from hyperdiff.core.lidb import stable_seed
+from hyperdiff.core.processors import hyper_lora_processors
 from hyperdiff.data.identities import FolderIdentities, SynthFacesIdentities
 from hyperdiff.errors import HyperdiffError, check_number_in, check_positive_int, check_positive_number
-from hyperdiff.finetune import (FinetuneConfig, decoded_estimate, embedding_distance, encode_images, encode_prompts,
-                                encoder_readings, finetune, frozen_identity_encoder, make_prior, noise_prediction,
-                                per_sample_mse)
 from hyperdiff.hypernet import HyperNetConfig, HyperNetwork
-from hyperdiff.layers import LayerTable
-from hyperdiff.lidb import stable_seed
-from hyperdiff.processors import hyper_lora_processors
+from hyperdiff.personalize.finetune import FinetuneConfig
+from hyperdiff.personalize.losses import (decoded_estimate, embedding_distance, encode_images, encode_prompts,
+                                          encoder_readings, frozen_identity_encoder, noise_prediction, per_sample_mse)
+from hyperdiff.synthfaces.base_model.data import expression_weight_map
 from hyperdiff.train import checkpoints
-from hyperdiff.train.base_model import expression_weight_map
 
 logger = logging.getLogger(__name__)
 
@@ -343,7 +341,7 @@ def validate(cfg: HypernetTrainConfig, pipe, hp, source, table, step: int, n: in
     """Predict adapters for `n` fixed identities and generate one image each in a scene their references lack;
     writes `output_dir/validation/step-<step>.png` (reference | generated per row). Called on the main process with
     the per-sample processors installed."""
-    from hyperdiff.sheet import contact_sheet, save_png
+    from hyperdiff.synthfaces.sheet import contact_sheet, save_png
 
     was = hp.training
     hp.eval()
@@ -389,32 +387,3 @@ def _weight_loss(keys, a_train, b_train, targets, table) -> torch.Tensor | None:
     # a mean over the whole local batch (identities without a target count 0), like the diffusion term: equal shards
     # averaged by DDP then give the global batch's mean whatever the number of processes
     return torch.stack(losses).sum() / len(keys)
-
-
-def precompute_targets(cfg: HypernetTrainConfig) -> Path:
-    """Stage 1: one DreamBooth-LiDB adapter per identity, `precompute_batch` identities per fine-tune call."""
-    from accelerate import PartialState
-
-    state = PartialState(cpu=_use_cpu(cfg))
-    if cfg.finetune.kind != "lidb" or cfg.finetune.lidb != cfg.hypernet.lidb:
-        raise HyperdiffError("`finetune` must train LiDB factors with the hypernet's `lidb` config for stage-1 targets")
-    folder = Path(cfg.targets_dir or Path(cfg.output_dir) / "targets")
-    folder.mkdir(parents=True, exist_ok=True)
-    pipe = _load_base(cfg.base).to(state.device)
-    source = cfg.data.build()
-    keys = source.keys[: cfg.precompute_identities][state.process_index :: state.num_processes]
-    todo = [k for k in keys if not (folder / f"{k}.safetensors").exists()]
-    prior = make_prior(pipe, cfg.finetune) if cfg.finetune.prior_weight > 0 else None
-    for i in tqdm(range(0, len(todo), cfg.precompute_batch), desc=f"stage-1 targets (rank {state.process_index})"):
-        chunk = todo[i : i + cfg.precompute_batch]
-        refs, prompts = [], []
-        for key in chunk:
-            gen = torch.Generator().manual_seed(stable_seed("stage1", cfg.seed, key))
-            pairs = [source.pair(key, gen) for _ in range(3)]  # three images of the identity, with their captions
-            refs.append([target for _, target, _ in pairs])
-            prompts.append([text for _, _, text in pairs])
-        adapters = finetune(pipe, refs, cfg.finetune, prompts=prompts, prior=prior, progress=False)
-        for key, ad in zip(chunk, adapters):
-            ad.save(folder / f"{key}.safetensors")
-    state.wait_for_everyone()
-    return folder

@@ -8,21 +8,21 @@ Contract:
   this machine lacks is a one-line error. The hypernet stays float32 (it is small); adapters live on the CPU.
 - `personalize(images, token, finetune_steps, seed)` → Adapter: the hypernet's zero-shot LiDB prediction, then, with
   `finetune_steps > 0`, the rank-relaxed fast fine-tune (a rank-r' LoRA trained on top, returned as the exact
-  concatenation; on the embedded base with the identity encoder's term, `SYNTHFACES_FAST_FINETUNE`). Without a
-  hypernet (none given, none shipped for the base), `finetune_steps > 0` fine-tunes LiDB factors from scratch
-  (DreamBooth-LiDB) and 0 is a one-line error saying so. A zero-shot adapter carries the hypernet's low-noise gain
-  (`hyperdiff.schedule`); a fine-tuned one samples its learned rank components with its recipe's
+  concatenation; on the embedded base with the identity encoder's term, `SYNTHFACES_FAST_FINETUNE`). Without a hypernet
+  (none given, none shipped for the base), `finetune_steps > 0` fine-tunes LiDB factors from scratch (DreamBooth-LiDB)
+  and 0 is a one-line error saying so. A zero-shot adapter carries the hypernet's low-noise gain
+  (`hyperdiff.core.schedule`); a fine-tuned one samples its learned rank components with its recipe's
   (`FinetuneConfig.low_noise`) and the start's with the hypernet's (`AdapterInfo.rank_schedules`). `caption` (what the
   references show, the subject named by the token; one for all or one per image) replaces the fine-tune's instance
   prompt "a {token} face". With no caption, a pipeline that has a `captioner` (the embedded base's:
-  `metrics.reference_caption`, which reads background, hat and expression from each reference) captions every
-  reference itself, so the fine-tune learns the face and not the photo's scene; without one the instance prompt
+  `synthfaces.detectors.reference_caption`, which reads background, hat and expression from each reference) captions
+  every reference itself, so the fine-tune learns the face and not the photo's scene; without one the instance prompt
   stays. The adapter's `info.source` records the captions and whether they were read or given.
 - `generate(prompt, adapter, ...)` → list of PIL images. One adapter is fused for the call (zero overhead) and unfused
   after, also on an error; a list of adapters (one per image) runs as one batch through the per-sample processors.
   Image i uses the generator seeded `seed + i`, so any image can be reproduced alone; the noise is drawn in float32
   on the CPU, so a seed gives the same image (within rounding) on every device and in every precision. An adapter
-  with a schedule (`info.low_noise`, `info.rank_schedules`: `hyperdiff.schedule`) samples at each timestep as
+  with a schedule (`info.low_noise`, `info.rank_schedules`: `hyperdiff.core.schedule`) samples at each timestep as
   `Adapter.factors_at` says: the fused weights are re-fused when its factors change, the per-sample deltas swapped;
   `low_noise=LowNoiseGain()` samples every adapter at one strength, as an exported LoRA file does.
 - `sample_adapters(image, n, prompt)` → (images of n sampled adapters, per-pixel spread map of the image's size).
@@ -43,16 +43,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hyperdiff.adapter import Adapter
+from hyperdiff.core.adapter import Adapter
+from hyperdiff.core.layers import LayerTable
+from hyperdiff.core.processors import HyperLoRA, hyper_lora_processors
+from hyperdiff.core.schedule import LowNoiseGain, per_timestep
 from hyperdiff.errors import HyperdiffError, check_int_in
-from hyperdiff.finetune import FinetuneConfig, finetune, initial_latents, make_prior
 from hyperdiff.hypernet import HyperNetwork
-from hyperdiff.layers import LayerTable
-from hyperdiff.processors import HyperLoRA, hyper_lora_processors
-from hyperdiff.inputs import MAX_IMAGES, MAX_STEPS, check_captions, check_generate, check_personalize, load_images  # noqa: F401 (re-exported)
-from hyperdiff.schedule import LowNoiseGain, per_timestep
+from hyperdiff.inputs import ASSETS_DIR, MAX_IMAGES, MAX_STEPS, check_captions, check_generate, check_personalize, load_images  # noqa: F401 (re-exported)
+from hyperdiff.personalize.finetune import FinetuneConfig, finetune, initial_latents, make_prior
 
-EMBEDDED_HYPERNET = Path(__file__).resolve().parent / "assets" / "synthfaces" / "hypernet"
+EMBEDDED_HYPERNET = ASSETS_DIR / "synthfaces" / "hypernet"
 # fine-tune defaults: the rank-relaxed fast fine-tune on top of a hypernet prediction, and without a hypernet
 # DreamBooth-LiDB from scratch (the fidelity benchmark's row). Both: lr 1e-2, no prior preservation, 4 samples per
 # step. On 16 SynthFaces validation identities (40 captioned steps) 4 samples per step reached ID similarity 0.382
@@ -169,7 +169,7 @@ class HyperDreamBoothPipeline:
         common = {"base_name": base or "synthfaces (embedded)",
                   "fast_finetune": SYNTHFACES_FAST_FINETUNE if base is None else FAST_FINETUNE}
         if base is None:  # the embedded world's detectors read what a reference shows: its caption when none is typed
-            from hyperdiff.metrics import reference_caption
+            from hyperdiff.synthfaces.detectors import reference_caption
 
             common["captioner"] = reference_caption
         if not load_hypernet:

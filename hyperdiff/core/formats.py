@@ -5,7 +5,7 @@ Contract (DESIGN.md, "Files"; REFERENCES.md, "File formats"):
   (kind `lidb`); string metadata `hyperdiff.format_version`, `.kind`, `.rank`, `.alpha`, `.aux_seed`,
   `.base_fingerprint`, `.base_model`, `.token`, `.source`, `.targets` (JSON), `.layers` (JSON
   `{attention module: {projection: [in, out]}}`, the dims a LiDB file needs to regenerate its aux bases),
-  `.low_noise` (JSON `{"gain", "below"}` and `"off_from"` when set, `hyperdiff.schedule`; absent in older files: no
+  `.low_noise` (JSON `{"gain", "below"}` and `"off_from"` when set, `hyperdiff.core.schedule`; absent in older files: no
   low-noise gain), `.rank_schedules` (JSON `[[rank count, schedule], ...]`, only when the adapter has them) and
   `modelspec.*`. The same adapter gives the same tensors and metadata (safetensors orders the header itself).
 - `diffusers`: exactly what `StableDiffusionPipeline.save_lora_weights` writes (diffusers itself writes it):
@@ -40,11 +40,12 @@ from pathlib import Path
 
 import torch
 
+from hyperdiff.core.files import check_writable, make_parent, read_header, read_safetensors, write_safetensors
+from hyperdiff.core.info import AdapterInfo
+from hyperdiff.core.layers import TargetConfig
+from hyperdiff.core.lidb import LiDBConfig
+from hyperdiff.core.schedule import LowNoiseGain
 from hyperdiff.errors import HyperdiffError
-from hyperdiff.files import check_writable, make_parent, read_header, read_safetensors, write_safetensors
-from hyperdiff.layers import TargetConfig
-from hyperdiff.lidb import LiDBConfig
-from hyperdiff.schedule import LowNoiseGain
 
 FORMAT_VERSION = "1"
 EXPORT_FORMATS = ("diffusers", "kohya")
@@ -182,9 +183,9 @@ def _rank_schedules(meta: dict, path: Path) -> tuple:
                  'a JSON list of [rank count, {"gain", "below"[, "off_from"]}] pairs')
 
 
-def load_native(path: str | Path):
-    from hyperdiff.adapter import Adapter, AdapterInfo
-
+def read_native(path: str | Path) -> tuple[dict, int]:
+    """A native file, read and checked: (the `Adapter` constructor's keyword arguments, the rank it says it has);
+    `Adapter.load` builds the adapter and checks that its tensors have that rank."""
     path = Path(path)
     tensors, meta = read_safetensors(path)
     if "hyperdiff.format_version" not in meta:
@@ -230,22 +231,9 @@ def load_native(path: str | Path):
         info = replace(info, rank_schedules=_rank_schedules(meta, path))
     except HyperdiffError as e:
         raise HyperdiffError(f"adapter file '{path}': {e}") from None
-    try:
-        adapter = Adapter(
-            kind=kind,
-            factors=factors,
-            dims=dims,
-            alpha=alpha,
-            fingerprint=_meta(meta, "base_fingerprint", path),
-            targets=targets,
-            lidb=lidb,
-            info=info,
-        )
-    except HyperdiffError as e:
-        raise HyperdiffError(f"adapter file '{path}': {e}") from None
-    if adapter.rank != rank:
-        raise HyperdiffError(f"adapter file '{path}' says rank {rank} but its tensors have rank {adapter.rank}")
-    return adapter
+    fields = dict(kind=kind, factors=factors, dims=dims, alpha=alpha, fingerprint=_meta(meta, "base_fingerprint", path),
+                  targets=targets, lidb=lidb, info=info)
+    return fields, rank
 
 
 # -- exports -----------------------------------------------------------------------------------------------

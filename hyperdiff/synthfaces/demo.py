@@ -25,11 +25,11 @@ from typing import Iterator
 
 import torch
 
-from hyperdiff.adapter import Adapter
-from hyperdiff.data import synthfaces
-from hyperdiff.pipeline import caption_record
-from hyperdiff.schedule import LowNoiseGain
-from hyperdiff.sheet import contact_sheet, save_png
+from hyperdiff import synthfaces
+from hyperdiff.core.adapter import Adapter
+from hyperdiff.core.schedule import LowNoiseGain
+from hyperdiff.personalize.pipeline import caption_record
+from hyperdiff.synthfaces.sheet import contact_sheet, save_png
 
 SCENES = (synthfaces.Scene("red", False, "smiling"), synthfaces.Scene("blue", True, "surprised"))
 # one reference per identity, in turn: coloured backgrounds and a hat, as a user's photo shows some scene
@@ -46,7 +46,7 @@ def _step(timings: dict, name: str) -> Iterator[None]:
 
 def _load(base: str | None, hypernet: str | None, device, dtype):
     """(pipeline, what is running): the arguments, else the embedded base with its hypernet when one is shipped."""
-    from hyperdiff.pipeline import HyperDreamBoothPipeline
+    from hyperdiff.personalize.pipeline import HyperDreamBoothPipeline
 
     hdb = HyperDreamBoothPipeline.from_pretrained(base, hypernet, device=device, dtype=dtype)
     if hdb.hypernet is None:

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw
 
-from hyperdiff.files import atomic_path
+from hyperdiff.core.files import atomic_path
 
 LINE_HEIGHT = 12  # the default bitmap font's line, with spacing
 MARGIN = 4

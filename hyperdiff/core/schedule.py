@@ -11,7 +11,7 @@ Contract:
   A hypernet carries its calibrated value (`HyperNetConfig.low_noise`) and stamps it on every adapter it predicts
   (`AdapterInfo.low_noise`); a fine-tune recipe stamps its own (`FinetuneConfig.low_noise`) on the adapters it
   trains. The native adapter file keeps it (`hyperdiff.low_noise`); an export keeps it in its metadata too
-  (`hyperdiff.formats.file_schedule`), but diffusers', A1111's and ComfyUI's loaders apply ΔW at one strength (a
+  (`hyperdiff.core.formats.file_schedule`), but diffusers', A1111's and ComfyUI's loaders apply ΔW at one strength (a
   warning says so) unless diffusers is given the schedule (`diffusers_schedule`).
 - `per_timestep(unet, update)`: a context manager that calls `update(timestep, kwargs)` before every UNet forward
   and passes on the keyword arguments it returns (a forward pre-hook, removed on exit however the block ends). The
@@ -103,7 +103,7 @@ def diffusers_schedule(pipe, schedules: Mapping[str, LowNoiseGain], num_inferenc
                        weights: Mapping[str, float] | None = None):
     """Sample exported LoRA files in a vanilla diffusers pipeline as hyperdiff samples their adapters. `pipe` has loaded
     each file under its adapter name (`pipe.load_lora_weights(file, adapter_name=name)`); `schedules` maps those names
-    to their schedules (an export's own: `hyperdiff.formats.file_schedule(file)`; one file per part of an adapter whose
+    to their schedules (an export's own: `hyperdiff.core.formats.file_schedule(file)`; one file per part of an adapter whose
     parts have their own: `Adapter.split_by_schedule`), `weights` to their strengths (default 1). Call this right before
     `pipe(..., num_inference_steps=num_inference_steps, callback_on_step_end=<the result>)`: it sets every LoRA's
     weight for the first step (`weight × schedule.factor(first timestep)`) and returns the `callback_on_step_end` that

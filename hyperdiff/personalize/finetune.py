@@ -20,7 +20,7 @@ Contract:
   other prompts naming the token do: the fine-tune learns the face, not the reference's expression.
 - New factors start as a no-op that still learns: `up`/B_train = 0, `down`/A_train random.
 - Returns one Adapter per identity; with `start`, the exact concatenation `start[i] + learned[i]` (rank r + r', no
-  SVD): the rank-relaxed fast fine-tune. Every adapter samples with `config.low_noise` (`hyperdiff.schedule`; one
+  SVD): the rank-relaxed fast fine-tune. Every adapter samples with `config.low_noise` (`hyperdiff.core.schedule`; one
   strength by default); in a concatenation only the learned rank components do, and the start's keep the start's
   own schedule (`info.rank_schedules`), unless `start_keeps_schedule` is False. `snapshot(k, adapters)` also receives them, as they
   stand, after each step count k in `snapshot_steps`: with a constant learning rate and one seeded stream of draws, a
@@ -30,10 +30,8 @@ Contract:
 - Runs on the UNet's device: every random draw comes from one CPU generator (so a seed means the same noise on any
   device), the trainable factors are float32 there, and a float16 UNet's loss is scaled (`torch.amp.GradScaler`)
   so its small gradients do not underflow. Adapters come back on the CPU.
-- Loss helpers shared with hypernet training: `noise_prediction`, `per_sample_mse` (optionally weighted per
-  element) and `identity_loss` (an identity encoder's 1 − cosine on the one-step estimate x̂₀, decoded by
-  `decoded_estimate`, against targets embedded by `identity_embeddings`: once per run in the fine-tune, whose
-  references do not change). The base-model trainer reads `decoded_estimate` with the encoder's expression head.
+- Its loss terms and the encodings they take are `hyperdiff.personalize.losses` (shared with hypernet training and
+  the base-model trainer).
 Uses: (a) DreamBooth-LiDB from scratch, (b) stage-1 targets for hypernet training, (c) rank-relaxed fine-tune.
 """
 
@@ -43,19 +41,21 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Collection, Sequence
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from hyperdiff.adapter import Adapter, AdapterInfo
 from hyperdiff.config import to_dict
+from hyperdiff.core.adapter import Adapter
+from hyperdiff.core.info import AdapterInfo
+from hyperdiff.core.layers import LayerTable
+from hyperdiff.core.lidb import LiDBConfig, aux_bases, compose
+from hyperdiff.core.processors import HyperLoRA, LowRankDelta, hyper_lora_processors
+from hyperdiff.core.schedule import LowNoiseGain
 from hyperdiff.errors import HyperdiffError, check_number_in, check_positive_int
 from hyperdiff.inputs import check_prompt
-from hyperdiff.layers import LayerTable
-from hyperdiff.lidb import LiDBConfig, aux_bases, compose
-from hyperdiff.metrics import to_batch
-from hyperdiff.processors import HyperLoRA, LowRankDelta, hyper_lora_processors
-from hyperdiff.schedule import LowNoiseGain
+from hyperdiff.personalize.losses import (diffusion_loss, draw_noise, encode_images, encode_prompts,
+                                          frozen_identity_encoder, identity_embeddings, identity_loss,
+                                          noise_prediction, per_sample_mse)
 
 KINDS = ("lora", "lidb")
 # Varied class prompts for prior preservation: the scene words the base model knows, without the identifier.
@@ -105,7 +105,7 @@ class FinetuneConfig:
     anchor_weight: float = 0.0  # keep the start's predictions on the reference under `anchor_prompts` (0 = off)
     anchor_prompts: tuple[str, ...] = DEFAULT_ANCHOR_PROMPTS  # each names the subject by "{token}"
     seed: int = 0
-    low_noise: LowNoiseGain = field(default_factory=LowNoiseGain)  # how its adapters sample (`hyperdiff.schedule`)
+    low_noise: LowNoiseGain = field(default_factory=LowNoiseGain)  # how its adapters sample (`hyperdiff.core.schedule`)
     start_keeps_schedule: bool = True  # on top of a start: its rank components keep the start's schedule
 
     def __post_init__(self) -> None:
@@ -136,22 +136,6 @@ class Prior:
 
     latents: torch.Tensor
     text: torch.Tensor
-
-
-def encode_prompts(pipe, prompts: Sequence[str]) -> torch.Tensor:
-    """The text encoder's last hidden states for `prompts`, padded to the tokenizer's maximum length: (N, T, d)."""
-    with torch.no_grad():
-        ids = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(pipe.device)
-        return pipe.text_encoder(ids)[0]  # (N, T, d)
-
-
-@torch.no_grad()
-def encode_images(pipe, images: Sequence[Image.Image]) -> torch.Tensor:
-    """Posterior means of the VAE, scaled: (N, C, h, w)."""
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    pixels = pipe.image_processor.preprocess(list(images), height=size, width=size).to(pipe.device, pipe.vae.dtype)
-    return pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
 
 
 def initial_latents(pipe, generator: torch.Generator | list[torch.Generator], n: int) -> torch.Tensor:
@@ -208,89 +192,6 @@ def _deltas(table: LayerTable, factors, config: FinetuneConfig, scale: float, sh
             down, up = compose(first, second, *aux)
         out[row.name] = LowRankDelta(down[0], up[0], scale) if shared else LowRankDelta(down, up, scale)
     return out
-
-
-def noise_prediction(pipe, noise_scheduler, latents, text, hyper_loras, noise: torch.Tensor, timesteps: torch.Tensor):
-    """The UNet's prediction on `latents` noised with `noise` at `timesteps`, with the given per-call deltas, and the
-    training target (epsilon or v, as the scheduler says): both (N, C, h, w)."""
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    pred = pipe.unet(noisy, timesteps, text, cross_attention_kwargs={"hyper_lora": hyper_loras}).sample
-    eps = noise_scheduler.config.prediction_type == "epsilon"
-    return pred, noise if eps else noise_scheduler.get_velocity(latents, noise, timesteps)
-
-
-def per_sample_mse(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """(N, ...) x2 -> (N,) mean squared difference per sample, in float32; `weight` (broadcast to the elements, e.g.
-    (1, 1, h, w)) multiplies each squared difference first."""
-    squared = F.mse_loss(a.float(), b.float(), reduction="none")
-    return (squared if weight is None else squared * weight).mean(dim=tuple(range(1, a.dim())))
-
-
-@torch.no_grad()
-def encoder_readings(encoder, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`encoder`'s readings of PIL `images` on its device: unit embeddings (N, e), hat and expression logits (N, 2),
-    (N, 4)."""
-    return encoder(to_batch(images, encoder.config.image_size).to(encoder.device))
-
-
-def identity_embeddings(encoder, images: Sequence[Image.Image]) -> torch.Tensor:
-    """The targets of `identity_loss`: `encoder`'s unit-norm embeddings of PIL `images`, (N, e) on its device."""
-    return encoder_readings(encoder, images)[0]
-
-
-def decoded_estimate(vae, noise_scheduler, latents, noise, t, pred, size: int) -> torch.Tensor:
-    """The one-step estimate x̂₀ as pixels an image encoder reads: (N, 3, size, size) in [0, 1]. x̂₀ is the clean latent
-    that the UNet's prediction `pred` (epsilon or v) implies on scaled `latents` (N, C, h, w) noised with `noise` at
-    `t`, decoded by `vae` (resized to `size` if the VAE makes another size). Differentiable in `pred`."""
-    noisy = noise_scheduler.add_noise(latents, noise, t)
-    alpha_bar = noise_scheduler.alphas_cumprod.to(latents.device)[t].view(-1, 1, 1, 1).to(pred.dtype)  # (N, 1, 1, 1)
-    if noise_scheduler.config.prediction_type == "epsilon":
-        clean = (noisy - (1 - alpha_bar).sqrt() * pred) / alpha_bar.sqrt()  # (N, C, h, w)
-    else:  # v-prediction
-        clean = alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * pred
-    pixels = vae.decode(clean.to(vae.dtype) / vae.config.scaling_factor).sample  # (N, 3, H, W) in [-1, 1]
-    if pixels.shape[-2:] != (size, size):
-        pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return ((pixels.float() + 1) / 2).clamp(0, 1)
-
-
-def identity_loss(pipe, noise_scheduler, encoder, latents, noise, t, pred, wanted: torch.Tensor) -> torch.Tensor:
-    """Mean of 1 − cos(`wanted`, identity embedding of x̂₀), x̂₀ from `decoded_estimate` with the pipeline's VAE.
-    Gradients flow through the VAE decoder and `encoder` (both frozen) into `pred`; `wanted` (N, e) are the targets'
-    `identity_embeddings`."""
-    pixels = decoded_estimate(pipe.vae, noise_scheduler, latents, noise, t, pred, encoder.config.image_size)
-    return embedding_distance(encoder(pixels)[0], wanted)
-
-
-def embedding_distance(made: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
-    """Mean of 1 − cos between unit embeddings `made` (N, e) and `wanted` (N, e), row by row."""
-    return (1 - (made * wanted.to(made)).sum(dim=1)).mean()
-
-
-def frozen_identity_encoder(path: str, device):
-    """The identity encoder at `path` ("" = the shipped SynthFaces one) on `device`, in eval mode, without gradients."""
-    from hyperdiff.metrics import IdentityEncoder
-
-    return IdentityEncoder.from_pretrained(path or None).to(device).eval().requires_grad_(False)
-
-
-def draw_noise(noise_scheduler, latents: torch.Tensor, gen: torch.Generator | None):
-    """Noise like `latents` (N, C, h, w) and N training timesteps, drawn from `gen` in that order on the CPU."""
-    noise = torch.randn(latents.shape, generator=gen).to(latents)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
-    return noise, t.to(latents.device)
-
-
-def diffusion_loss(pipe, noise_scheduler, latents, text, hyper_loras, gen: torch.Generator | None = None,
-                   reduce: bool = True, noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None):
-    """Per-sample MSE of the UNet's prediction with the given per-call deltas: latents (N, C, h, w), text (N, T, d).
-    Noise and timesteps are given together, or drawn together from `gen` (`draw_noise`)."""
-    if (noise is None) != (timesteps is None):
-        raise HyperdiffError("`noise` and `timesteps` must be given together (or neither, to draw both from `gen`)")
-    if noise is None:
-        noise, timesteps = draw_noise(noise_scheduler, latents, gen)
-    per_sample = per_sample_mse(*noise_prediction(pipe, noise_scheduler, latents, text, hyper_loras, noise, timesteps))
-    return per_sample.mean() if reduce else per_sample
 
 
 @dataclass

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from hyperdiff.adapter import Adapter, AdapterInfo
-from hyperdiff.layers import LayerTable
-from hyperdiff.lidb import LiDBConfig
+from hyperdiff.core.adapter import Adapter
+from hyperdiff.core.info import AdapterInfo
+from hyperdiff.core.layers import LayerTable
+from hyperdiff.core.lidb import LiDBConfig
 
 
 def random_lora(

@@ -1,7 +1,7 @@
 """Evaluation on the SynthFaces world: the base-model report.
 
 Contract: `evaluate_base(pipe, per_scene, seed, steps, guidance)` generates `per_scene` images for every one of the
-48 scenes from its caption (no identifier token), checks each with `metrics.scene_fidelity`, and measures identity
+48 scenes from its caption (no identifier token), checks each with `detectors.scene_fidelity`, and measures identity
 diversity with the shipped identity encoder: the mean pairwise similarity of generations of one prompt across seeds,
 beside the same-identity and different-identity levels of real renders of evaluation identities (seeds ≥ 1,000,000).
 With `judge` (another identity encoder, e.g. the shipped judge) the hat and expression words are read a second time by
@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from hyperdiff.data import synthfaces
-from hyperdiff.files import atomic_path
-from hyperdiff.metrics import SCENE_CHECKS as WORDS, IdentityEncoder, default_encoder, scene_fidelity
-from hyperdiff.sheet import contact_sheet, save_png
+from hyperdiff import synthfaces
+from hyperdiff.core.files import atomic_path
+from hyperdiff.synthfaces.detectors import SCENE_CHECKS as WORDS, default_encoder, scene_fidelity
+from hyperdiff.synthfaces.encoder import IdentityEncoder
+from hyperdiff.synthfaces.sheet import contact_sheet, save_png
 
 
 def _generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> list[Image.Image]:
