@@ -32,13 +32,10 @@ def _safetensors_out(out: Path) -> Path:
 
 def _quiet_libraries(verbose: bool) -> None:
     """Before models load: the libraries' loading bars and logs off the user's terminal unless `--verbose`."""
-    if verbose:
-        return
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    if not verbose:
+        from hyperdiff.models import quiet_loading
 
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()  # also huggingface_hub's
+        quiet_loading()
 
 
 def _progress(total: int, desc: str):
@@ -179,10 +176,10 @@ def _cmd_ui(args: argparse.Namespace) -> None:
     if not 1 <= args.port <= 65535:
         raise HyperdiffError(f"`--port` must be an integer in [1, 65535], got {args.port}")
     _check_models(args)
-    _quiet_libraries(args.verbose)
     from ui.app import serve
 
-    serve(args.host, args.port, base=args.base, hypernet=args.hypernet, device=args.device, dtype=args.dtype)
+    serve(args.host, args.port, base=args.base, hypernet=args.hypernet, device=args.device, dtype=args.dtype,
+          verbose=args.verbose)
 
 
 def _add_device_flags(p: argparse.ArgumentParser) -> None:

@@ -19,6 +19,7 @@ import gradio as gr
 from hyperdiff import synthfaces
 from hyperdiff.core.formats import FILE_FORMATS
 from hyperdiff.errors import HyperdiffError
+from hyperdiff.models import quiet_loading
 from hyperdiff.personalize.pipeline import HyperDreamBoothPipeline
 from ui.handlers import MAX_FINETUNE_STEPS, MAX_MB, MAX_SEED, Session, _adapter_summary, _Handlers
 
@@ -201,13 +202,11 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, **kwargs)
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, base: str | None = None, hypernet: str | None = None,
-          device: str | None = None, dtype: str | None = None) -> None:
-    """Load the pipeline (default: the embedded SynthFaces pair) and serve the UI until interrupted."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()  # a server's terminal: its own lines only, errors in one line
-    transformers_logging.disable_progress_bar()
+          device: str | None = None, dtype: str | None = None, verbose: bool = False) -> None:
+    """Load the pipeline (default: the embedded SynthFaces pair) and serve the UI until interrupted; a server's
+    terminal shows its own lines only, the libraries' loading bars too with `verbose`."""
+    if not verbose:
+        quiet_loading()
     pipeline = HyperDreamBoothPipeline.from_pretrained(base, hypernet, device=device, dtype=dtype)
     if pipeline.hypernet is None:
         print("hyperdiff ui: no hypernet for this base (pass --hypernet PATH): Personalize fine-tunes "

@@ -177,6 +177,16 @@ def _load_hub(repo_id: str, dtype: torch.dtype | None, local_files_only: bool) -
         raise _hub_failure(label, exc, "it") from None
 
 
+def quiet_loading() -> None:
+    """Keep diffusers', transformers' and huggingface_hub's loading progress bars off the terminal (an application's
+    choice: the CLI unless `--verbose`, the web UI's server)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # also huggingface_hub's
+
+
 def load_base(
     source: str | os.PathLike[str] | None = None,
     *,
