@@ -18,7 +18,8 @@ Contract (DESIGN.md, "HyperNetwork"):
   training) and sets `config.low_noise`, the extra gain at low-noise timesteps (`hyperdiff.core.schedule`) that every
   predicted adapter carries into sampling.
 - `save_pretrained(dir)`: `config.json` (config, base fingerprint, layer table, training info) + `model.safetensors`
-  + `README.md` model card; `from_pretrained(dir, table=None)` checks the fingerprint against `table` when given;
+  + `README.md` model card; `from_pretrained(dir, table=None)` checks the fingerprint against `table` when given and
+  builds the model on its saved table (the layer order its weights were trained in, whatever order `table` lists);
   `read_config(dir)` reads and checks only the config (no model is built, no weights read).
 """
 
@@ -283,7 +284,7 @@ class HyperNetwork(nn.Module):
         config, saved, fingerprint, info = cls._read_config_file(path)
         if table is not None:
             table.check_fingerprint(fingerprint, f"hypernet '{path}'")
-        model = cls(config, table or saved, info)
+        model = cls(config, saved, info)  # its layer tokens in the order it was trained with; `table` may list them in another
         tensors, _ = read_safetensors(path / WEIGHTS_NAME, "hypernet weights")
         state = model.state_dict()
         missing, extra = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
