@@ -33,7 +33,7 @@ def _safetensors_out(out: Path) -> Path:
 def _quiet_libraries(verbose: bool) -> None:
     """Before models load: the libraries' loading bars and logs off the user's terminal unless `--verbose`."""
     if not verbose:
-        from hyperdiff.models import quiet_loading
+        from hyperdiff.models.sources import quiet_loading
 
         quiet_loading()
 

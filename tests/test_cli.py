@@ -221,6 +221,8 @@ def test_library_progress_bars_and_logs_stay_off_stderr_unless_verbose(tmp_path)
     assert "Loading" not in quiet.stderr and "torchvision" not in quiet.stderr, quiet.stderr
     assert "fine-tune" in quiet.stderr  # the CLI's own bar, redrawn in place on one line and erased at its end
     assert "\n" not in quiet.stderr and quiet.stderr.split("\r")[-1].strip() == "", repr(quiet.stderr[-200:])
-    verbose = run("personalize", "--image", ref, "--out", tmp_path / "b.safetensors", "--verbose")
+    verbose = run("personalize", "--image", ref, "--out", tmp_path / "b.safetensors", "--finetune-steps", "1", "--verbose")
     assert verbose.returncode == 0 and "Loading pipeline components" in verbose.stderr, verbose.stderr
+    zero_shot = run("personalize", "--image", ref, "--out", tmp_path / "c.safetensors", "--verbose")
+    assert zero_shot.returncode == 0 and "Loading pipeline components" not in zero_shot.stderr  # no base loads
     assert Adapter.load(tmp_path / "a.safetensors").info.source != Adapter.load(tmp_path / "b.safetensors").info.source

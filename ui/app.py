@@ -19,7 +19,7 @@ import gradio as gr
 from hyperdiff import synthfaces
 from hyperdiff.core.formats import FILE_FORMATS
 from hyperdiff.errors import HyperdiffError
-from hyperdiff.models import quiet_loading
+from hyperdiff.models.sources import quiet_loading
 from hyperdiff.personalize.pipeline import HyperDreamBoothPipeline
 from ui.handlers import MAX_FINETUNE_STEPS, MAX_MB, MAX_SEED, Session, _adapter_summary, _Handlers
 
@@ -207,7 +207,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, base: str | None = None, hy
     terminal shows its own lines only, the libraries' loading bars too with `verbose`."""
     if not verbose:
         quiet_loading()
-    pipeline = HyperDreamBoothPipeline.from_pretrained(base, hypernet, device=device, dtype=dtype)
+    pipeline = HyperDreamBoothPipeline.from_pretrained(base, hypernet, device=device, dtype=dtype, defer_base=False)
     if pipeline.hypernet is None:
         print("hyperdiff ui: no hypernet for this base (pass --hypernet PATH): Personalize fine-tunes "
               "from scratch (DreamBooth-LiDB, fine-tune steps > 0)")

@@ -11,12 +11,18 @@ Contract:
 - `fingerprint`: a stable hash (sha256 of names and shapes only) that is equal across builds, devices and
   machines for one architecture and target set; every adapter and hypernet carries it.
 - Rows are in the UNet's module order; all lookups are by name.
+- `LayerTable.from_header(header, targets)`: the same rows, so the same fingerprint, from the safetensors header of
+  a diffusers UNet's weights ({name: {"shape": [out, in]}}; `hyperdiff.models.sources.unet_header`) with no module
+  built: a target is `<attention>.<projection>.weight` with a 2-D shape, the attention's last name in
+  `targets.attention`. A header does not hold the module order: rows come in natural order of the attention path
+  (numbers compared as numbers), then in `targets.projections` order.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Iterator
@@ -50,6 +56,11 @@ class TargetConfig:
 
     def to_dict(self) -> dict:
         return {k: list(v) for k, v in asdict(self).items()}
+
+
+def _natural(path: str) -> tuple:
+    """Sort key of a dotted path with its numbers compared as numbers ("blocks.10" after "blocks.9")."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split("."))
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,23 @@ class LayerTable:
                 rows.append(LayerRow(f"{attn_name}.{proj}", attn_name, proj, linear.in_features, linear.out_features))
         if not rows:
             raise HyperdiffError(f"`unet` has no attention modules named {list(targets.attention)}: nothing to target")
+        return cls(tuple(rows), targets)
+
+    @classmethod
+    def from_header(cls, header: dict, targets: TargetConfig | None = None) -> "LayerTable":
+        targets = targets or TargetConfig()
+        pattern = re.compile(r"^(?P<attn>.+\.(?:%s))\.(?P<proj>%s)\.weight$" % (
+            "|".join(map(re.escape, targets.attention)), "|".join(map(re.escape, targets.projections))))
+        rows = []
+        for name, entry in header.items():
+            match = pattern.match(name)
+            shape = entry.get("shape") if isinstance(entry, dict) else None
+            if match is not None and isinstance(shape, list) and len(shape) == 2:
+                rows.append(LayerRow(f"{match['attn']}.{match['proj']}", match["attn"], match["proj"],
+                                     int(shape[1]), int(shape[0])))
+        if not rows:
+            raise HyperdiffError(f"the header names no attention modules {list(targets.attention)}: nothing to target")
+        rows.sort(key=lambda r: (_natural(r.attention), targets.projections.index(r.projection)))
         return cls(tuple(rows), targets)
 
     # -- mapping-like access -------------------------------------------------------------------------

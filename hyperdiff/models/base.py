@@ -22,17 +22,8 @@ from diffusers import StableDiffusionPipeline
 from safetensors import SafetensorError, safe_open
 
 from hyperdiff.errors import HyperdiffError
+from hyperdiff.models.sources import EMBEDDED_BASE, TINY_BASE, bars_quieted, resolve_source
 
-# --- Embedded SynthFaces base: the one place a later issue fills in. ------------------------------------------------
-# `load_base()` with no source loads this diffusers folder once it is shipped inside the package.
-EMBEDDED_BASE: Path = Path(__file__).resolve().parent.parent / "assets" / "synthfaces" / "base"
-# ---------------------------------------------------------------------------------------------------------------------
-
-# The built-in offline test base: `tiny_pipeline(seed=0)`, random-init (tests, CI and smoke runs of the scripts).
-TINY_BASE = "hyperdiff:tiny"
-
-PICKLE_SUFFIXES: frozenset[str] = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
-_FILE_SUFFIXES = PICKLE_SUFFIXES | {".safetensors"}
 # Keys that mark an original (LDM/CompVis) Stable Diffusion checkpoint's UNet.
 _LDM_UNET_PREFIX = "model.diffusion_model."
 
@@ -104,18 +95,6 @@ def _dtype_kwargs(dtype: torch.dtype | None) -> dict[str, torch.dtype]:
     return {"dtype": dtype}
 
 
-def _looks_like_path(source: str) -> bool:
-    """Hub ids are 'name' or 'owner/name'; anything else that is not an existing path is treated as a path."""
-    return (
-        os.path.isabs(source)
-        or source.startswith((".", "~"))
-        or "\\" in source
-        or source.count("/") > 1
-        or Path(source).suffix.lower() in _FILE_SUFFIXES
-        or os.path.exists(source)
-    )
-
-
 def _load_folder(path: Path, label: str, dtype: torch.dtype | None) -> StableDiffusionPipeline:
     if not (path / "model_index.json").is_file():
         raise HyperdiffError(f"`base` folder {label} is not a diffusers pipeline folder (no model_index.json)")
@@ -177,16 +156,6 @@ def _load_hub(repo_id: str, dtype: torch.dtype | None, local_files_only: bool) -
         raise _hub_failure(label, exc, "it") from None
 
 
-def quiet_loading() -> None:
-    """Keep diffusers', transformers' and huggingface_hub's loading progress bars off the terminal (an application's
-    choice: the CLI unless `--verbose`, the web UI's server)."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()  # also huggingface_hub's
-
-
 def load_base(
     source: str | os.PathLike[str] | None = None,
     *,
@@ -196,43 +165,24 @@ def load_base(
 ) -> StableDiffusionPipeline:
     """Load a base SD pipeline from the embedded default, a folder, a .safetensors checkpoint or a hub id."""
     _dtype_kwargs(dtype)  # validate before any I/O
+    resolved = resolve_source(source)
     if local_files_only is None:
         local_files_only = _offline()
-    if source == TINY_BASE:
+    if resolved.kind == "tiny":
         from hyperdiff.models.tiny import tiny_pipeline
 
         return tiny_pipeline(seed=0, dtype=dtype or torch.float32, device=device)
-    if source is None:
+    if bars_quieted():  # `quiet_loading()` reaches diffusers' own bars once it is imported
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+    path = Path(resolved.location)
+    if resolved.kind == "embedded":
         if dtype is None and torch.device(device).type == "cpu":
             dtype = torch.float32  # shipped in fp16 to stay small; CPUs compute fp32 much faster
-        if not EMBEDDED_BASE.is_dir():
-            raise HyperdiffError(
-                "the embedded SynthFaces base is not shipped yet: pass a base (a diffusers folder, a .safetensors "
-                "checkpoint or a hub id)"
-            )
-        return _finish(_load_folder(EMBEDDED_BASE, repr(str(EMBEDDED_BASE)), dtype), device)
-    if not isinstance(source, (str, os.PathLike)):
-        raise HyperdiffError(f"`base` must be a path or a hub id, got {type(source).__name__}")
-    text = os.fspath(source)
-    if not text.strip():
-        raise HyperdiffError("`base` must be a path or a hub id, got an empty string")
-    if isinstance(source, os.PathLike) or _looks_like_path(text):
-        path = Path(text).expanduser()
-        label = repr(text)
-        suffix = path.suffix.lower()
-        if suffix in PICKLE_SUFFIXES:
-            raise HyperdiffError(
-                f"`base` file {label} is a pickle checkpoint ({suffix}); hyperdiff only loads safetensors: "
-                "convert it to .safetensors or a diffusers folder"
-            )
-        if not path.exists():
-            raise HyperdiffError(f"`base` path {label} does not exist")
-        if path.is_dir():
-            return _finish(_load_folder(path, label, dtype), device)
-        if suffix != ".safetensors":
-            raise HyperdiffError(
-                f"`base` file {label} must be a .safetensors checkpoint or a diffusers folder, "
-                f"got a {suffix or 'suffixless'} file"
-            )
-        return _finish(_load_single_file(path, label, dtype, local_files_only), device)
-    return _finish(_load_hub(text, dtype, local_files_only), device)
+        return _finish(_load_folder(path, resolved.label, dtype), device)
+    if resolved.kind == "folder":
+        return _finish(_load_folder(path, resolved.label, dtype), device)
+    if resolved.kind == "file":
+        return _finish(_load_single_file(path, resolved.label, dtype, local_files_only), device)
+    return _finish(_load_hub(resolved.location, dtype, local_files_only), device)

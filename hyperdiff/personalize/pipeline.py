@@ -6,6 +6,10 @@ Contract:
   `save_pretrained` for that base (the layer fingerprints must match), or none. Device: cuda, then mps, then cpu;
   dtype: fp16 on cuda/mps, fp32 on cpu; both overridable by object or name ("cuda:1", "bfloat16"), and a device
   this machine lacks is a one-line error. The hypernet stays float32 (it is small); adapters live on the CPU.
+  With a hypernet, a base whose layer table its weights' header gives (`hyperdiff.models.sources.unet_header`: the embedded
+  base, diffusers folders, cached hub ids) is a `DeferredBase`, loaded on the first use of `.pipe` (a fine-tune, a
+  generation; its table is then checked against the header's): zero-shot `personalize` reads only the hypernet.
+  `defer_base=False` loads it at once (a server that will generate).
 - `personalize(images, token, finetune_steps, seed)` → Adapter: the hypernet's zero-shot LiDB prediction, then, with
   `finetune_steps > 0`, the rank-relaxed fast fine-tune (a rank-r' LoRA trained on top, returned as the exact
   concatenation; on the embedded base with the identity encoder's term, `SYNTHFACES_FAST_FINETUNE`). Without a hypernet
@@ -34,8 +38,9 @@ preservation images: adapters are passed explicitly.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager, nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -140,31 +145,65 @@ def caption_record(adapter: Adapter) -> str:
     return source[source.index("; caption") + 2:] if "; caption" in source else ""
 
 
+@dataclass(frozen=True)
+class DeferredBase:
+    """A base not loaded yet: what zero-shot prediction needs of it (its layer table, read from its weights' header:
+    `LayerTable.from_header`), and `load`, called when a fine-tune or a generation first needs the rest."""
+
+    load: Callable[[], object]
+    table: LayerTable
+    device: torch.device
+    dtype: torch.dtype
+
+
 class HyperDreamBoothPipeline:
     def __init__(self, pipe, hypernet: HyperNetwork | None, base_name: str = "", hypernet_name: str = "",
                  fast_finetune: FinetuneConfig = FAST_FINETUNE, captioner: Callable[[Image.Image], str] | None = None):
-        """`hypernet=None` makes a generation-only pipeline (adapters from files); `fast_finetune` is the recipe of
-        `personalize(finetune_steps > 0)` on top of the hypernet's prediction, and `captioner` (a reference image ->
-        a caption template naming the subject `{token}`) what the fine-tune is told when no caption is given
-        (`from_pretrained` picks both per base)."""
-        self.pipe, self.hypernet, self.fast_finetune, self.captioner = pipe, hypernet, fast_finetune, captioner
-        self.table = LayerTable.from_unet(pipe.unet)
+        """`pipe`: a diffusers pipeline, or a `DeferredBase` loaded on first use of `.pipe`; `hypernet=None` makes a
+        generation-only pipeline (adapters from files); `fast_finetune` is the recipe of `personalize(finetune_steps
+        > 0)` on top of the hypernet's prediction, and `captioner` (a reference image -> a caption template naming
+        the subject `{token}`) what the fine-tune is told when no caption is given (`from_pretrained` picks both per
+        base)."""
+        self.hypernet, self.fast_finetune, self.captioner = hypernet, fast_finetune, captioner
+        self._base, self._loading = pipe, threading.Lock()
+        self.table = pipe.table if isinstance(pipe, DeferredBase) else self._ready(pipe)
         if hypernet is not None:
             self.table.check_fingerprint(hypernet.fingerprint, "the hypernet")
         self.base_name, self.hypernet_name = base_name, hypernet_name
         self._priors: dict = {}  # cache of deterministic prior-preservation images, see `_prior`
+
+    @staticmethod
+    def _ready(pipe) -> LayerTable:
         pipe.set_progress_bar_config(disable=True)
+        return LayerTable.from_unet(pipe.unet)
+
+    @property
+    def pipe(self):
+        """The diffusers pipeline, loaded now when `from_pretrained` deferred it (zero-shot needs only the hypernet)."""
+        with self._loading:
+            if isinstance(self._base, DeferredBase):
+                pipe = self._base.load()
+                table = self._ready(pipe)
+                table.check_fingerprint(self._base.table.fingerprint, f"the header of base {self.base_name!r}")
+                self._base, self.table = pipe, table  # the module-ordered table from here on
+            return self._base
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the base pipeline is in memory (False until a deferred one is first used)."""
+        return not isinstance(self._base, DeferredBase)
 
     @classmethod
     def from_pretrained(
         cls, base: str | None = None, hypernet: str | Path | None = None, device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None, load_hypernet: bool = True,
+        dtype: str | torch.dtype | None = None, load_hypernet: bool = True, defer_base: bool = True,
     ) -> "HyperDreamBoothPipeline":
-        from hyperdiff.models import load_base
+        """With a hypernet and `defer_base`, a base whose layer table its weights' header gives (the embedded base,
+        diffusers folders, cached hub ids) loads on first use: zero-shot `personalize` never loads it."""
+        from hyperdiff.models.sources import unet_header
 
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        pipe = load_base(base, dtype=dtype, device=device)
         if hypernet is None and (base is not None or not EMBEDDED_HYPERNET.is_dir()):
             load_hypernet = False  # the embedded hypernet belongs to the embedded base, and only when shipped
         common = {"base_name": base or "synthfaces (embedded)",
@@ -173,20 +212,33 @@ class HyperDreamBoothPipeline:
             from hyperdiff.synthfaces.detectors import reference_caption
 
             common["captioner"] = reference_caption
+        header = unet_header(base) if load_hypernet and defer_base else None  # also checks `base` in one line
+        table = LayerTable.from_header(header) if header else None
+
+        def load():
+            from hyperdiff.models import load_base
+
+            return load_base(base, dtype=dtype, device=device)
+
+        pipe = DeferredBase(load, table, device, dtype) if table is not None else load()
         if not load_hypernet:
             return cls(pipe, None, **common)
         path = Path(hypernet) if hypernet is not None else EMBEDDED_HYPERNET
-        hp = HyperNetwork.from_pretrained(path, LayerTable.from_unet(pipe.unet)).to(device)
+        hp = HyperNetwork.from_pretrained(path, table or LayerTable.from_unet(pipe.unet)).to(device)
         return cls(pipe, hp, hypernet_name=str(hypernet or "synthfaces (embedded)"), **common)
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        return self._base.device if isinstance(self._base, DeferredBase) else self._base.unet.device
 
     def describe(self) -> dict:
         """What is loaded: names, fingerprint, device and dtype."""
         return {"base": self.base_name, "hypernet": self.hypernet_name or "-", "fingerprint": self.table.fingerprint,
-                "layers": len(self.table), "device": str(self.device), "dtype": str(self.pipe.unet.dtype).replace("torch.", "")}
+                "layers": len(self.table), "device": str(self.device), "dtype": str(self._dtype).replace("torch.", "")}
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self._base.dtype if isinstance(self._base, DeferredBase) else self._base.unet.dtype
 
     # -- personalization -----------------------------------------------------------------------------------------
     def _require_hypernet(self) -> HyperNetwork:
