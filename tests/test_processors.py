@@ -164,3 +164,100 @@ def test_misshaped_deltas_are_rejected(pipe):
     with pytest.raises(HyperdiffError, match="maps 3 → .* features, expected"):
         with hyper_lora_processors(pipe.unet, table, bad):
             pass
+
+
+def _attention_module(cross: bool):
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    return Attention(query_dim=32, cross_attention_dim=48 if cross else None, heads=2, dim_head=16, bias=True).eval()
+
+
+def _reference(attn, x, ctx, deltas):
+    """Attention with deltas by hand: every projection's output plus Σ strength · scale · einsum(x, down, up), then
+    softmax(q kᵀ / √d) v — no processor code involved."""
+    def proj(name, linear, inp):
+        y = inp @ linear.weight.T + linear.bias
+        for hl in deltas:
+            d = hl.layers.get(f"attn.{name}")
+            if d is None:
+                continue
+            eq = "bni,bri,bor->bno" if d.down.dim() == 3 else "bni,ri,or->bno"
+            y = y + hl.strength * d.scale * torch.einsum(eq, inp, d.down, d.up)
+        return y
+
+    src = x if ctx is None else ctx
+    q, k, v = proj("to_q", attn.to_q, x), proj("to_k", attn.to_k, src), proj("to_v", attn.to_v, src)
+    b, heads = x.shape[0], attn.heads
+    q, k, v = (t.view(b, -1, heads, 16).transpose(1, 2) for t in (q, k, v))
+    w = torch.softmax(q @ k.transpose(-1, -2) / 16 ** 0.5, dim=-1)
+    h = (w @ v).transpose(1, 2).reshape(b, -1, heads * 16)
+    return proj("to_out.0", attn.to_out[0], h)
+
+
+def _mixed_deltas(attn, batch, cross):
+    """Per-sample deltas on q and v, a shared one on k, rank 4 on out: one HyperLoRA; a rank-1 shared one on q and
+    k in a second (strength 0.7)."""
+    g = torch.Generator().manual_seed(5)
+    dim_kv = 48 if cross else 32
+
+    def delta(n_in, n_out, r, per_sample, scale):
+        lead = (batch,) if per_sample else ()
+        return LowRankDelta(torch.randn(*lead, r, n_in, generator=g), torch.randn(*lead, n_out, r, generator=g) * 0.1, scale)
+
+    first = HyperLoRA({"attn.to_q": delta(32, 32, 2, True, 0.5), "attn.to_k": delta(dim_kv, 32, 1, False, 1.0),
+                       "attn.to_v": delta(dim_kv, 32, 3, True, 2.0), "attn.to_out.0": delta(32, 32, 4, True, 1.0)})
+    second = HyperLoRA({"attn.to_q": delta(32, 32, 1, False, 1.0), "attn.to_k": delta(dim_kv, 32, 1, False, 0.25)},
+                       strength=0.7)
+    return first, second
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_packed_deltas_equal_a_reference_einsum(cross):
+    """Mixed per-sample and shared deltas, ranks 1-4, one installed HyperLoRA and one per call, self- and
+    cross-attention: the processor equals attention computed by hand within float32 rounding (atol 2e-5)."""
+    attn = _attention_module(cross)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 10, 32, generator=g)
+    ctx = torch.randn(3, 7, 48, generator=g) if cross else None
+    first, second = _mixed_deltas(attn, 3, cross)
+    attn.set_processor(HyperLoRAAttnProcessor("attn", installed=(first,)))
+    with torch.no_grad():
+        got = attn(x, encoder_hidden_states=ctx, hyper_lora=second)
+        want = _reference(attn, x, ctx, (first, second))
+        plain = _reference(attn, x, ctx, ())
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    assert (got - plain).abs().max() > 1e-2  # the deltas are large enough to be seen
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_packed_deltas_add_two_matmuls_per_input_and_one_per_projection(cross):
+    """Per-sample deltas on all four projections: one packed down-projection per input read (q/k/v together in
+    self-attention; q, then k/v, in cross-attention; out) and one accumulating matmul per projection — 6 or 7
+    matrix products beyond the base's, where one down, a scale and one up per projection took 12 multiplies."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    matmuls = {"mm", "bmm", "addmm", "baddbmm", "matmul", "mul"}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.__name__.split(".")[0] in matmuls
+            return func(*args, **(kwargs or {}))
+
+    attn = _attention_module(cross)
+    x = torch.randn(2, 6, 32)
+    ctx = torch.randn(2, 5, 48) if cross else None
+    dim_kv = 48 if cross else 32
+    full = HyperLoRA({f"attn.{p}": LowRankDelta(torch.randn(2, 1, n_in), torch.randn(2, 32, 1))
+                      for p, n_in in (("to_q", 32), ("to_k", dim_kv), ("to_v", dim_kv), ("to_out.0", 32))})
+    counts = []
+    for deltas in (None, full):
+        attn.set_processor(HyperLoRAAttnProcessor("attn"))
+        with torch.no_grad(), Count() as c:
+            attn(x, encoder_hidden_states=ctx, hyper_lora=deltas)
+        counts.append(c.n)
+    assert counts[1] - counts[0] == (7 if cross else 6)

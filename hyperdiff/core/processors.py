@@ -13,6 +13,10 @@ Contract (DESIGN.md, "Processors"):
   (B, out, r). Per-sample deltas must match the UNet batch exactly: classifier-free guidance runs
   `[uncond; cond]`, so use `HyperLoRA.repeat_for(num_images_per_prompt, guidance=True)`.
 - With no deltas the processor's output equals `AttnProcessor2_0`'s bit for bit.
+- Few kernels per module: the projections that read one input (q, k, v in self-attention; k, v in
+  cross-attention; q; out) have their down-projections packed along the rank (`HyperLoRA.packed`, built once per
+  HyperLoRA): one matmul for their rank-r intermediates, then one addmm/baddbmm per projection with the scales as
+  its alpha. A whole batch's per-sample deltas go through one bmm.
 """
 
 from __future__ import annotations
@@ -54,16 +58,6 @@ class LowRankDelta:
         """Number of samples for per-sample deltas, None when shared by the whole batch."""
         return self.down.shape[0] if self.down.dim() == 3 else None
 
-    def add_to(self, y: torch.Tensor, x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-        """y + strength · scale · (x downᵀ) upᵀ for x (B, N, in), y (B, N, out), in one pass over y: the scales
-        multiply the rank-r intermediate, and the up-projection accumulates into y (addmm / baddbmm)."""
-        down = self.down.to(device=x.device, dtype=x.dtype)
-        up = self.up.to(device=x.device, dtype=x.dtype)
-        h = (x @ down.transpose(-1, -2)) * (self.scale * strength)  # (B, N, r)
-        if up.dim() == 2:  # shared by the batch
-            return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), up.T).view(y.shape)
-        return torch.baddbmm(y, h, up.transpose(-1, -2))  # per sample: (B, N, r) @ (B, r, out)
-
     def to(self, device=None, dtype=None) -> "LowRankDelta":
         """The same delta with both factors on `device` (and in `dtype`), e.g. once before many UNet calls."""
         return LowRankDelta(self.down.to(device=device, dtype=dtype), self.up.to(device=device, dtype=dtype), self.scale)
@@ -79,6 +73,45 @@ class LowRankDelta:
         return LowRankDelta(rep(self.down), rep(self.up), self.scale)
 
 
+def _accumulate(y: torch.Tensor, h: torch.Tensor, up: torch.Tensor, alpha: float) -> torch.Tensor:
+    """y + alpha · h upᵀ in one kernel over y (addmm / baddbmm; alpha scales inside it) for h (B, N, r)."""
+    up = up.to(device=y.device, dtype=y.dtype)
+    if up.dim() == 2:  # shared by the batch
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), up.T, alpha=alpha).view(y.shape)
+    return torch.baddbmm(y, h, up.transpose(-1, -2), alpha=alpha)  # per sample: (B, N, r) @ (B, r, out)
+
+
+@dataclass(frozen=True)
+class PackedDeltas:
+    """The deltas of several projections of one attention module that read the same input (q/k/v in
+    self-attention, k/v in cross-attention), their down-projections stacked along the rank: one matmul computes
+    every projection's rank-r intermediate, then one (b)addmm per projection accumulates into its output."""
+
+    down: torch.Tensor  # (R, in) | (B, R, in), R = the projections' ranks summed
+    ups: tuple[tuple[str, slice, torch.Tensor, float], ...]  # (projection, its rank slice of R, up, scale)
+    batch: int | None
+
+    @classmethod
+    def of(cls, deltas: Sequence[tuple[str, LowRankDelta]]) -> "PackedDeltas":
+        batch = next((d.batch for _, d in deltas if d.batch is not None), None)
+        downs, ups, start = [], [], 0
+        for proj, d in deltas:
+            down = d.down if batch is None or d.batch is not None else d.down.expand(batch, -1, -1)
+            up = d.up if batch is None or d.batch is not None else d.up.expand(batch, -1, -1)
+            r = down.shape[-2]
+            downs.append(down)
+            ups.append((proj, slice(start, start + r), up, d.scale))
+            start += r
+        down = downs[0] if len(downs) == 1 else torch.cat(downs, dim=-2)
+        return cls(down, tuple(ups), batch)
+
+    def add_to(self, outputs: dict[str, torch.Tensor], x: torch.Tensor, strength: float) -> None:
+        """outputs[p] += strength · scale_p · (x downᵀ)[..., slice_p] up_pᵀ for every packed projection p."""
+        h = x @ self.down.to(device=x.device, dtype=x.dtype).transpose(-1, -2)  # (B, N, R): one matmul for all
+        for proj, rank, up, scale in self.ups:
+            outputs[proj] = _accumulate(outputs[proj], h[..., rank], up, scale * strength)
+
+
 @dataclass(frozen=True)
 class HyperLoRA:
     """Deltas for one forward: `{layer name: LowRankDelta}` times a global `strength`."""
@@ -87,11 +120,23 @@ class HyperLoRA:
     strength: float = 1.0
     batch: int | None = field(init=False)
 
+    _packs: dict = field(init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
         batches = {d.batch for d in self.layers.values()} - {None}
         if len(batches) > 1:
             raise HyperdiffError(f"`hyper_lora` layers have different per-sample batch sizes {sorted(batches)}")
         object.__setattr__(self, "batch", batches.pop() if batches else None)
+        object.__setattr__(self, "_packs", {})  # memo of `packed`: a function of the (immutable) layers
+
+    def packed(self, attention: str, projections: tuple[str, ...]) -> PackedDeltas | None:
+        """The deltas of `attention`'s `projections` (those this HyperLoRA has) packed for one matmul, built once
+        per HyperLoRA (the processors ask at every UNet call); None when it has none of them."""
+        key = (attention, projections)
+        if key not in self._packs:
+            found = [(p, self.layers[f"{attention}.{p}"]) for p in projections if f"{attention}.{p}" in self.layers]
+            self._packs[key] = PackedDeltas.of(found) if found else None
+        return self._packs[key]
 
     def repeat_for(self, num_images_per_prompt: int = 1, guidance: bool = True) -> "HyperLoRA":
         """Per-sample deltas laid out like the UNet batch of a diffusers pipeline call: each prompt's sample
@@ -127,20 +172,20 @@ class HyperLoRAAttnProcessor:
         self.name = name  # dotted path of the Attention module this instance serves
         self.installed = tuple(installed)
 
-    def _project(self, proj: str, linear: nn.Module, x: torch.Tensor, active: tuple[HyperLoRA, ...]) -> torch.Tensor:
-        y = linear(x)
-        key = f"{self.name}.{proj}"
+    def _add_deltas(self, outputs: dict[str, torch.Tensor], x: torch.Tensor, projections: tuple[str, ...],
+                    active: tuple[HyperLoRA, ...]) -> None:
+        """Add every active delta of `projections` (all reading `x`) to their `outputs`, packed per HyperLoRA."""
         for hl in active:
-            delta = hl.layers.get(key)
-            if delta is None:
+            pack = hl.packed(self.name, projections)
+            if pack is None:
                 continue
-            if delta.batch is not None and delta.batch != x.shape[0]:
+            if pack.batch is not None and pack.batch != x.shape[0]:
                 raise HyperdiffError(
-                    f"`hyper_lora` deltas for '{key}' have batch {delta.batch} but the UNet batch is {x.shape[0]}: "
-                    "with classifier-free guidance or several images per prompt use HyperLoRA.repeat_for(...)"
+                    f"`hyper_lora` deltas for '{self.name}.{pack.ups[0][0]}' have batch {pack.batch} but the UNet "
+                    f"batch is {x.shape[0]}: with classifier-free guidance or several images per prompt use "
+                    "HyperLoRA.repeat_for(...)"
                 )
-            y = delta.add_to(y, x, hl.strength)
-        return y
+            pack.add_to(outputs, x, hl.strength)
 
     def __call__(
         self,
@@ -171,13 +216,21 @@ class HyperLoRAAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = self._project("to_q", attn.to_q, hidden_states, active)  # (B, N, inner)
-        if encoder_hidden_states is None:
+        self_attention = encoder_hidden_states is None
+        if self_attention:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = self._project("to_k", attn.to_k, encoder_hidden_states, active)  # (B, M, inner)
-        value = self._project("to_v", attn.to_v, encoder_hidden_states, active)  # (B, M, inner)
+        qkv = {"to_q": attn.to_q(hidden_states),  # (B, N, inner)
+               "to_k": attn.to_k(encoder_hidden_states),  # (B, M, inner)
+               "to_v": attn.to_v(encoder_hidden_states)}  # (B, M, inner)
+        if active:  # q, k and v read one input in self-attention: one packed down-projection for the three
+            if self_attention:
+                self._add_deltas(qkv, hidden_states, ("to_q", "to_k", "to_v"), active)
+            else:
+                self._add_deltas(qkv, hidden_states, ("to_q",), active)
+                self._add_deltas(qkv, encoder_hidden_states, ("to_k", "to_v"), active)
+        query, key, value = qkv["to_q"], qkv["to_k"], qkv["to_v"]
 
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
@@ -195,7 +248,10 @@ class HyperLoRAAttnProcessor:
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)  # (B, N, inner)
 
-        hidden_states = self._project("to_out.0", attn.to_out[0], hidden_states, active)
+        out = {"to_out.0": attn.to_out[0](hidden_states)}  # (B, N, out)
+        if active:
+            self._add_deltas(out, hidden_states, ("to_out.0",), active)
+        hidden_states = out["to_out.0"]
         hidden_states = attn.to_out[1](hidden_states)  # dropout
 
         if input_ndim == 4:
