@@ -240,6 +240,62 @@ def test_unfuse_after_base_weights_change_uses_the_new_base(pipe, table):
     assert torch.equal(unet.get_submodule(table.names[0]).weight, changed)
 
 
+def test_a_swap_writes_the_weights_once_and_never_the_base(pipe, table):
+    """Fusing points each Parameter at a kept buffer holding W + ΔW; unfusing points it back at the untouched base
+    storage: the Parameter objects stay, the base is never written, and swaps after the first allocate nothing."""
+    unet = pipe.unet
+    name = table.names[5]
+    weight = unet.get_submodule(name).weight
+    base_ptr, base_values = weight.data_ptr(), weight.detach().clone()
+    params = {id(p) for p in unet.parameters()}
+    a, b = random_lora(table, seed=1, rank=1), random_lidb(table, seed=2)
+    a.fuse(unet)
+    buffer_ptr = weight.data_ptr()
+    assert buffer_ptr != base_ptr and weight.requires_grad
+    torch.testing.assert_close(weight.detach(), base_values + a.delta_weight(name), rtol=0, atol=1e-6)
+    a.unfuse(unet)
+    assert weight.data_ptr() == base_ptr and torch.equal(weight.detach(), base_values)
+    for ad in (b, a, b):  # later swaps reuse the buffer
+        ad.fuse(unet)
+        assert weight.data_ptr() == buffer_ptr
+        ad.unfuse(unet)
+    assert {id(p) for p in unet.parameters()} == params and weight.data_ptr() == base_ptr
+
+
+def test_weights_replaced_while_fused_get_the_base_values_back(pipe, table):
+    unet = pipe.unet
+    name = table.names[2]
+    weight = unet.get_submodule(name).weight
+    before = weight.detach().clone()
+    ad = random_lora(table, seed=4)
+    ad.fuse(unet)
+    with torch.no_grad():
+        weight.data = weight.data.clone()  # e.g. a .to() by other code while fused
+    replaced = weight.data_ptr()
+    ad.unfuse(unet)
+    assert weight.data_ptr() == replaced and torch.equal(weight.detach(), before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_fuse_rounds_once_and_unfuses_exactly(table, dtype):
+    from hyperdiff.models import tiny_pipeline
+
+    unet = tiny_pipeline(seed=0).unet.to(dtype)
+    name = table.names[0]
+    weight = unet.get_submodule(name).weight
+    before = weight.detach().clone()
+    a, b = random_lora(table, seed=1, rank=2), random_lidb(table, seed=3)
+    a.fuse(unet)
+    b.fuse(unet)
+    once = (before.float() + a.delta_weight(name)).to(dtype)
+    want = (once.float() + b.delta_weight(name)).to(dtype)  # each entry accumulated in float32, rounded once
+    assert torch.equal(weight.detach(), want)
+    a.unfuse(unet)  # out of order: b alone, re-fused from the base
+    assert torch.equal(weight.detach(), (before.float() + b.delta_weight(name)).to(dtype))
+    b.unfuse(unet)
+    assert torch.equal(weight.detach(), before)
+
+
 def test_mixing_and_concatenation_are_sums_of_delta_w(pipe, table):
     a, b = random_lora(table, seed=1, alpha=4.0), random_lidb(table, seed=2)
     name = table.names[3]

@@ -1,19 +1,24 @@
 """Fusing low-rank deltas into Linear weights, and exact unfusing.
 
 Contract:
-- `fuse(unet, key, deltas)` adds `ΔW = up · down` to the weight of each named Linear (in place for float32
-  weights; accumulated in float32 and rounded once for half-precision weights). `key` is the object that owns the deltas (an Adapter); it must not be fused twice
-  into the same UNet.
+- `fuse(unet, key, deltas)` makes each named Linear compute with `W + ΔW`, `ΔW = up · down`. `key` is the object
+  that owns the deltas (an Adapter); it must not be fused twice into the same UNet.
 - `unfuse(unet, key)` removes one fused entry, in any order, and leaves the weights *bit for bit* as if only the
-  remaining entries had been fused: the first fuse into a UNet keeps a copy of the original weights of the
-  layers it touches; unfuse restores those copies and re-fuses the remaining entries in their original order
-  (deterministic, so bit-exact). When nothing is fused any more the copies are dropped.
-- The per-UNet record lives in a `WeakKeyDictionary` keyed by the UNet module, so it dies with the UNet. The
-  copies of original weights are kept after the last unfuse, so swapping adapters costs no copy of the base;
-  they are trusted again only while each weight is the same tensor with the same in-place version counter
-  (`Tensor._version`) as when hyperdiff last wrote it — weights changed by other code are copied afresh.
-  `forget(unet)` drops the copies. Weights changed by other code *while* something is fused are overwritten
-  by unfuse.
+  remaining entries had been fused (in their original order: deterministic, so bit-exact).
+- How, in one pass over the weights per swap: the base weights are never written. The first entry fused into a
+  layer writes `W + ΔW` into a second buffer of the layer's shape (one elementwise pass for rank 1, `addcmul`; an
+  `addmm` for higher ranks; accumulated in float32 and rounded once for half-precision weights) and points the
+  Parameter at it (`weight.data`: the Parameter object, its name and `requires_grad` stay); further entries
+  accumulate into that buffer in place. Unfusing the last entry of a layer points it back at its base storage — no
+  copy at all; with entries left, the buffer is rebuilt from the base. So a fuse + unfuse touches the weights once
+  where an in-place add and a restoring copy touch them twice. Code that captures storage pointers (CUDA graphs)
+  must capture again after a swap.
+- The base of a layer is whatever its weight holds when nothing is fused into it: changes made by other code
+  between swaps (a training step, a new `.to()`) are the new base. Weights replaced by other code *while* something
+  is fused get the base's values copied into them by unfuse (the change is overwritten, the new storage kept).
+- The per-UNet record lives in a `WeakKeyDictionary` keyed by the UNet module, so it dies with the UNet. It keeps
+  each layer's buffer after the last unfuse (the next swap allocates nothing; memory: one copy of the touched
+  weights, as a kept copy of the originals would); `forget(unet)` drops them.
 """
 
 from __future__ import annotations
@@ -31,9 +36,14 @@ Deltas = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # name → (down (r, i
 
 
 @dataclass
+class _Layer:
+    base: torch.Tensor  # the weights with nothing fused (the storage the Parameter held before the first fuse)
+    buffer: torch.Tensor  # W + the fused deltas, which the Parameter points at while anything is fused
+
+
+@dataclass
 class _FuseRecord:
-    originals: dict[str, torch.Tensor] = field(default_factory=dict)  # name → weight before any fuse
-    stamps: dict[str, tuple[int, int]] = field(default_factory=dict)  # name → (id, _version) after our last write
+    layers: dict[str, _Layer] = field(default_factory=dict)  # name → its base and fused buffer
     entries: list[tuple[object, Deltas]] = field(default_factory=list)  # (key, deltas) in fuse order
 
 
@@ -50,20 +60,23 @@ def _linear(unet: nn.Module, name: str) -> nn.Linear:
     return module
 
 
-def _stamp(weight: torch.Tensor) -> tuple[int, int]:
-    return id(weight), weight._version
-
-
 @torch.no_grad()
-def _add(unet: nn.Module, record: _FuseRecord, deltas: Deltas) -> None:
-    for name, (down, up) in deltas.items():
-        weight = _linear(unet, name).weight  # (out, in)
-        if weight.dtype == torch.float32:  # one in-place GEMM pass over W: W += up @ down
-            weight.addmm_(up.to(weight), down.to(weight))
-        else:  # half precision: accumulate in float32, round once
-            delta = up.to(weight.device, torch.float32) @ down.to(weight.device, torch.float32)
-            weight.copy_((weight.float() + delta).to(weight.dtype))
-        record.stamps[name] = _stamp(weight)
+def _write(out: torch.Tensor, start: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> None:
+    """out = start + up @ down (out may be start): one elementwise pass for rank 1; half precision accumulates in
+    float32 and rounds once."""
+    if out.dtype == torch.float32:
+        down, up = down.to(out), up.to(out)
+        if down.shape[0] == 1:  # (out, 1) * (1, in): an outer product, added elementwise
+            torch.addcmul(start, up, down, out=out)
+        else:
+            torch.addmm(start, up, down, out=out)
+        return
+    delta = up.to(out.device, torch.float32) @ down.to(out.device, torch.float32)
+    out.copy_((start.float() + delta).to(out.dtype))
+
+
+def _fused_into(record: _FuseRecord, name: str, skip: object = None) -> list[Deltas]:
+    return [d for k, d in record.entries if k is not skip and name in d]
 
 
 @torch.no_grad()
@@ -71,13 +84,20 @@ def fuse(unet: nn.Module, key: object, deltas: Deltas) -> None:
     record = _RECORDS.setdefault(unet, _FuseRecord())
     if any(k is key for k, _ in record.entries):
         raise HyperdiffError("this adapter is already fused into this UNet: unfuse it first")
-    touched = {n for _, d in record.entries for n in d}
-    for name in deltas:
-        weight = _linear(unet, name).weight
-        if name not in touched and record.stamps.get(name) != _stamp(weight):
-            record.originals[name] = weight.detach().clone()  # the base changed (or first fuse): copy it
-            record.stamps[name] = _stamp(weight)
-    _add(unet, record, deltas)
+    linears = {name: _linear(unet, name) for name in deltas}  # every name checked before any weight changes
+    for name, (down, up) in deltas.items():
+        weight = linears[name].weight
+        layer = record.layers.get(name)
+        if _fused_into(record, name):  # already fused by another entry: the weight is its buffer, add in place
+            _write(weight.data, weight.data, down, up)
+            continue
+        live = weight.data  # nothing fused here: the live weights are the base (changed by others or not)
+        if layer is None or layer.buffer.shape != live.shape or layer.buffer.dtype != live.dtype \
+                or layer.buffer.device != live.device or layer.buffer.data_ptr() == live.data_ptr():
+            layer = record.layers[name] = _Layer(live, torch.empty_like(live))
+        layer.base = live
+        _write(layer.buffer, live, down, up)
+        weight.data = layer.buffer
     record.entries.append((key, deltas))
 
 
@@ -86,14 +106,21 @@ def unfuse(unet: nn.Module, key: object) -> None:
     record = _RECORDS.get(unet)
     if record is None or not any(k is key for k, _ in record.entries):
         raise HyperdiffError("this adapter is not fused into this UNet")
-    touched = {n for _, d in record.entries for n in d}
+    removed = next(d for k, d in record.entries if k is key)
+    for name in removed:
+        weight, layer = _linear(unet, name).weight, record.layers[name]
+        remaining = _fused_into(record, name, skip=key)
+        replaced = weight.data.data_ptr() != layer.buffer.data_ptr()  # by other code while fused
+        if not remaining:
+            if replaced:
+                weight.data.copy_(layer.base)  # keep their storage, restore the values
+            else:
+                weight.data = layer.base
+            continue
+        target = weight.data if replaced else layer.buffer
+        for i, (down, up) in enumerate(d[name] for d in remaining):  # rebuilt from the base in fuse order
+            _write(target, layer.base if i == 0 else target, down, up)
     record.entries = [(k, d) for k, d in record.entries if k is not key]
-    for name in touched:
-        weight = _linear(unet, name).weight
-        weight.copy_(record.originals[name])
-        record.stamps[name] = _stamp(weight)
-    for _, deltas in record.entries:
-        _add(unet, record, deltas)
 
 
 def fused_count(unet: nn.Module) -> int:
@@ -103,7 +130,7 @@ def fused_count(unet: nn.Module) -> int:
 
 
 def forget(unet: nn.Module) -> None:
-    """Drop the kept copies of `unet`'s original weights (only when nothing is fused)."""
+    """Drop the kept fuse buffers of `unet` (only when nothing is fused)."""
     if fused_count(unet):
         raise HyperdiffError("`unet` still has fused adapters: unfuse them before forget()")
     _RECORDS.pop(unet, None)
