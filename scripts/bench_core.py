@@ -4,13 +4,15 @@ Measures, side by side in one run (interleaved repeats; the best of N is the fig
 a busy 2-core machine only ever adds time):
 - one UNet step (batch 2 = one CFG step) for the base UNet, the injected (processor) path, the fused path, and the
   same adapter's diffusers export loaded by diffusers (peft LoRA layers) and left unfused, the reference for injection;
+- one UNet step of a batch of different identities (`--batches`, e.g. 2,8: one per sample, the web UI's and a
+  service's case) through the processors' per-sample deltas, against the base at the same batch;
   on a GPU also the base, injected and diffusers steps' kernel counts, GPU busy time and the CPU's time to launch it;
 - swapping an identity in and out: hyperdiff's fuse+unfuse and applied() enter+exit, against diffusers'
   load_lora_weights + fuse_lora + unfuse_lora + unload_lora_weights of the same adapter exported to diffusers format;
 - file sizes of the native LiDB adapter and its exports.
 Runs on the CPU in float32 by default; `--device cuda --dtype float16` measures a GPU (times are taken after the
 device has finished: synchronised). Prints a table with ratios and writes JSON.
-Usage: python scripts/bench_core.py --out bench/core.json [--latent 64] [--device cuda --dtype float16]
+Usage: python scripts/bench_core.py --out bench/core.json [--latent 64] [--batches 2,8] [--device cuda --dtype float16]
 """
 
 from __future__ import annotations
@@ -27,12 +29,24 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from hyperdiff import LayerTable  # noqa: E402
+from hyperdiff import Adapter, LayerTable  # noqa: E402
+from hyperdiff.core.processors import hyper_lora_processors  # noqa: E402
 from hyperdiff.core.random_adapters import random_lidb  # noqa: E402
 from hyperdiff.models import tiny_pipeline  # noqa: E402
 from hyperdiff.models.configs import build_unet  # noqa: E402
 
 from _bench import checked_out, describe_device, device_and_dtype, positive_int, sync, time_calls, write_json  # noqa: E402
+
+
+def batch_list(text: str) -> list[int]:
+    """'2,8' -> [2, 8]: UNet batch sizes, each a positive integer."""
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(b < 1 for b in sizes):
+        raise argparse.ArgumentTypeError(f"must be positive integers separated by commas, got {text!r}")
+    return sizes
 
 
 def launch_profile(step, device: torch.device, repeats: int = 5) -> dict:
@@ -60,6 +74,8 @@ def main() -> None:
     parser.add_argument("--latent", type=positive_int, default=32, help="latent side (64 = 512 px images)")
     parser.add_argument("--repeats", type=positive_int, default=5, help="interleaved repeats per measurement")
     parser.add_argument("--swaps", type=positive_int, default=3, help="repeats of each swap path")
+    parser.add_argument("--batches", type=batch_list, default=[2],
+                        help="UNet batches of different identities for the per-sample rows (default: 2)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: %(default)s)")
     parser.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float32 on cpu, float16 on a GPU)")
     args = parser.parse_args()
@@ -103,6 +119,31 @@ def main() -> None:
             pipe.unload_lora_weights()
         step_s = {k: min(v) for k, v in times.items()}
         step_median_s = {k: statistics.median(v) for k, v in times.items()}
+        per_sample = {}
+        for batch in args.batches:  # a batch of different identities: one delta per sample, one bmm per projection
+            identities = [random_lidb(table, seed=10 + i) for i in range(batch)]
+            deltas = Adapter.stack(identities, table).to(device, dtype)
+            xb, tb, textb = (v[:1].expand(batch, *v.shape[1:]).contiguous() for v in (x, t, text))
+
+            def base_b():
+                with torch.no_grad():
+                    unet(xb, tb, textb)
+
+            def per_sample_b():
+                with torch.no_grad(), hyper_lora_processors(unet, table):
+                    unet(xb, tb, textb, cross_attention_kwargs={"hyper_lora": deltas})
+
+            base_b(), per_sample_b()  # warm-up
+            runs = {"base": [], "per_sample": []}
+            for _ in range(args.repeats):
+                runs["base"] += time_calls(base_b, 1, device)
+                runs["per_sample"] += time_calls(per_sample_b, 1, device)
+            best = {k: min(v) for k, v in runs.items()}
+            per_sample[str(batch)] = {"step_s": best, "step_median_s": {k: statistics.median(v) for k, v in runs.items()},
+                                      "per_sample_over_base": best["per_sample"] / best["base"]}
+            if device.type == "cuda":
+                per_sample[str(batch)]["launches"] = {"base": launch_profile(base_b, device),
+                                                      "per_sample": launch_profile(per_sample_b, device)}
         launches = {}
         if device.type == "cuda":  # what bounds a step: the GPU's work, or the CPU launching it
             launches["base"] = launch_profile(step, device)
@@ -148,6 +189,7 @@ def main() -> None:
         "injected_over_base": step_s["injected"] / step_s["base"],
         "fused_over_base": step_s["fused"] / step_s["base"],
         "diffusers_unfused_over_base": step_s["diffusers_unfused"] / step_s["base"],
+        "per_sample": per_sample,
         "swap_s": swap_s,
         "swap_median_s": {k: statistics.median(v) for k, v in swap_runs.items()},
         "fuse_swap_over_diffusers": swap_s["hyperdiff_fuse_unfuse"] / swap_s["diffusers_load_fuse_unfuse_unload"],
@@ -160,6 +202,12 @@ def main() -> None:
     print(f"\nSD1.5 UNet step (batch 2, latent {args.latent}x{args.latent}, {result['shape']}, {where}, best of {args.repeats}):")
     for k, v in step_s.items():
         print(f"  {k:<17} {v * 1000:9.1f} ms   {v / step_s['base']:.3f}x base")
+    for batch, row in per_sample.items():
+        print(f"  batch {batch} of different identities: base {row['step_s']['base'] * 1000:.1f} ms, per-sample deltas "
+              f"{row['step_s']['per_sample'] * 1000:.1f} ms   {row['per_sample_over_base']:.3f}x base")
+        for k, v in row.get("launches", {}).items():
+            print(f"    {k}: {v['kernels']} kernels, GPU busy {v['gpu_busy_s'] * 1000:.1f} ms, launched in "
+                  f"{v['cpu_launch_s'] * 1000:.1f} ms")
     print(f"swap one identity in and out (best of {args.swaps}):")
     for k, v in swap_s.items():
         print(f"  {k:<36} {v * 1000:9.1f} ms   {v / swap_s['diffusers_load_fuse_unfuse_unload']:.3f}x diffusers")

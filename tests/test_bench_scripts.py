@@ -20,6 +20,9 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
     ("bench_core.py", ["--latent", "x"], "--latent: must be a positive integer, got 'x'"),
     ("bench_core.py", ["--dtype", "float8"], "`dtype` must be one of"),
     ("bench_core.py", ["--out", str(SCRIPTS)], f"`--out` '{SCRIPTS}' is a folder, expected a file path"),
+    ("bench_core.py", ["--batches", "2,0"], "--batches: must be positive integers separated by commas, got '2,0'"),
+    ("bench_cli.py", ["--repeats", "0"], "--repeats: must be a positive integer, got '0'"),
+    ("bench_cli.py", ["--finetune_steps", "-1"], "--finetune_steps: must be 0 or a positive integer, got -1"),
 ])
 def test_a_bad_flag_is_one_usage_error_before_any_work(tmp_path, script, flags, named):
     out = tmp_path / "bench.json"
