@@ -17,6 +17,9 @@ Contract (DESIGN.md, "Processors"):
   cross-attention; q; out) have their down-projections packed along the rank (`HyperLoRA.packed`, built once per
   HyperLoRA): one matmul for their rank-r intermediates, then one addmm/baddbmm per projection with the scales as
   its alpha. A whole batch's per-sample deltas go through one bmm.
+- Deltas being trained (factors that require grad) on a half-precision UNet are computed in float32 and added once
+  rounded: their factors are float32 master weights, and bfloat16's 8-bit mantissa in their products bent the
+  learned direction (tests/test_device.py). Inference keeps the UNet's dtype.
 """
 
 from __future__ import annotations
@@ -107,6 +110,13 @@ class PackedDeltas:
 
     def add_to(self, outputs: dict[str, torch.Tensor], x: torch.Tensor, strength: float) -> None:
         """outputs[p] += strength · scale_p · (x downᵀ)[..., slice_p] up_pᵀ for every packed projection p."""
+        trained = self.down.requires_grad or any(up.requires_grad for _, _, up, _ in self.ups)
+        if trained and x.dtype in (torch.float16, torch.bfloat16):  # float32 products for float32 master factors
+            h = x.float() @ self.down.float().transpose(-1, -2)  # (B, N, R)
+            for proj, rank, up, scale in self.ups:
+                y = outputs[proj]
+                outputs[proj] = _accumulate(y.float(), h[..., rank], up.float(), scale * strength).to(y.dtype)
+            return
         h = x @ self.down.to(device=x.device, dtype=x.dtype).transpose(-1, -2)  # (B, N, R): one matmul for all
         for proj, rank, up, scale in self.ups:
             outputs[proj] = _accumulate(outputs[proj], h[..., rank], up, scale * strength)

@@ -25,11 +25,12 @@ Contract:
   own schedule (`info.rank_schedules`), unless `start_keeps_schedule` is False. `snapshot(k, adapters)` also receives them, as they
   stand, after each step count k in `snapshot_steps`: with a constant learning rate and one seeded stream of draws, a
   run's state after k steps is that of a k-step run, so one run gives a whole convergence curve. One identity's start
-  adapter is fused into the frozen UNet for the run (the processors then carry only the learned factors) and
-  unfused, bit for bit, when it ends. Deterministic in `config.seed` on CPU; progress via tqdm.
+  adapter is fused into a float32 UNet for the run (the processors then carry only the learned factors) and
+  unfused, bit for bit, when it ends; a half-precision UNet carries it in the processors, unrounded. Deterministic in `config.seed` on CPU; progress via tqdm.
 - Runs on the UNet's device: every random draw comes from one CPU generator (so a seed means the same noise on any
-  device), the trainable factors are float32 there, and a float16 UNet's loss is scaled (`torch.amp.GradScaler`)
-  so its small gradients do not underflow. Adapters come back on the CPU.
+  device), the trainable factors are float32 there (their deltas computed in float32 also on a half-precision
+  UNet: `hyperdiff.core.processors`), and a float16 UNet's loss is scaled (`torch.amp.GradScaler`) so its small
+  gradients do not underflow. Adapters come back on the CPU.
 - Its loss terms and the encodings they take are `hyperdiff.personalize.losses` (shared with hypernet training and
   the base-model trainer).
 Uses: (a) DreamBooth-LiDB from scratch, (b) stage-1 targets for hypernet training, (c) rank-relaxed fine-tune.
@@ -329,8 +330,10 @@ def finetune(
             out.append(ad)
         return out
 
-    # The starting adapters: one identity's is fused into the frozen UNet for the run (no processor work per step;
-    # unfused bit for bit at the end); several are laid out like the batch for the processors.
+    # The starting adapters: one identity's is fused into a float32 UNet for the run (no processor work per step;
+    # unfused bit for bit at the end) and installed in the processors of a half-precision one (rounded into bfloat16
+    # weights a delta a hundredth of the weight keeps only a few bits: the bf16 fine-tune's learned delta had cosine
+    # 0.936 to float32's, 0.954 so, with the learned part in float32 too); several are laid out like the batch.
     # With the anchor term each identity's batch holds one more sample, its anchor of the step (`_interleave`).
     per_identity = bs + 1 if config.anchor_weight > 0 else bs
     fixed = fixed_main = None  # the starts laid out for the prior's samples and for the main batch
@@ -346,10 +349,13 @@ def finetune(
         p.requires_grad_(False)
     fused = None  # one identity's start adapter while it is fused into the UNet
     try:
-        if start is not None and shared:
+        installed = ()  # a half-precision UNet's start goes through the processors instead (see above)
+        if start is not None and shared and pipe.unet.dtype == torch.float32:
             start[0].fuse(pipe.unet)
             fused = start[0]
-        with hyper_lora_processors(pipe.unet, table):
+        elif start is not None and shared:
+            installed = (start[0].hyper_lora(device=device, dtype=pipe.unet.dtype),)
+        with hyper_lora_processors(pipe.unet, table, *installed):
             anchors = None
             if config.anchor_weight > 0:  # the start's predictions, made once: fused (one identity) or per call
                 starts = [[ad.hyper_lora(device=device)] for ad in start] if start is not None and not shared else [[]] * n
