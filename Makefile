@@ -36,6 +36,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) scripts/bench_core.py --out bench/core.json
+	HF_HUB_OFFLINE=1 $(PY) scripts/bench_cli.py --out bench/cli.json
 
 clean:
 	rm -rf outputs bench .pytest_cache
