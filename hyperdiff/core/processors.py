@@ -111,15 +111,12 @@ class PackedDeltas:
     def add_to(self, outputs: dict[str, torch.Tensor], x: torch.Tensor, strength: float) -> None:
         """outputs[p] += strength · scale_p · (x downᵀ)[..., slice_p] up_pᵀ for every packed projection p."""
         trained = self.down.requires_grad or any(up.requires_grad for _, _, up, _ in self.ups)
-        if trained and x.dtype in (torch.float16, torch.bfloat16):  # float32 products for float32 master factors
-            h = x.float() @ self.down.float().transpose(-1, -2)  # (B, N, R)
-            for proj, rank, up, scale in self.ups:
-                y = outputs[proj]
-                outputs[proj] = _accumulate(y.float(), h[..., rank], up.float(), scale * strength).to(y.dtype)
-            return
-        h = x @ self.down.to(device=x.device, dtype=x.dtype).transpose(-1, -2)  # (B, N, R): one matmul for all
+        half = x.dtype in (torch.float16, torch.bfloat16)
+        work = torch.float32 if trained and half else x.dtype  # float32 products for float32 master factors
+        h = x.to(work) @ self.down.to(device=x.device, dtype=work).transpose(-1, -2)  # (B, N, R): one matmul for all
         for proj, rank, up, scale in self.ups:
-            outputs[proj] = _accumulate(outputs[proj], h[..., rank], up, scale * strength)
+            y = outputs[proj]
+            outputs[proj] = _accumulate(y.to(work), h[..., rank], up, scale * strength).to(y.dtype)
 
 
 @dataclass(frozen=True)
